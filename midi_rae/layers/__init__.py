@@ -1,0 +1,13 @@
+"""Reusable Swin building blocks (NHWC inside stages)."""
+from .attention import WindowAttention, attend, log_spaced_relative_coords, relative_position_index
+from .block import SwinBlock
+from .mlp import DropPath, Mlp
+from .patch import PatchExpand, PatchMerging
+from .stage import SwinStage
+from .window import clamp_window, padded_size, window_attention_mask, window_partition, window_reverse
+
+__all__ = [
+    "WindowAttention", "attend", "log_spaced_relative_coords", "relative_position_index", "SwinBlock",
+    "DropPath", "Mlp", "PatchExpand", "PatchMerging", "SwinStage", "clamp_window", "padded_size",
+    "window_attention_mask", "window_partition", "window_reverse",
+]

@@ -1,0 +1,147 @@
+"""Window multi-head self-attention, Swin V2 (cosine + continuous position bias) and V1
+(relative position bias table). Parameter names follow timm's per version, so its weights
+load as they are.
+
+Both run through `F.scaled_dot_product_attention` by default, with everything that is not
+q.k folded into q (the V2 logit scale) or into one additive mask (position bias + shift
+mask). `fused = False` switches to the explicit matmul + softmax reference path.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def relative_position_index(window_size: tuple[int, int]) -> Tensor:
+    """(N, N) long: index into the (2wh-1)*(2ww-1) table of relative offsets, N = wh * ww."""
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def log_spaced_relative_coords(window_size: tuple[int, int]) -> Tensor:
+    """(2wh-1, 2ww-1, 2) relative offsets scaled to [-8, 8] and log-spaced, the CPB MLP's input
+    (Swin V2, https://arxiv.org/abs/2111.09883, eq. 4). An axis of length 1 has the single
+    offset 0; dividing by max(w - 1, 1) keeps it 0 rather than 0/0 = NaN (as timm 1.0.31 does)."""
+    axes = [torch.arange(-(w - 1), w, dtype=torch.float32) / max(w - 1, 1) for w in window_size]
+    table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool, dropout_p: float) -> Tensor:
+    """softmax(q k^T + mask) v for windows of all samples.
+
+    q, k, v: (B*nW, nH, N, hd), already scaled. mask: None, (nH, N, N) shared by all windows,
+    or (nW, nH, N, N) per window. Returns (B*nW, nH, N, hd).
+    """
+    BnW, nH, N, hd = q.shape
+    if mask is not None and mask.dim() == 4:
+        # Per-window masks: fold windows into the head axis, (B, nW*nH, N, hd), so that the
+        # mask broadcasts over the batch as (nW*nH, N, N) and SDPA still sees 4-D inputs.
+        nW = mask.shape[0]
+        q, k, v = (t.reshape(BnW // nW, nW * nH, N, hd) for t in (q, k, v))
+        mask = mask.reshape(nW * nH, N, N)
+    if mask is not None:
+        mask = mask.to(q.dtype)
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    else:
+        attn = q @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
+        attn = F.dropout(attn.softmax(dim=-1), p=dropout_p)
+        out = attn @ v
+    return out.reshape(BnW, nH, N, hd)
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention over (B*nW, N, C) windows.
+
+    version=2 (Swin V2, https://arxiv.org/abs/2111.09883): cosine similarity times a learned
+    per-head temperature clamped at 100, plus 16 * sigmoid(CPB MLP(log-spaced relative coords)).
+    version=1 (Swin V1, https://arxiv.org/abs/2103.14030): scaled dot product plus a learned
+    relative position bias table.
+    """
+
+    def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, version: int = 2) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; choose num_heads dividing dim")
+        if version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {version}")
+        self.dim, self.window_size, self.num_heads, self.version = dim, tuple(window_size), num_heads, version
+        wh, ww = self.window_size
+        if version == 2:
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+            self.qkv = nn.Linear(dim, dim * 3, bias=False)
+            # V2 has no key bias (it cancels in softmax); a zero buffer keeps one fused qkv matmul.
+            self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+            self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+            self.register_buffer("k_bias", torch.zeros(dim) if qkv_bias else None, persistent=False)
+            self.register_buffer("relative_coords_table", log_spaced_relative_coords(self.window_size), persistent=False)
+        else:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.fused = True  # False: explicit matmul + softmax, the reference path
+        self._mask_cache: Tensor | None = None
+        # Weights loaded in place would leave a cached bias stale.
+        self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
+
+    def clear_cache(self) -> None:
+        self._mask_cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()  # the position bias is learned: never reuse one across training
+        return super().train(mode)
+
+    def position_bias(self) -> Tensor:
+        """(nH, N, N) additive bias from relative positions, N = wh * ww."""
+        N = self.window_size[0] * self.window_size[1]
+        if self.version == 2:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)  # ((2wh-1)(2ww-1), nH)
+        else:
+            table = self.relative_position_bias_table
+        bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias) if self.version == 2 else bias
+
+    def additive_mask(self, shift_mask: Tensor | None, device: torch.device) -> Tensor:
+        """Position bias plus shift mask: (nH, N, N), or (nW, nH, N, N) with a shift mask.
+        Built every call in training (the bias is learned), once in eval mode."""
+        cached = self._mask_cache
+        if not self.training and cached is not None and cached.device == device:
+            return cached
+        mask = self.position_bias()
+        if shift_mask is not None:
+            mask = shift_mask[:, None] + mask[None]  # (nW, nH, N, N)
+        if not self.training:
+            self._mask_cache = mask.detach()
+        return mask
+
+    def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
+        """x: (B*nW, N, C); shift_mask: (nW, N, N) additive or None -> (B*nW, N, C)."""
+        B_, N, C = x.shape
+        if self.version == 2:
+            bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        else:
+            bias = self.qkv.bias
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, hd)
+        if self.version == 2:
+            scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (nH, 1, 1)
+            q = F.normalize(q, dim=-1) * scale  # logit scale folded into q
+            k = F.normalize(k, dim=-1)
+        else:
+            q = q * (q.shape[-1] ** -0.5)
+        mask = self.additive_mask(shift_mask, x.device)
+        x = attend(q, k, v, mask, self.fused, self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))

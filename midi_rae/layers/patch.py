@@ -1,0 +1,47 @@
+"""Resolution changes between stages, on NHWC grids."""
+from typing import Callable
+
+from torch import Tensor, nn
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbouring tokens -> one token: (B, H, W, C) -> (B, H/2, W/2, out_dim).
+
+    The four tokens are concatenated in timm's order (so its weights load), then projected.
+    version=2 normalises after the projection (Swin V2), version=1 before it (Swin V1).
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, version: int = 2) -> None:
+        super().__init__()
+        self.out_dim = out_dim or 2 * dim
+        self.version = version
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+        self.norm = norm_layer(self.out_dim if version == 2 else 4 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            raise ValueError(f"PatchMerging needs an even grid, got {H}x{W}")
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
+        if self.version == 2:
+            return self.norm(self.reduction(x))
+        return self.reduction(self.norm(x))
+
+
+class PatchExpand(nn.Module):
+    """One token -> 2x2 tokens, the inverse resolution step of PatchMerging (as in Swin-Unet,
+    https://arxiv.org/abs/2105.05537): (B, H, W, C) -> (B, 2H, 2W, out_dim), out_dim = C/2 by default."""
+
+    def __init__(self, dim: int, out_dim: int | None = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.out_dim = out_dim or dim // 2
+        self.expand = nn.Linear(dim, 4 * self.out_dim, bias=False)
+        self.norm = norm_layer(self.out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, _ = x.shape
+        x = self.expand(x).reshape(B, H, W, 2, 2, self.out_dim)  # (.., dh, dw, C')
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, self.out_dim)
+        return self.norm(x)

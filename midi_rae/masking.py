@@ -1,0 +1,81 @@
+"""Every mask is made here and consumed through the helpers at the bottom.
+
+Convention: bool `(B, N)`, True = visible, False = masked. Masks are drawn per sample.
+Empty patches (no note) are trivial to reconstruct, so they are masked less often: at
+`mask_ratio * empty_mask_ratio` instead of `mask_ratio`.
+"""
+import torch
+from torch import Tensor
+
+
+def _check(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float) -> None:
+    if non_empty.dim() != 2 or non_empty.dtype != torch.bool:
+        raise ValueError(f"non_empty must be a (B, N) bool tensor, got {tuple(non_empty.shape)} {non_empty.dtype}")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if not 0.0 <= empty_mask_ratio <= 1.0:
+        raise ValueError(f"empty_mask_ratio must be in [0, 1], got {empty_mask_ratio}")
+
+
+def simmim_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.05,
+                generator: torch.Generator | None = None) -> Tensor:
+    """SimMIM-style mask (https://arxiv.org/abs/2111.09886): the grid stays whole, masked
+    patches are replaced by a token. Per sample, exactly round(mask_ratio * n_non_empty)
+    non-empty and round(mask_ratio * empty_mask_ratio * n_empty) empty patches are masked,
+    chosen uniformly. non_empty: (B, N) bool -> (B, N) bool, True = visible."""
+    _check(non_empty, mask_ratio, empty_mask_ratio)
+    noise = torch.rand(non_empty.shape, device=non_empty.device, generator=generator)
+    visible = torch.ones_like(non_empty)
+    for group, ratio in ((non_empty, mask_ratio), (~non_empty, mask_ratio * empty_mask_ratio)):
+        n_mask = torch.round(group.sum(1) * ratio).long()  # (B,)
+        score = noise.masked_fill(~group, 2.0)  # members of other groups sort last
+        rank = score.argsort(dim=1).argsort(dim=1)  # (B, N) rank of each patch within the sample
+        visible &= ~(group & (rank < n_mask[:, None]))
+    return visible
+
+
+def mae_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.05,
+             generator: torch.Generator | None = None) -> Tensor:
+    """MAE-style mask (https://arxiv.org/abs/2111.06377): the same number of patches,
+    round(mask_ratio * N), is masked in every sample so visible tokens stack into (B, N_vis, D).
+    Patches are drawn without replacement with weight 1 (non-empty) or empty_mask_ratio (empty),
+    by the exponential-key trick (Efraimidis & Spirakis 2006): key = log(u) / weight, mask the
+    largest keys. non_empty: (B, N) bool -> (B, N) bool, True = visible."""
+    _check(non_empty, mask_ratio, empty_mask_ratio)
+    B, N = non_empty.shape
+    n_mask = round(mask_ratio * N)
+    u = torch.rand(non_empty.shape, device=non_empty.device, generator=generator).clamp_min(1e-12)
+    weight = torch.where(non_empty, 1.0, max(empty_mask_ratio, 1e-6))
+    masked_idx = (u.log() / weight).topk(n_mask, dim=1).indices  # (B, n_mask)
+    visible = torch.ones_like(non_empty)
+    return visible.scatter(1, masked_idx, False)
+
+
+def check_mask(mask: Tensor, batch: int, n: int) -> Tensor:
+    """Validate a user-given mask: (B, N), bool or 0/1, returned as bool."""
+    if mask.shape != (batch, n):
+        raise ValueError(f"mae_mask must be (B, N) = ({batch}, {n}) for this input, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def apply_mask_token(x: Tensor, visible: Tensor, token: Tensor) -> Tensor:
+    """Replace masked tokens by a learned one. x: (B, N, D) or (B, H, W, D); visible: x.shape[:-1]."""
+    return torch.where(visible[..., None], x, token.to(x.dtype))
+
+
+def gather_visible(x: Tensor, visible: Tensor) -> Tensor:
+    """(B, N, D) -> (B, N_vis, D); every sample must have the same number of visible tokens."""
+    counts = visible.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError("gather_visible needs the same number of visible tokens in every sample (use mae_mask)")
+    idx = visible.float().argsort(dim=1, descending=True, stable=True)[:, : int(counts[0])]  # (B, N_vis), in order
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_visible(x_vis: Tensor, visible: Tensor, fill: Tensor | float = 0.0) -> Tensor:
+    """Inverse of gather_visible: (B, N_vis, D) -> (B, N, D) with `fill` at masked positions."""
+    B, N = visible.shape
+    out = torch.empty(B, N, x_vis.shape[-1], device=x_vis.device, dtype=x_vis.dtype)
+    out[:] = fill if isinstance(fill, float) else fill.to(x_vis.dtype)
+    out[visible] = x_vis.reshape(-1, x_vis.shape[-1])
+    return out
