@@ -45,3 +45,17 @@ class PatchExpand(nn.Module):
         x = self.expand(x).reshape(B, H, W, 2, 2, self.out_dim)  # (.., dh, dw, C')
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, self.out_dim)
         return self.norm(x)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping conv patch embedding + norm: (B, C, H, W) -> (B, H/ph, W/pw, D), NHWC."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: tuple[int, int],
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
