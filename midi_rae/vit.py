@@ -1,0 +1,199 @@
+"""Plain ViT encoder with 2D rotary position embeddings: the baseline that `SwinEncoder` replaces.
+
+Same constructor vocabulary, same `forward(x, mask_ratio, mae_mask) -> EncoderOutput`. Its
+hierarchy has two levels, coarsest first: the CLS token, then the patch grid.
+"""
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
+from .layers.mlp import Mlp
+from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, scatter_visible
+
+# Base of the rotary frequencies. Token grids are small (8 x 16 for a 128 x 256 roll in 16 x 16
+# patches), so the vision value 100 (RoPE-Axial, https://arxiv.org/abs/2403.13298) is used
+# rather than the language value 10000, whose low frequencies would barely turn over a grid.
+ROPE_THETA = 100.0
+
+# A patch is "non-empty" when it holds a pixel above this (a sounding note, not noise).
+NON_EMPTY_THRESHOLD = 0.2
+
+
+def rope_freqs(head_dim: int) -> Tensor:
+    """Rotation frequencies per axis: (head_dim // 4,). Each head's dim is split into a row half
+    and a column half, each half into pairs of channels; pair i turns by pos * theta^(-i / n)."""
+    n = head_dim // 4
+    return ROPE_THETA ** (-torch.arange(n, dtype=torch.float32) / n)
+
+
+def rope_angles(pos: Tensor, freqs: Tensor) -> Tensor:
+    """Rotation angle of every channel pair: pos (B, L, 2) (row, col) -> (B, L, head_dim // 2),
+    row angles for the first half of the head's dim, column angles for the second."""
+    pos = pos.to(freqs.dtype)
+    return torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, nH, L, hd) by angles with cos, sin (B, 1, L, hd/2),
+    so q.k depends on the offset between positions (RoFormer, https://arxiv.org/abs/2104.09864)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, nH, L, hd/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nH, L, hd/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention with 2D RoPE on q and k, through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (B, L, C), cos/sin (B, 1, L, hd/2) -> (B, L, C)."""
+        B, L, C = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, nH, L, hd) each
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nH, L, hd)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """(B, L, C) -> (B, L, C)."""
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """ViT encoder of piano rolls (B, in_chans, img_height, img_width) with MAE-style masking.
+
+    Patches of `patch_h x patch_w` pixels become tokens on a (gh, gw) grid; patches without a
+    note (max pixel <= 0.2) get a learned `empty_token` instead of their embedding. Masked
+    tokens are dropped before the transformer (MAE, https://arxiv.org/abs/2111.06377), so they
+    cost nothing and cannot leak into visible outputs. A learned CLS token is prepended; every
+    block applies 2D RoPE to q and k from each kept token's original grid position (row, col),
+    so dropping tokens does not shift positions. The CLS token is not rotated (it has no place
+    on the grid): its attention depends on content only.
+
+    `mae_ratio` is only stored, as `self.mae_ratio`: the masking ratio the training engine
+    passes as `mask_ratio` during pretraining. `forward` masks only what its `mask_ratio` or
+    `mae_mask` arguments ask for, so evaluation with default arguments is never masked.
+    `empty_mask_ratio` is how much less often empty patches are masked (see `masking.mae_mask`).
+
+    Output levels, coarsest first: 0 = CLS (B, 1, D); 1 = patches (B, gh*gw, D), with the
+    encoded visible tokens at their grid positions and zeros where masked.
+    """
+
+    def __init__(self, img_height: int, img_width: int, patch_h: int = 16, patch_w: int = 16,
+                 in_chans: int = 1, embed_dim: int = 256, depth: int = 4, num_heads: int = 8,
+                 mlp_ratio: float = 4.0, drop_rate: float = 0.0, mae_ratio: float = 0.0,
+                 empty_mask_ratio: float = 0.05, qkv_bias: bool = True,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        if img_height % patch_h or img_width % patch_w:
+            raise ValueError(f"image {img_height}x{img_width} is not a whole number of {patch_h}x{patch_w} patches; "
+                             f"choose img_height a multiple of patch_h and img_width a multiple of patch_w")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; choose num_heads dividing embed_dim")
+        if (embed_dim // num_heads) % 4:
+            raise ValueError(f"head dim embed_dim / num_heads = {embed_dim // num_heads} must be a multiple of 4: 2D RoPE "
+                             f"rotates channel pairs in a row half and a column half; change embed_dim or num_heads")
+        if not 0.0 <= mae_ratio < 1.0:
+            raise ValueError(f"mae_ratio must be in [0, 1), got {mae_ratio}")
+        self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
+        self.grid_size = (img_height // patch_h, img_width // patch_w)
+        self.embed_dim, self.mae_ratio, self.empty_mask_ratio = embed_dim, mae_ratio, empty_mask_ratio
+
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=(patch_h, patch_w), stride=(patch_h, patch_w))
+        self.empty_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.register_buffer("rope_freqs", rope_freqs(embed_dim // num_heads), persistent=False)
+        self.feature_info = [
+            LevelInfo(grid_size=(1, 1), dim=embed_dim, window_size=(1, 1), downsample=self.img_size, name="cls"),
+            # Every token attends to every other: the window is the whole grid.
+            LevelInfo(grid_size=self.grid_size, dim=embed_dim, window_size=self.grid_size,
+                      downsample=self.patch_size, name="patches"),
+        ]
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm / MAE: truncated-normal linears with zero bias, tokens normal(0.02). The patch
+        # embedding is a linear map of each patch too, so it is initialised like a linear.
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.empty_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            hint = "; add the channel axis with x.unsqueeze(1)" if x.dim() == 3 else ""
+            raise ValueError(f"ViTEncoder expects a (B, C, H, W) piano roll, got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"input has {x.shape[1]} channels but the encoder was built with in_chans={self.in_chans}; "
+                             f"build it with in_chans={x.shape[1]} or select the channels it expects")
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"input is {x.shape[2]}x{x.shape[3]} but the encoder was built for {self.img_size[0]}x"
+                             f"{self.img_size[1]}; crop the roll or build with img_height={x.shape[2]}, img_width={x.shape[3]}")
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> tokens (B, N, D) with empty patches replaced, and non_empty (B, N)."""
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major
+        peak = F.max_pool2d(x.amax(dim=1, keepdim=True), self.patch_size)  # (B, 1, gh, gw)
+        non_empty = (peak > NON_EMPTY_THRESHOLD).flatten(1)  # (B, N)
+        return apply_mask_token(tokens, non_empty, self.empty_token), non_empty
+
+    def _visible(self, non_empty: Tensor, mask_ratio: float, mae_mask: Tensor | None) -> Tensor:
+        """(B, N) bool, True = visible: the given mask, else a fresh MAE draw, else all visible."""
+        if mae_mask is not None:
+            return check_mask(mae_mask, *non_empty.shape).to(non_empty.device)
+        if mask_ratio != 0:  # a negative ratio reaches masking's range check
+            return draw_mae_mask(non_empty, mask_ratio, self.empty_mask_ratio)
+        return torch.ones_like(non_empty)
+
+    def _encode(self, tokens: Tensor, pos: Tensor, visible: Tensor) -> Tensor:
+        """Visible tokens + CLS through the blocks: (B, N, D) -> (B, 1 + N_vis, D)."""
+        B = tokens.shape[0]
+        x = gather_visible(tokens, visible)  # (B, N_vis, D); checks equal counts per sample
+        vis_pos = gather_visible(pos.expand(B, -1, -1), visible)  # (B, N_vis, 2), original positions
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N_vis, D)
+        angles = F.pad(rope_angles(vis_pos, self.rope_freqs), (0, 0, 1, 0))  # (B, 1 + N_vis, hd/2), CLS angle 0
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, 1 + N_vis, hd/2), shared by heads
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
+        """x (B, C, H, W) in [0, 1]; mae_mask (B, N) True = visible, with the same number of
+        visible patches per sample (it wins over mask_ratio). Returns levels [CLS, patches]."""
+        self._check_input(x)
+        tokens, non_empty = self._embed(x)  # (B, N, D), (B, N)
+        visible = self._visible(non_empty, mask_ratio, mae_mask)  # (B, N)
+        pos = grid_positions(*self.grid_size, device=x.device)  # (N, 2)
+        z = self._encode(tokens, pos, visible)  # (B, 1 + N_vis, D)
+        B = x.shape[0]
+        cls = PatchState(z[:, :1], pos.new_zeros(1, 2), non_empty.any(dim=1, keepdim=True), visible.new_ones(B, 1))
+        patches = PatchState(scatter_visible(z[:, 1:], visible), pos, non_empty, visible)  # zeros where masked
+        return EncoderOutput(HierarchicalPatchState([cls, patches], list(self.feature_info)), pos, non_empty, visible)
