@@ -24,7 +24,8 @@ class LevelInfo:
 
     grid_size: tuple[int, int]  # (rows, cols) of the token grid
     dim: int  # channels per token
-    window_size: tuple[int, int]  # attention window after clamping to the grid; (1, 1) if none
+    window_size: tuple[int, int]  # attention window after clamping to the grid; the whole grid for global
+    # attention; (1, 1) for a token that attends as a non-grid token (e.g. ViT's CLS)
     downsample: tuple[int, int]  # input pixels per token along (pitch, time)
     name: str = ""  # e.g. "stages.3"
 

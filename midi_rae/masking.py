@@ -5,7 +5,16 @@ Empty patches (no note) are trivial to reconstruct, so they are masked less ofte
 `mask_ratio * empty_mask_ratio` instead of `mask_ratio`.
 """
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+# A patch is "non-empty" when its brightest pixel exceeds this: a sounding note, not noise.
+EMPTY_THRESHOLD = 0.2
+
+
+def patch_non_empty(x: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) -> (B, H/ph, W/pw) bool, True where the patch holds a note."""
+    return F.max_pool2d(x.amax(dim=1, keepdim=True), patch_size).squeeze(1) > EMPTY_THRESHOLD
 
 
 def _check(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float) -> None:
@@ -15,6 +24,13 @@ def _check(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float) -> Non
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if not 0.0 <= empty_mask_ratio <= 1.0:
         raise ValueError(f"empty_mask_ratio must be in [0, 1], got {empty_mask_ratio}")
+
+
+def pool_mask(mask: Tensor, any_of: bool) -> Tensor:
+    """Halve a (B, H, W) bool grid with 2x2 windows: any child True (any_of) or all children True."""
+    m = mask.float()[:, None]
+    pooled = F.max_pool2d(m, 2) if any_of else -F.max_pool2d(-m, 2)
+    return pooled[:, 0].bool()
 
 
 def simmim_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.05,
@@ -51,11 +67,13 @@ def mae_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.0
     return visible.scatter(1, masked_idx, False)
 
 
-def check_mask(mask: Tensor, batch: int, n: int) -> Tensor:
-    """Validate a user-given mask: (B, N), bool or 0/1, returned as bool."""
+def check_mask(mask: Tensor, batch: int, n: int, device: torch.device) -> Tensor:
+    """Validate a user-given mask: (B, N), bool or 0/1, returned as bool on `device`."""
     if mask.shape != (batch, n):
         raise ValueError(f"mae_mask must be (B, N) = ({batch}, {n}) for this input, got {tuple(mask.shape)}")
-    return mask.bool()
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mae_mask must be bool or hold only 0 and 1 (1 = visible, 0 = masked)")
+    return mask.to(device=device, dtype=torch.bool)
 
 
 def apply_mask_token(x: Tensor, visible: Tensor, token: Tensor) -> Tensor:
@@ -67,7 +85,8 @@ def gather_visible(x: Tensor, visible: Tensor) -> Tensor:
     """(B, N, D) -> (B, N_vis, D); every sample must have the same number of visible tokens."""
     counts = visible.sum(1)
     if (counts != counts[0]).any():
-        raise ValueError("gather_visible needs the same number of visible tokens in every sample (use mae_mask)")
+        raise ValueError("every sample needs the same number of visible tokens to drop the masked ones; "
+                         "draw the mask with masking.mae_mask")
     idx = visible.float().argsort(dim=1, descending=True, stable=True)[:, : int(counts[0])]  # (B, N_vis), in order
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
@@ -76,6 +95,6 @@ def scatter_visible(x_vis: Tensor, visible: Tensor, fill: Tensor | float = 0.0) 
     """Inverse of gather_visible: (B, N_vis, D) -> (B, N, D) with `fill` at masked positions."""
     B, N = visible.shape
     out = torch.empty(B, N, x_vis.shape[-1], device=x_vis.device, dtype=x_vis.dtype)
-    out[:] = fill if isinstance(fill, float) else fill.to(x_vis.dtype)
+    out[:] = fill if isinstance(fill, (int, float)) else fill.to(x_vis.dtype)
     out[visible] = x_vis.reshape(-1, x_vis.shape[-1])
     return out

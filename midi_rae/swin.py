@@ -7,30 +7,16 @@ pyramid, coarsest first: with the defaults a 128 x 128 roll gives grids 1x1, 2x2
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers import PatchEmbed, SwinStage
-from .masking import apply_mask_token, check_mask, simmim_mask
-
-EMPTY_THRESHOLD = 0.2  # a patch whose brightest pixel is <= this holds no note
+from .masking import apply_mask_token, check_mask, patch_non_empty, pool_mask, simmim_mask
+from .utils import check_roll
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def patch_non_empty(x: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) -> (B, H/ph, W/pw) bool: True where any pixel of the patch exceeds the threshold."""
-    return F.max_pool2d(x.amax(dim=1, keepdim=True), patch_size).squeeze(1) > EMPTY_THRESHOLD
-
-
-def pool_mask(mask: Tensor, any_of: bool) -> Tensor:
-    """Halve a (B, H, W) bool grid with 2x2 windows: any child True (any_of) or all children True."""
-    m = mask.float()[:, None]
-    pooled = F.max_pool2d(m, 2) if any_of else -F.max_pool2d(-m, 2)
-    return pooled[:, 0].bool()
 
 
 class SwinEncoder(nn.Module):
@@ -102,17 +88,6 @@ class SwinEncoder(nn.Module):
                         nn.init.zeros_(norm.weight)
                         nn.init.zeros_(norm.bias)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"SwinEncoder expects (B, C, H, W) piano rolls, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"SwinEncoder was built with in_chans={self.in_chans} but got {x.shape[1]} channels; "
-                             f"set in_chans={x.shape[1]} or feed {self.in_chans}-channel rolls")
-        if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(f"SwinEncoder was built for {self.img_size[0]}x{self.img_size[1]} inputs, got "
-                             f"{x.shape[2]}x{x.shape[3]}; crop the input or build with img_height={x.shape[2]}, "
-                             f"img_width={x.shape[3]}")
-
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens with empty patches replaced: (B, gh, gw, D) and non_empty (B, gh, gw)."""
         non_empty = patch_non_empty(x, self.patch_size)
@@ -123,7 +98,7 @@ class SwinEncoder(nn.Module):
         """(B, gh, gw) visibility: the given mask as is, else SimMIM per sample, else all visible."""
         B, gh, gw = non_empty.shape
         if mae_mask is not None:
-            return check_mask(mae_mask, B, gh * gw).view(B, gh, gw)
+            return check_mask(mae_mask, B, gh * gw, non_empty.device).view(B, gh, gw)
         if mask_ratio > 0:
             return simmim_mask(non_empty.flatten(1), mask_ratio, self.empty_mask_ratio).view(B, gh, gw)
         return torch.ones_like(non_empty)
@@ -145,7 +120,7 @@ class SwinEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x: (B, C, H, W) in [0, 1]; mae_mask: optional (B, N) bool over the patch grid, True = visible."""
-        self._check_input(x)
+        check_roll(x, self.in_chans, self.img_size, type(self).__name__)
         tokens, non_empty = self.embed(x)
         visible = self.make_mask(non_empty, mask_ratio, mae_mask)
         tokens = apply_mask_token(tokens, visible, self.mask_token)

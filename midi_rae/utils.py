@@ -1,5 +1,5 @@
 """Small helpers used across the package."""
-from torch import nn
+from torch import Tensor, nn
 
 
 def param_count(model: nn.Module) -> tuple[int, int]:
@@ -7,3 +7,16 @@ def param_count(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def check_roll(x: Tensor, in_chans: int, img_size: tuple[int, int], who: str) -> None:
+    """Raise a ValueError that says what to change unless x is (B, in_chans, *img_size)."""
+    if x.dim() != 4:
+        hint = "; add the channel axis with x.unsqueeze(1)" if x.dim() == 3 else ""
+        raise ValueError(f"{who} expects a (B, C, H, W) piano roll, got shape {tuple(x.shape)}{hint}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"input has {x.shape[1]} channels but {who} was built with in_chans={in_chans}; "
+                         f"build it with in_chans={x.shape[1]} or select the channels it expects")
+    if tuple(x.shape[2:]) != tuple(img_size):
+        raise ValueError(f"input is {x.shape[2]}x{x.shape[3]} but {who} was built for {img_size[0]}x{img_size[1]}; "
+                         f"crop the roll or build with img_height={x.shape[2]}, img_width={x.shape[3]}")

@@ -11,15 +11,13 @@ from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers.mlp import Mlp
-from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, scatter_visible
+from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, patch_non_empty, scatter_visible
+from .utils import check_roll
 
 # Base of the rotary frequencies. Token grids are small (8 x 16 for a 128 x 256 roll in 16 x 16
 # patches), so the vision value 100 (RoPE-Axial, https://arxiv.org/abs/2403.13298) is used
 # rather than the language value 10000, whose low frequencies would barely turn over a grid.
 ROPE_THETA = 100.0
-
-# A patch is "non-empty" when it holds a pixel above this (a sounding note, not noise).
-NON_EMPTY_THRESHOLD = 0.2
 
 
 def rope_freqs(head_dim: int) -> Tensor:
@@ -147,28 +145,16 @@ class ViTEncoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            hint = "; add the channel axis with x.unsqueeze(1)" if x.dim() == 3 else ""
-            raise ValueError(f"ViTEncoder expects a (B, C, H, W) piano roll, got shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"input has {x.shape[1]} channels but the encoder was built with in_chans={self.in_chans}; "
-                             f"build it with in_chans={x.shape[1]} or select the channels it expects")
-        if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(f"input is {x.shape[2]}x{x.shape[3]} but the encoder was built for {self.img_size[0]}x"
-                             f"{self.img_size[1]}; crop the roll or build with img_height={x.shape[2]}, img_width={x.shape[3]}")
-
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> tokens (B, N, D) with empty patches replaced, and non_empty (B, N)."""
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major
-        peak = F.max_pool2d(x.amax(dim=1, keepdim=True), self.patch_size)  # (B, 1, gh, gw)
-        non_empty = (peak > NON_EMPTY_THRESHOLD).flatten(1)  # (B, N)
+        non_empty = patch_non_empty(x, self.patch_size).flatten(1)  # (B, N)
         return apply_mask_token(tokens, non_empty, self.empty_token), non_empty
 
     def _visible(self, non_empty: Tensor, mask_ratio: float, mae_mask: Tensor | None) -> Tensor:
         """(B, N) bool, True = visible: the given mask, else a fresh MAE draw, else all visible."""
         if mae_mask is not None:
-            return check_mask(mae_mask, *non_empty.shape).to(non_empty.device)
+            return check_mask(mae_mask, *non_empty.shape, non_empty.device)
         if mask_ratio != 0:  # a negative ratio reaches masking's range check
             return draw_mae_mask(non_empty, mask_ratio, self.empty_mask_ratio)
         return torch.ones_like(non_empty)
@@ -188,7 +174,7 @@ class ViTEncoder(nn.Module):
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x (B, C, H, W) in [0, 1]; mae_mask (B, N) True = visible, with the same number of
         visible patches per sample (it wins over mask_ratio). Returns levels [CLS, patches]."""
-        self._check_input(x)
+        check_roll(x, self.in_chans, self.img_size, type(self).__name__)
         tokens, non_empty = self._embed(x)  # (B, N, D), (B, N)
         visible = self._visible(non_empty, mask_ratio, mae_mask)  # (B, N)
         pos = grid_positions(*self.grid_size, device=x.device)  # (N, 2)

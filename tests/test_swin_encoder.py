@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+
+from midi_rae.core import EncoderOutput
+from midi_rae.layers import DropPath
+from midi_rae.swin import SwinEncoder
+from midi_rae.vit import ViTEncoder
+
+P2 = dict(patch_h=2, patch_w=2, embed_dim=4, depths=(1, 1, 2, 2, 6, 2, 1), num_heads=(1, 1, 1, 2, 4, 8, 16))
+CONFIGS = {
+    "default_128x128": (dict(img_height=128, img_width=128), [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32)]),
+    "default_128x256": (dict(img_height=128, img_width=256), [(1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 64)]),
+    "p2_7_stages": (dict(img_height=128, img_width=128, **P2), [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32), (64, 64)]),
+}
+
+
+def piano_roll(B: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """Sparse notes in the middle pitch band; the outer pitches stay empty."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(B, 1, H, W)
+    x[:, :, 40:90] = (torch.rand(B, 1, 50, W, generator=g) > 0.9).float()
+    return x
+
+
+def randomize_post_norms(enc: SwinEncoder) -> None:
+    """Zero-initialised post-norms make every block the identity at init (and cut its gradient)."""
+    with torch.no_grad():
+        for stage in enc.stages:
+            for blk in stage.blocks:
+                for norm in (blk.norm1, blk.norm2):
+                    norm.weight.normal_(1.0, 0.1)
+                    norm.bias.normal_(0.0, 0.1)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_backward_shapes(name: str) -> None:
+    kwargs, grids = CONFIGS[name]
+    enc = SwinEncoder(**kwargs)
+    x = piano_roll(2, kwargs["img_height"], kwargs["img_width"])
+    out = enc(x, mask_ratio=0.5)
+    assert isinstance(out, EncoderOutput) and out.patches.num_levels == len(grids)
+    dims = [kwargs.get("embed_dim", 8) * 2 ** i for i in range(len(grids))][::-1]
+    for lvl, info, grid, dim in zip(out.patches, enc.feature_info, grids, dims):
+        N = grid[0] * grid[1]
+        assert lvl.emb.shape == (2, N, dim) and torch.isfinite(lvl.emb).all()
+        assert lvl.non_empty.shape == lvl.mae_mask.shape == (2, N) and lvl.mae_mask.dtype == torch.bool
+        assert info.grid_size == grid and info.dim == dim
+        assert lvl.pos.tolist() == [[r, c] for r in range(grid[0]) for c in range(grid[1])]
+    assert out.latent is out.patches[0].emb and out.patch_state is out.patches.coarsest
+    assert out.full_pos.shape == (grids[-1][0] * grids[-1][1], 2)
+    assert out.patches.info == enc.feature_info
+    sum(lvl.emb.square().mean() for lvl in out.patches).backward()
+
+
+def test_level_metadata() -> None:
+    enc = SwinEncoder(128, 256)
+    assert [i.downsample for i in enc.feature_info] == [(128, 128), (64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+    assert [i.window_size for i in enc.feature_info] == [(1, 2), (2, 4), (4, 8), (8, 8), (8, 8), (8, 8)]
+    # shift only where the grid is larger than one window, per axis
+    assert enc.stages[2].blocks[1].shift_size == (0, 4)  # 8 x 16 grid
+    assert enc.stages[1].blocks[1].shift_size == (4, 4)  # 16 x 32 grid
+
+
+def test_spec_test_cell() -> None:
+    """The test cell of spec/swin_encoder_plan.md."""
+    B, C, H, W = 1, 1, 128, 256
+    enc = SwinEncoder(img_height=H, img_width=W, patch_h=4, patch_w=4, in_chans=C, embed_dim=96,
+                      depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8)
+    out = enc(torch.randn(B, C, H, W))
+    assert out.latent.shape == (1, 32, 768) and out.patch_state.emb.shape == (1, 32, 768)
+    assert [tuple(ps.emb.shape) for ps in out.hierarchical.levels] == [(1, 32, 768), (1, 128, 384), (1, 512, 192), (1, 2048, 96)]
+    assert [tuple(ps.pos.shape) for ps in out.hierarchical.levels] == [(32, 2), (128, 2), (512, 2), (2048, 2)]
+
+
+def test_every_parameter_gets_gradient() -> None:
+    enc = SwinEncoder(128, 128, squash_coarse=True)
+    randomize_post_norms(enc)
+    x = piano_roll(3, 128, 128)
+    x[2] = 0  # an all-empty sample, so even the 1x1 level's empty token is used
+    out = enc(x, mask_ratio=0.5)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((lvl.emb * torch.randn(lvl.emb.shape, generator=g)).sum() for lvl in out.patches)
+    loss.backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    # Attention over a single-token window (the 1 x 1 grid) is softmax([s]) = 1 whatever s is, so
+    # only what shapes the logits (q, k, temperature, position bias) gets an exactly zero gradient.
+    logit_only = ("attn.logit_scale", "attn.q_bias", "attn.cpb_mlp")
+    zero = [n for n, p in enc.named_parameters() if p.grad.abs().sum() == 0]
+    assert zero and all(n.removeprefix("stages.5.blocks.0.").startswith(logit_only) for n in zero), zero
+
+
+def test_post_norms_zero_initialised_and_stochastic_depth_linear() -> None:
+    enc = SwinEncoder(128, 128, drop_path_rate=0.1)
+    blocks = [b for s in enc.stages for b in s.blocks]
+    assert all(not (b.norm1.weight.any() or b.norm1.bias.any() or b.norm2.weight.any()) for b in blocks)
+    rates = [b.drop_path1.drop_prob if isinstance(b.drop_path1, DropPath) else 0.0 for b in blocks]
+    expected = torch.linspace(0, 0.1, len(blocks)).tolist()
+    assert rates == pytest.approx(expected)
+
+
+def test_non_empty_cascade_matches_pixels() -> None:
+    enc = SwinEncoder(128, 256)
+    x = piano_roll(2, 128, 256)
+    out = enc(x)
+    for lvl, info in zip(out.patches, enc.feature_info):
+        direct = torch.nn.functional.max_pool2d(x, info.downsample)[:, 0] > 0.2  # (B, h, w)
+        assert torch.equal(lvl.non_empty, direct.flatten(1))
+    assert not enc(torch.zeros(1, 1, 128, 256)).patches.finest.non_empty.any()
+
+
+def test_simmim_masking_per_sample_and_given_mask() -> None:
+    enc = SwinEncoder(128, 128).eval()
+    x = piano_roll(3, 128, 128)
+    out = enc(x, mask_ratio=0.6)
+    vis, ne = out.mae_mask, out.full_non_empty
+    expected = torch.round(ne.sum(1) * 0.6) + torch.round((~ne).sum(1) * 0.6 * 0.05)
+    assert torch.equal((~vis).sum(1).float(), expected)
+    assert not torch.equal(vis[0], vis[1])
+    again = enc(x, mae_mask=vis)  # two views can share one mask
+    assert torch.equal(again.mae_mask, vis)
+    torch.testing.assert_close(again.latent, out.latent)
+    # a coarse token is visible only when every patch under it is
+    fine = vis.view(3, 32, 32)
+    level4 = out.patches[4].mae_mask.view(3, 16, 16)
+    assert torch.equal(level4, fine.view(3, 16, 2, 16, 2).all(dim=4).all(dim=2))
+    assert torch.equal(enc(x).mae_mask, torch.ones_like(vis))  # no mask unless asked
+
+
+def test_masked_pixels_do_not_reach_the_encoder() -> None:
+    enc = SwinEncoder(128, 128).eval()
+    randomize_post_norms(enc)
+    x = piano_roll(2, 128, 128)
+    vis = enc(x, mask_ratio=0.5).mae_mask
+    x2 = x.clone()
+    hidden = (~vis).view(2, 32, 32).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
+    x2[hidden] = torch.rand(int(hidden.sum())) * 0.1 + 0.9  # new notes, only under masked patches
+    with torch.no_grad():
+        a, b = enc(x, mae_mask=vis), enc(x2, mae_mask=vis)
+    for la, lb in zip(a.patches, b.patches):
+        torch.testing.assert_close(la.emb, lb.emb)
+
+
+def test_sdpa_and_math_paths_agree() -> None:
+    enc = SwinEncoder(128, 128)
+    randomize_post_norms(enc)
+    x = piano_roll(2, 128, 128)
+    outs = []
+    for fused in (True, False):
+        for m in enc.modules():
+            if hasattr(m, "fused"):
+                m.fused = fused
+        torch.manual_seed(0)  # same drop-path draws
+        outs.append(enc(x).latent)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_version_1_blocks() -> None:
+    enc = SwinEncoder(128, 128, version=1)
+    out = enc(piano_roll(2, 128, 128), mask_ratio=0.3)
+    assert out.latent.shape == (2, 1, 256) and torch.isfinite(out.latent).all()
+    assert "stages.0.blocks.0.attn.relative_position_bias_table" in enc.state_dict()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(img_height=100, img_width=128), "img_height=100 must be divisible by patch_h"),
+    (dict(img_height=128, img_width=96), "img_width=96 must be divisible"),
+    (dict(img_height=128, img_width=128, num_heads=(1, 1, 2, 4, 8)), "one entry per stage"),
+    (dict(img_height=128, img_width=128, num_heads=(3, 1, 2, 4, 8, 16)), "not divisible by num_heads"),
+    (dict(img_height=128, img_width=128, version=3), "version must be"),
+])
+def test_impossible_configs(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SwinEncoder(**kwargs)
+
+
+def test_bad_inputs() -> None:
+    enc = SwinEncoder(128, 128)
+    with pytest.raises(ValueError, match="in_chans=1"):
+        enc(torch.zeros(1, 2, 128, 128))
+    with pytest.raises(ValueError, match="built for 128x128"):
+        enc(torch.zeros(1, 1, 128, 256))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        enc(torch.zeros(1, 128, 128))
+    with pytest.raises(ValueError, match="mae_mask must be"):
+        enc(torch.zeros(1, 1, 128, 128), mae_mask=torch.ones(1, 10, dtype=torch.bool))
+
+
+def test_same_calling_code_for_both_encoders() -> None:
+    """Built from one keyword dict, driven by one function: the drop-in contract."""
+    shared = dict(img_height=128, img_width=256, in_chans=1, embed_dim=32, num_heads=2, mlp_ratio=2.0, mae_ratio=0.5)
+    swin = SwinEncoder(**{**shared, "num_heads": (2,) * 6, "embed_dim": 8, "depths": (1,) * 6})
+    vit = ViTEncoder(**{**shared, "depth": 2})
+
+    def run(encoder) -> list[tuple[int, ...]]:
+        x = piano_roll(2, 128, 256)
+        out = encoder(x, mask_ratio=encoder.mae_ratio)
+        loss = sum(lvl.emb.square().mean() for lvl in out.patches)
+        loss.backward()
+        assert out.patches.coarsest is out.patch_state and out.mae_mask.shape == out.full_non_empty.shape
+        assert (~out.mae_mask).any() and out.to("cpu").latent.shape == out.latent.shape
+        return [tuple(lvl.emb.shape) for lvl in out.patches]
+
+    assert run(swin)[0] == (2, 2, 256)
+    assert run(vit) == [(2, 1, 32), (2, 128, 32)]
