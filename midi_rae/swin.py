@@ -10,13 +10,27 @@ import torch
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
-from .layers import PatchEmbed, SwinStage
+from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
 from .masking import apply_mask_token, check_mask, patch_non_empty, pool_mask, simmim_mask
 from .utils import check_roll
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def init_weights(model: nn.Module, version: int) -> None:
+    """timm / MAE init: truncated-normal linears with zero bias. Swin V2's res-post-norms start
+    at zero, so every block starts as the identity (https://arxiv.org/abs/2111.09883)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if isinstance(m, SwinBlock) and version == 2:
+            for norm in (m.norm1, m.norm2):
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
 
 
 class SwinEncoder(nn.Module):
@@ -69,24 +83,9 @@ class SwinEncoder(nn.Module):
         self.norm = norm_layer(dims[-1])
         self.level_empty_tokens = nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims]) if squash_coarse else None
         self.feature_info = info[::-1]  # coarsest first, like the output levels
-        self._init_weights(version)
-
-    def _init_weights(self, version: int) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        tokens = [self.empty_token, self.mask_token, *(self.level_empty_tokens or [])]
-        for t in tokens:
+        init_weights(self, version)
+        for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or [])):
             nn.init.normal_(t, std=0.02)
-        if version == 2:
-            # Res-post-norm: zero-initialised norms make every block start as the identity (Swin V2).
-            for stage in self.stages:
-                for blk in stage.blocks:
-                    for norm in (blk.norm1, blk.norm2):
-                        nn.init.zeros_(norm.weight)
-                        nn.init.zeros_(norm.bias)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens with empty patches replaced: (B, gh, gw, D) and non_empty (B, gh, gw)."""
@@ -163,3 +162,111 @@ def _validate(img_height: int, img_width: int, patch_h: int, patch_w: int, embed
         raise ValueError(f"mae_ratio must be in [0, 1), got {mae_ratio}")
     if version not in (1, 2):
         raise ValueError(f"version must be 1 (Swin V1 blocks) or 2 (Swin V2 blocks), got {version}")
+
+
+def pyramid_grids(img_size: tuple[int, int], patch_size: tuple[int, int], num_levels: int) -> list[tuple[int, int]]:
+    """Token grid of every level, coarsest first: the patch grid halved once per level above it."""
+    gh, gw = img_size[0] // patch_size[0], img_size[1] // patch_size[1]
+    return [(gh >> (num_levels - 1 - i), gw >> (num_levels - 1 - i)) for i in range(num_levels)]
+
+
+def check_levels(enc_out: EncoderOutput, grids: list[tuple[int, int]], dims: list[int], who: str) -> None:
+    """Raise a ValueError naming the fix unless the hierarchy has the levels a decoder was built for."""
+    got = [(lvl.num_patches, lvl.dim) for lvl in enc_out.patches]
+    want = [(h * w, d) for (h, w), d in zip(grids, dims)]
+    if got != want:
+        raise ValueError(f"{who} was built for levels (N, D) {want} (coarsest first) but got {got}; build it with "
+                         f"the encoder's img_height, img_width, patch size, embed_dim and number of stages")
+
+
+def to_grid(emb: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, N, D) row-major tokens -> (B, h, w, D)."""
+    return emb.reshape(emb.shape[0], grid[0], grid[1], emb.shape[-1])
+
+
+class SwinMAEDecoder(nn.Module):
+    """FPN-style decoder for SimMIM pretraining: every level projected to `decoder_dim`, a top-down
+    pathway (2x nearest upsample + add) from the coarsest to the finest grid, a learned "masked"
+    embedding added (not substituted, so the coarse context fused from above survives) at masked
+    patches, a few Swin blocks at the finest grid, and a per-patch head to logits (B, C, H, W)."""
+
+    def __init__(self, img_height: int = 128, img_width: int = 128, patch_h: int = 4, patch_w: int = 4,
+                 out_channels: int = 1, embed_dim: int = 8, num_levels: int = 6, decoder_dim: int = 64,
+                 depth: int = 2, num_heads: int = 4, window_size: int | Sequence[int] = 8, mlp_ratio: float = 4.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, head: str = "linear") -> None:
+        super().__init__()
+        self.grids = pyramid_grids((img_height, img_width), (patch_h, patch_w), num_levels)
+        self.dims = [embed_dim * 2 ** (num_levels - 1 - i) for i in range(num_levels)]  # coarsest first
+        self.lateral = nn.ModuleList([nn.Linear(d, decoder_dim) for d in self.dims])
+        self.mask_embed = nn.Parameter(torch.zeros(decoder_dim))
+        self.blocks = SwinStage(decoder_dim, decoder_dim, self.grids[-1], depth, num_heads, _pair(window_size),
+                                mlp_ratio=mlp_ratio, norm_layer=norm_layer)
+        self.norm = norm_layer(decoder_dim)
+        self.head = Unpatchify(decoder_dim, out_channels, (patch_h, patch_w), head)
+        init_weights(self, version=2)
+        nn.init.normal_(self.mask_embed, std=0.02)
+
+    def forward(self, enc_out: EncoderOutput) -> Tensor:
+        check_levels(enc_out, self.grids, self.dims, type(self).__name__)
+        x = None
+        for lvl, grid, lateral in zip(enc_out.patches, self.grids, self.lateral):
+            lat = to_grid(lateral(lvl.emb), grid)  # (B, h, w, decoder_dim)
+            x = lat if x is None else x.repeat_interleave(2, 1).repeat_interleave(2, 2) + lat
+        masked = ~enc_out.mae_mask.view(x.shape[:3])  # (B, gh, gw)
+        x = x + masked[..., None] * self.mask_embed
+        return self.head(self.norm(self.blocks(x)))  # (B, C, H, W) logits
+
+
+class SwinDecoder(nn.Module):
+    """Swin V2 decoder symmetric to the encoder: from the coarsest level to the finest, Swin blocks
+    at every scale with PatchExpand between scales, each encoder level fused by a lateral linear
+    projection (added). Give it the encoder's config (embed_dim, depths, num_heads, ...), finest
+    stage first as for the encoder; it reverses them internally.
+
+    skip_levels: indices (coarsest first) of the encoder levels the decoder may read; None reads
+    all. Reading only coarse levels measures how much they alone carry. Levels not read are never
+    touched; if level 0 is not read, decoding starts from a learned token.
+    """
+
+    def __init__(self, img_height: int = 128, img_width: int = 128, patch_h: int = 4, patch_w: int = 4,
+                 out_channels: int = 1, embed_dim: int = 8, depths: Sequence[int] = (1, 2, 2, 6, 2, 1),
+                 num_heads: Sequence[int] = (1, 1, 2, 4, 8, 16), window_size: int | Sequence[int] = 8,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
+                 proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, skip_levels: Sequence[int] | None = None,
+                 head: str = "linear") -> None:
+        super().__init__()
+        depths, num_heads = tuple(depths)[::-1], tuple(num_heads)[::-1]  # coarsest first
+        L = len(depths)
+        _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths[::-1], num_heads[::-1], 0.0, 2)
+        self.grids = pyramid_grids((img_height, img_width), (patch_h, patch_w), L)
+        self.dims = [embed_dim * 2 ** (L - 1 - i) for i in range(L)]
+        self.skip_levels = sorted(set(range(L) if skip_levels is None else skip_levels))
+        if not self.skip_levels or not all(0 <= i < L for i in self.skip_levels):
+            raise ValueError(f"skip_levels must name at least one of the levels 0..{L - 1} (0 = coarsest), got {skip_levels}")
+        self.lateral = nn.ModuleDict({str(i): nn.Linear(self.dims[i], self.dims[i]) for i in self.skip_levels})
+        self.start_token = None if 0 in self.skip_levels else nn.Parameter(torch.zeros(self.dims[0]))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList([
+            SwinStage(self.dims[i], self.dims[i], self.grids[i], depths[i], num_heads[i], _pair(window_size),
+                      mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                      drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])], norm_layer=norm_layer)
+            for i in range(L)])
+        self.expand = nn.ModuleList([PatchExpand(self.dims[i], self.dims[i + 1], norm_layer) for i in range(L - 1)])
+        self.norm = norm_layer(self.dims[-1])
+        self.head = Unpatchify(self.dims[-1], out_channels, (patch_h, patch_w), head)
+        init_weights(self, version=2)
+        if self.start_token is not None:
+            nn.init.normal_(self.start_token, std=0.02)
+
+    def forward(self, enc_out: EncoderOutput) -> Tensor:
+        check_levels(enc_out, self.grids, self.dims, type(self).__name__)
+        B = enc_out.latent.shape[0]
+        x = self.start_token.expand(B, *self.grids[0], -1) if self.start_token is not None else 0
+        for i, stage in enumerate(self.stages):
+            if str(i) in self.lateral:
+                x = x + to_grid(self.lateral[str(i)](enc_out.patches[i].emb), self.grids[i])
+            x = stage(x)  # (B, h_i, w_i, D_i)
+            if i < len(self.expand):
+                x = self.expand[i](x)  # (B, 2h_i, 2w_i, D_i / 2)
+        return self.head(self.norm(x))  # (B, C, H, W) logits

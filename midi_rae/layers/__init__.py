@@ -2,12 +2,12 @@
 from .attention import WindowAttention, attend, log_spaced_relative_coords, relative_position_index
 from .block import SwinBlock
 from .mlp import DropPath, Mlp
-from .patch import PatchEmbed, PatchExpand, PatchMerging
+from .patch import PatchEmbed, PatchExpand, PatchMerging, Unpatchify
 from .stage import SwinStage
 from .window import clamp_window, padded_size, window_attention_mask, window_partition, window_reverse
 
 __all__ = [
     "WindowAttention", "attend", "log_spaced_relative_coords", "relative_position_index", "SwinBlock",
-    "DropPath", "Mlp", "PatchEmbed", "PatchExpand", "PatchMerging", "SwinStage", "clamp_window", "padded_size",
+    "DropPath", "Mlp", "PatchEmbed", "PatchExpand", "PatchMerging", "Unpatchify", "SwinStage", "clamp_window", "padded_size",
     "window_attention_mask", "window_partition", "window_reverse",
 ]

@@ -59,3 +59,38 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class Unpatchify(nn.Module):
+    """Tokens back to pixel logits: (B, gh, gw, D) -> (B, C, gh*ph, gw*pw).
+
+    mode "linear": one linear map per token to its ph*pw*C pixels (MAE's head).
+    mode "pixelshuffle": a 3x3 conv over the token grid to C*ph*pw channels, then PixelShuffle,
+    so each patch also sees its neighbours (needs ph == pw).
+    mode "convtranspose": a transposed conv with kernel = stride = patch.
+    """
+
+    MODES = ("linear", "pixelshuffle", "convtranspose")
+
+    def __init__(self, dim: int, out_chans: int, patch_size: tuple[int, int], mode: str = "linear") -> None:
+        super().__init__()
+        ph, pw = self.patch_size = tuple(patch_size)
+        self.out_chans, self.mode = out_chans, mode
+        if mode == "linear":
+            self.proj = nn.Linear(dim, ph * pw * out_chans)
+        elif mode == "pixelshuffle":
+            if ph != pw:
+                raise ValueError(f"the pixelshuffle head needs square patches, got {ph}x{pw}; use head='linear'")
+            self.proj = nn.Sequential(nn.Conv2d(dim, out_chans * ph * pw, 3, padding=1), nn.PixelShuffle(ph))
+        elif mode == "convtranspose":
+            self.proj = nn.ConvTranspose2d(dim, out_chans, kernel_size=self.patch_size, stride=self.patch_size)
+        else:
+            raise ValueError(f"unknown head {mode!r}; choose one of {', '.join(self.MODES)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, gh, gw, _ = x.shape
+        if self.mode != "linear":
+            return self.proj(x.permute(0, 3, 1, 2))  # NCHW for the convs
+        ph, pw = self.patch_size
+        x = self.proj(x).reshape(B, gh, gw, ph, pw, self.out_chans)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, self.out_chans, gh * ph, gw * pw)
