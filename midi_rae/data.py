@@ -200,7 +200,8 @@ _REPEAT_ERROR = re.compile(r"^Error.*(repeat|variant|\|:|:\||::)", re.IGNORECASE
 
 
 def abc_tune_to_score(tune: str) -> symusic.Score:
-    """Parse one ABC tune with symusic; badly formed repeats are rejected, not guessed at."""
+    """Parse one ABC tune with symusic (music21 where abc2midi fails); badly formed repeats
+    are rejected rather than guessed at."""
     with _captured_stdout() as log:
         try:
             score = symusic.Score.from_abc(tune)
@@ -211,9 +212,17 @@ def abc_tune_to_score(tune: str) -> symusic.Score:
     bad = [l for l in log if _REPEAT_ERROR.search(l)]
     if bad:
         raise BadInput(f"badly formed repeats (abc2midi: {bad[0].split(' : ', 1)[-1].strip()})")
-    if error is not None:
-        raise BadInput(f"unreadable ABC tune (abc2midi: {error})")
-    return score
+    if error is None:
+        return score
+    # abc2midi gave up (its error names a temp file; the message below stays deterministic).
+    from music21 import converter
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return music21_to_score(converter.parse(tune, format="abc"))
+    except Exception as e:
+        raise BadInput(f"unreadable ABC tune (abc2midi failed; music21: {type(e).__name__}: {str(e)[:120]})") from None
 
 
 def music21_to_score(stream: Any) -> symusic.Score:

@@ -1,0 +1,58 @@
+"""Command line interface: `midi-rae <command> ...`, one subparser per command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from midi_rae.data import RollSettings
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser(
+        "prepare",
+        help="convert music files (default: the bundled music21 corpus) into a roll cache",
+        description="Convert MIDI (.mid .midi .kar), ABC, MusicXML, kern and other formats music21 reads "
+        "into piano rolls plus a metadata table. With no PATH, the music corpus bundled with music21 is used. "
+        "Resumable: finished files are not converted again.",
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (searched recursively)")
+    p.add_argument("--cache-dir", help="where to write the cache (default: user cache dir, see `midi_rae.prepare.default_cache_dir`)")
+    p.add_argument("--steps-per-beat", type=int, default=4, help="time steps per quarter note (default 4)")
+    p.add_argument("--no-onset", action="store_true", help="store the frame channel only (no onset channel)")
+    p.add_argument("--velocity", action="store_true", help="store velocities (1..127) instead of 0/1")
+    p.add_argument("--drums", action="store_true", help="include drum tracks")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--collections", nargs="+", metavar="NAME", help="bundled corpus only: restrict to these folders (e.g. bach essenFolksong)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no skip lines; summary only")
+
+    def run(args: argparse.Namespace) -> int:
+        from midi_rae.prepare import prepare
+
+        settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums)
+        summary = prepare(args.paths or None, args.cache_dir, settings, workers=args.workers,
+                          progress=not args.quiet, collections=args.collections)
+        if not args.quiet:
+            for line in summary.report:
+                print(line)
+        print(summary.line())
+        print(f"cache: {summary.cache_dir}  (report: {summary.cache_dir / 'report.txt'})")
+        return 0
+
+    return run
+
+
+# New commands (train, encode, ...) add a `_add_<name>` here; each returns its run function.
+COMMANDS = {"prepare": _add_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="midi-rae", description="Hierarchical representations of symbolic music.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    runners = {name: add(sub) for name, add in COMMANDS.items()}
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"midi-rae {args.command}: error: {e}", file=sys.stderr)
+        return 2
