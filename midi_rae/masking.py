@@ -98,3 +98,24 @@ def scatter_visible(x_vis: Tensor, visible: Tensor, fill: Tensor | float = 0.0) 
     out[:] = fill if isinstance(fill, (int, float)) else fill.to(x_vis.dtype)
     out[visible] = x_vis.reshape(-1, x_vis.shape[-1])
     return out
+
+
+def level_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """SimMIM-style mask for one level of a pyramid, where grids can be as small as 1 x 1.
+
+    As `simmim_mask`, but each group's count is rounded stochastically, floor(r * n) +
+    Bernoulli(frac(r * n)), so the expected masked fraction is exactly r on any grid: a 1 x 1
+    level is masked with probability r per sample, where round(r) would mask it never (r < 0.5)
+    or always. non_empty: (B, N) bool -> (B, N) bool, True = visible."""
+    _check(non_empty, mask_ratio, empty_mask_ratio)
+    noise = torch.rand(non_empty.shape, device=non_empty.device, generator=generator)
+    coin = torch.rand((2, non_empty.shape[0]), device=non_empty.device, generator=generator)
+    visible = torch.ones_like(non_empty)
+    for g, (group, ratio) in enumerate(((non_empty, mask_ratio), (~non_empty, mask_ratio * empty_mask_ratio))):
+        expected = group.sum(1) * ratio  # (B,)
+        n_mask = (expected.floor() + (coin[g] < expected.frac()).float()).long()  # (B,), mean = expected
+        score = noise.masked_fill(~group, 2.0)  # members of other groups sort last
+        rank = score.argsort(dim=1).argsort(dim=1)  # (B, N) rank of each patch within the sample
+        visible &= ~(group & (rank < n_mask[:, None]))
+    return visible
