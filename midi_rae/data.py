@@ -454,7 +454,7 @@ class PianoRollDataset(Dataset):
         self.settings = load_settings(cache_dir)
         self.split, self.crop_width, self.pair = split, crop_width, pair
         self.max_time_shift, self.max_pitch_shift = max_time_shift, max_pitch_shift
-        self.transpose = transpose if split == "train" else 0
+        self.transpose = transpose if split != "val" else 0  # the validation set is never augmented
         self.min_active = crop_width // 8 if min_active is None else min_active
         self.channels = channels or self.settings.channels
         if self.channels > self.settings.channels:
@@ -475,7 +475,7 @@ class PianoRollDataset(Dataset):
 
     def _rng(self, index: int) -> np.random.Generator:
         # The validation set never changes: its crops depend on the item only.
-        epoch = self.epoch if self.split == "train" else -1
+        epoch = self.epoch if self.split != "val" else -1
         return np.random.default_rng(_stable_seed(self.seed, epoch, index))
 
     def _anchor(self, roll: np.ndarray, rng: np.random.Generator) -> int:

@@ -1,0 +1,189 @@
+"""MIDI <-> roll, ABC and music21 reading, crops, the split and the dataset."""
+from pathlib import Path
+
+import music21
+import numpy as np
+import pytest
+import symusic
+import torch
+
+from midi_rae.corpus import corpus_files, corpus_root
+from midi_rae.data import (
+    BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, midi_to_roll, read_pieces,
+    roll_to_midi, split_abc, split_of,
+)
+from midi_rae.prepare import prepare
+
+WHEEL_MIDI = sorted(Path(music21.__file__).parent.rglob("*.mid"))
+
+
+def write_midi(path: Path, notes: list[tuple[int, int, int]], tpq: int = 480, drums: bool = False) -> Path:
+    """notes: (start_tick, duration_ticks, pitch)."""
+    score = symusic.Score(tpq)
+    track = symusic.Track("t", 0, drums)
+    for start, dur, pitch in notes:
+        track.notes.append(symusic.Note(start, dur, pitch, 90))
+    score.tracks.append(track)
+    score.dump_midi(str(path))
+    return path
+
+
+@pytest.mark.parametrize("path", WHEEL_MIDI, ids=lambda p: p.name)
+def test_round_trip_wheel_midi(path: Path, tmp_path: Path) -> None:
+    roll = midi_to_roll(path)
+    assert roll.dtype == np.uint8 and roll.ndim == 3 and roll.shape[:2] == (2, 128)
+    assert roll.any() and set(np.unique(roll)) <= {0, 1}
+    roll_to_midi(roll, tmp_path / "rt.mid")
+    np.testing.assert_array_equal(midi_to_roll(tmp_path / "rt.mid"), roll)
+
+
+def test_repeated_notes_stay_separate(tmp_path: Path) -> None:
+    # Two quarter notes C4 back to back, then a half note: one sounding run, two onsets.
+    path = write_midi(tmp_path / "rep.mid", [(0, 480, 60), (480, 480, 60), (960, 960, 64)])
+    roll = midi_to_roll(path)  # (2, 128, 16) at 4 steps per beat
+    assert roll.shape == (2, 128, 16)
+    np.testing.assert_array_equal(roll[0, 60], [1] * 8 + [0] * 8)
+    np.testing.assert_array_equal(np.flatnonzero(roll[1, 60]), [0, 4])
+    np.testing.assert_array_equal(np.flatnonzero(roll[1, 64]), [8])
+    roll_to_midi(roll, tmp_path / "rt.mid")
+    notes = symusic.Score(str(tmp_path / "rt.mid")).tracks[0].notes
+    assert [(n.pitch, n.time, n.duration) for n in notes] == [(60, 0, 480), (60, 480, 480), (64, 960, 960)]
+
+
+def test_settings_resolution_velocity_frame_only(tmp_path: Path) -> None:
+    path = write_midi(tmp_path / "a.mid", [(0, 240, 60), (240, 240, 62), (20, 10, 70)])
+    assert midi_to_roll(path, RollSettings(steps_per_beat=8)).shape == (2, 128, 8)
+    assert midi_to_roll(path, RollSettings(onset=False)).shape == (1, 128, 4)
+    vel = midi_to_roll(path, RollSettings(velocity=True))
+    assert vel.max() == 90
+    assert midi_to_roll(path)[0, 70].sum() == 1  # a note shorter than a step keeps one step
+    roll_to_midi(vel, tmp_path / "v.mid")
+    np.testing.assert_array_equal(midi_to_roll(tmp_path / "v.mid", RollSettings(velocity=True)), vel)
+
+
+def test_drums_excluded_by_default(tmp_path: Path) -> None:
+    score = symusic.Score(480)
+    for drums, pitch in ((False, 60), (True, 36)):
+        track = symusic.Track("t", 0, drums)
+        track.notes.append(symusic.Note(0, 480, pitch, 90))
+        score.tracks.append(track)
+    score.dump_midi(str(tmp_path / "mix.mid"))
+    assert midi_to_roll(tmp_path / "mix.mid")[0, :, 0].nonzero()[0].tolist() == [60]
+    assert midi_to_roll(tmp_path / "mix.mid", RollSettings(drums=True))[0, :, 0].nonzero()[0].tolist() == [36, 60]
+    with pytest.raises(BadInput, match="drum tracks only"):
+        midi_to_roll(write_midi(tmp_path / "d.mid", [(0, 480, 36)], drums=True))
+
+
+def test_abc_split_and_metadata() -> None:
+    text = "% book\nL:1/8\n\nX:1\nT:One\nM:3/4\nK:G\nGAB|\n\nX:2\nT:Two\nK:Dm\nDEF|\n"
+    tunes = split_abc(text)
+    assert len(tunes) == 2 and all(t.startswith("L:1/8\nX:") for t in tunes)
+    score = abc_tune_to_score(tunes[0])
+    assert [n.pitch for n in score.tracks[0].notes] == [67, 69, 71]
+
+
+def test_abc_badly_formed_repeats() -> None:
+    with pytest.raises(BadInput, match=r"badly formed repeats \(abc2midi: .*variant ending"):
+        abc_tune_to_score("X:1\nT:bad\nM:4/4\nL:1/4\nK:C\n|1 ABc :|2 d e |1 f g |]\n")
+
+
+def test_corpus_pieces_with_metadata() -> None:
+    root = corpus_root()
+    [bach], _ = read_pieces(root / "bach" / "bwv66.6.mxl")
+    assert bach.roll.shape[:2] == (2, 128) and bach.meta["time_signature"] == "4/4"
+    assert bach.meta["key"] == "F# minor" and bach.meta["format"] == "mxl"
+    # Four voices: most columns have 4 sounding notes; every note starts on an onset.
+    assert np.median(bach.roll[0].sum(axis=0)) == 4
+    assert not (bach.roll[1] & ~bach.roll[0]).any()
+    [krn], _ = read_pieces(root / "palestrina" / "Agnus_01.krn")
+    assert krn.meta["time_signature"] == "4/2" and krn.roll[0].any()
+    tunes, skipped = read_pieces(root / "josquin" / "milleRegrets.abc")
+    assert len(tunes) == 4 and not skipped and tunes[0].meta["title"] == "Mille regrets"
+
+
+def test_corpus_enumeration() -> None:
+    files = corpus_files()
+    collections = {f.collection for f in files}
+    assert {"bach", "essenFolksong", "palestrina", "monteverdi"} <= collections
+    assert "demos" not in collections and len(files) > 3000
+    assert all(f.source_id.startswith("music21/") for f in files)
+    assert [f.source_id for f in files] == sorted(f.source_id for f in files)
+
+
+def test_crop_zero_fill_no_wrap() -> None:
+    roll = np.zeros((2, 128, 10), np.uint8)
+    roll[0, 127, 0] = roll[0, 0, 9] = 1
+    out = crop(roll, -2, 4, pitch_shift=0)
+    assert out.shape == (2, 128, 4) and out[0, 127].tolist() == [0, 0, 1, 0]
+    assert not crop(roll, 0, 4, pitch_shift=1)[0, 0].any()  # 127 moved out, nothing wrapped to 0
+    assert crop(roll, 8, 4, pitch_shift=-1)[0, :, 1].sum() == 0  # pitch 0 moved out below
+    assert crop(roll, 8, 4, pitch_shift=2)[0, 2].tolist() == [0, 1, 0, 0]
+
+
+def test_split_stable() -> None:
+    ids = [f"music21/essenFolksong/han1.abc#{i}" for i in range(2000)]
+    splits = [split_of(i) for i in ids]
+    assert splits == [split_of(i) for i in reversed(ids)][::-1]
+    assert 0.03 < splits.count("val") / len(ids) < 0.07
+    # Fixed values: the split must not change between versions or machines.
+    assert split_of("music21/bach/bwv66.6.mxl") == "train"
+    assert [i for i in range(200) if split_of(f"p{i}") == "val"] == VAL_IDS
+
+
+VAL_IDS = [8, 18, 22, 35, 47, 61, 115, 117, 171, 174, 180, 186]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(40):  # 40 synthetic pieces, 8 to 64 beats of random chords
+        notes = [(int(b) * 480, 480 * int(rng.integers(1, 4)), int(p))
+                 for b in range(int(rng.integers(8, 64))) for p in rng.integers(40, 90, 3)]
+        write_midi(root / f"p{i:02d}.mid", notes)
+    cache = root / "cache"
+    prepare([root], cache, workers=1, progress=False)
+    return cache
+
+
+def test_dataset_pairs(cache: Path) -> None:
+    ds = PianoRollDataset(cache, "train", crop_width=32, max_time_shift=4, max_pitch_shift=3, val_fraction=0.2)
+    item = ds[0]
+    assert item["x"].shape == item["x2"].shape == (2, 128, 32) and item["x"].dtype == torch.float32
+    assert 0 <= item["x"].min() and item["x"].max() <= 1
+    for i in range(len(ds)):
+        it = ds[i]
+        roll = np.load(cache / "rolls" / ds.pieces[it["piece"]]["roll"])
+        for key, shift in (("x", "shift1"), ("x2", "shift2")):
+            dt, dp = it[shift].tolist()
+            assert abs(dt) <= 4 and abs(dp) <= 3
+            np.testing.assert_array_equal(it[key].numpy(), crop(roll, it["start"] + dt, 32, dp))
+    # Near-empty anchors are avoided where the piece has music.
+    assert np.mean([ds[i]["x"][0].any(dim=0).float().mean().item() for i in range(len(ds))]) > 0.5
+
+
+def test_dataset_determinism_and_split(cache: Path) -> None:
+    train = PianoRollDataset(cache, "train", crop_width=32, val_fraction=0.2)
+    val = PianoRollDataset(cache, "val", crop_width=32, val_fraction=0.2)
+    assert not {p["piece_id"] for p in train.pieces} & {p["piece_id"] for p in val.pieces}
+    assert len(train.pieces) + len(val.pieces) == 40
+    again = PianoRollDataset(cache, "val", crop_width=32, val_fraction=0.2)
+    again.set_epoch(5)
+    for i in range(len(val)):
+        assert torch.equal(val[i]["x"], again[i]["x"]) and torch.equal(val[i]["x2"], again[i]["x2"])
+    a = [train[i]["start"] for i in range(len(train))]
+    assert a == [train[i]["start"] for i in range(len(train))]
+    train.set_epoch(1)
+    assert a != [train[i]["start"] for i in range(len(train))]
+
+
+def test_dataset_options(cache: Path) -> None:
+    single = PianoRollDataset(cache, "all", crop_width=64, pair=False, channels=1)
+    item = single[3]
+    assert set(item) == {"x", "piece", "piece_id", "start"} and item["x"].shape == (1, 128, 64)
+    transposed = PianoRollDataset(cache, "all", crop_width=64, pair=False, transpose=6)
+    plain = PianoRollDataset(cache, "all", crop_width=64, pair=False)
+    assert any(not torch.equal(transposed[i]["x"], plain[i]["x"]) for i in range(10))
+    assert all(torch.equal(transposed[i]["x"].sum(), plain[i]["x"].sum()) for i in range(10))  # pitches 40..92 stay in range
+    with pytest.raises(ValueError, match="split"):
+        PianoRollDataset(cache, "test")
