@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -75,12 +76,17 @@ def bench_prepare(workers: int | None) -> None:
         t = time.perf_counter()
         summary = prepare(cache_dir=cache, workers=workers, progress=False)
         first = time.perf_counter() - t
+        # CPU seconds of the (finished) worker processes: wall time on an otherwise idle machine
+        # is about this divided by the number of workers, whatever else was running meanwhile.
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = cpu.ru_utime + cpu.ru_stime
         t = time.perf_counter()
         prepare(cache_dir=cache, workers=workers, progress=False)
         second = time.perf_counter() - t
         size = sum(f.stat().st_size for f in (cache / "rolls").iterdir())
         print(f"prepare (bundled corpus, {workers or len(os.sched_getaffinity(0))} workers): {first:.1f} s; "
               f"second run (no-op): {second:.1f} s")
+        print(f"worker CPU time: {cpu_s:.0f} s (= {cpu_s / (workers or len(os.sched_getaffinity(0))):.0f} s per core)")
         print(summary.line())
         print(f"cache size: {size / 1e6:.0f} MB of rolls")
         for line in summary.report:

@@ -36,6 +36,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
             for line in summary.report:
                 print(line)
         print(summary.line())
+        print(f"{summary.processed} files converted in this run, {summary.files - summary.processed} were already in the cache")
         print(f"cache: {summary.cache_dir}  (report: {summary.cache_dir / 'report.txt'})")
         return 0
 

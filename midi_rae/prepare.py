@@ -50,8 +50,7 @@ class Summary:
     report: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"{self.pieces} pieces good, {self.pieces_skipped} skipped "
-                f"({self.files - self.files_skipped}/{self.files} files readable, {self.processed} converted this run)")
+        return f"{self.pieces} pieces good, {self.pieces_skipped} skipped ({self.files - self.files_skipped}/{self.files} files readable)"
 
 
 def default_cache_dir(paths: Iterable[str | os.PathLike] | None = None) -> Path:
@@ -187,7 +186,8 @@ def prepare(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths)
     for sub in ("rolls", "done", "inflight"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
-    for stale in (cache / "inflight").iterdir():  # markers of a run that was killed
+    # Leftovers of a run that was killed: in-flight markers and half-written temporary files.
+    for stale in [*(cache / "inflight").iterdir(), *cache.glob("*/.*.tmp"), *cache.glob(".*.tmp")]:
         stale.unlink()
     keys = [_key(s, settings) for s in sources]
     todo = [(s, k) for s, k in zip(sources, keys) if not (cache / "done" / f"{k}.json").exists()]
