@@ -82,9 +82,13 @@ class Piece:
 
 
 def _key_name(sharps: int, minor: bool | None) -> str:
-    if minor is None:
-        return f"{abs(sharps)} {'sharp' if sharps > 0 else 'flat'}{'s' if abs(sharps) != 1 else ''}" if sharps else "no sharps or flats"
-    return f"{_MINOR[sharps + 7]} minor" if minor else f"{_MAJOR[sharps + 7]} major"
+    """'G major' / 'e minor'; a signature without a mode is named by its accidentals ('2 flats')."""
+    if minor is not None:
+        return f"{_MINOR[sharps + 7]} minor" if minor else f"{_MAJOR[sharps + 7]} major"
+    if sharps == 0:
+        return "no sharps or flats"
+    word = "sharp" if sharps > 0 else "flat"
+    return f"{abs(sharps)} {word}" + ("s" if abs(sharps) > 1 else "")
 
 
 def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings()) -> np.ndarray:
@@ -98,7 +102,8 @@ def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings())
         merged.tracks.append(t)
     # min_dur=1: a note shorter than a step still sounds for one step instead of vanishing.
     merged = merged.resample(tpq=settings.steps_per_beat, min_dur=1)
-    steps = max(int((n["time"] + n["duration"]).max()) for n in (t.notes.numpy() for t in merged.tracks) if len(n["time"]))
+    ends = [t.notes.numpy() for t in merged.tracks]
+    steps = max(int((n["time"] + n["duration"]).max()) for n in ends if len(n["time"]))
     if steps > MAX_STEPS:
         raise BadInput(f"too long: {steps} steps at {settings.steps_per_beat} per beat (limit {MAX_STEPS})")
     modes = ["frame", "onset"] if settings.onset else ["frame"]
@@ -249,7 +254,8 @@ def music21_to_score(stream: Any) -> symusic.Score:
             members = [el] if isinstance(el, note.Note) else list(el.notes)
             for n in members:
                 pitch = n.pitch.midi
-                tie = (n.tie or el.tie).type if (n.tie or el.tie) is not None else None
+                tie_obj = n.tie or el.tie
+                tie = tie_obj.type if tie_obj is not None else None
                 i = open_ties.get(pitch)
                 if tie in ("continue", "stop") and i is not None and sum(notes[i][:2]) == start:
                     notes[i][1] += dur
