@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
 from .masking import apply_mask_token, check_mask, patch_non_empty, pool_mask, simmim_mask
+from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
 from .utils import check_roll
 
 

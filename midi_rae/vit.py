@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
-from .layers.mlp import Mlp
+from .layers import Mlp, Unpatchify
 from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, patch_non_empty, scatter_visible
 from .utils import check_roll
 
@@ -183,3 +183,63 @@ class ViTEncoder(nn.Module):
         cls = PatchState(z[:, :1], pos.new_zeros(1, 2), non_empty.any(dim=1, keepdim=True), visible.new_ones(B, 1))
         patches = PatchState(scatter_visible(z[:, 1:], visible), pos, non_empty, visible)  # zeros where masked
         return EncoderOutput(HierarchicalPatchState([cls, patches], list(self.feature_info)), pos, non_empty, visible)
+
+
+class ViTDecoder(nn.Module):
+    """Decodes a ViTEncoder's output back to pixel logits (B, out_channels, H, W).
+
+    Patch tokens are projected to `decoder_dim`; masked patches (whose encoder output is zeros)
+    get a learned mask token, as in MAE's decoder; the CLS token is projected and added to every
+    position, carrying the global summary; then `depth` RoPE blocks over the full grid, a norm
+    and an unpatchify head ("linear", "pixelshuffle" or "convtranspose").
+    """
+
+    def __init__(self, img_height: int, img_width: int, patch_h: int = 16, patch_w: int = 16,
+                 out_channels: int = 1, embed_dim: int = 256, decoder_dim: int = 256, depth: int = 4,
+                 num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, head: str = "linear") -> None:
+        super().__init__()
+        if (decoder_dim // num_heads) % 4 or decoder_dim % num_heads:
+            raise ValueError(f"decoder_dim / num_heads = {decoder_dim}/{num_heads} must be a whole multiple of 4 "
+                             f"(2D RoPE); change decoder_dim or num_heads")
+        self.grid_size = (img_height // patch_h, img_width // patch_w)
+        self.embed_dim = embed_dim
+        self.embed = nn.Linear(embed_dim, decoder_dim)
+        self.cls_proj = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
+        self.blocks = nn.ModuleList([Block(decoder_dim, num_heads, mlp_ratio, qkv_bias, 0.0, norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(decoder_dim)
+        self.head = Unpatchify(decoder_dim, out_channels, (patch_h, patch_w), head)
+        self.register_buffer("rope_freqs", rope_freqs(decoder_dim // num_heads), persistent=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, enc_out: EncoderOutput) -> Tensor:
+        cls, patches = enc_out.patches[0], enc_out.patches[-1]
+        N = self.grid_size[0] * self.grid_size[1]
+        if len(enc_out.patches) != 2 or patches.emb.shape[1:] != (N, self.embed_dim):
+            raise ValueError(f"{type(self).__name__} expects a ViTEncoder output with levels [CLS, {N} patches] of "
+                             f"dim {self.embed_dim}; build it with the encoder's image size, patch size and embed_dim")
+        B = patches.batch_size
+        x = apply_mask_token(self.embed(patches.emb), patches.mae_mask, self.mask_token)  # (B, N, dd)
+        x = x + self.cls_proj(cls.emb)  # (B, 1, dd) broadcast over positions
+        angles = rope_angles(patches.pos.expand(B, -1, -1), self.rope_freqs)  # (B, N, hd/2)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        return self.head(self.norm(x).view(B, *self.grid_size, -1))  # (B, C, H, W)
+
+
+def ViTMAEDecoder(img_height: int, img_width: int, patch_h: int = 16, patch_w: int = 16, out_channels: int = 1,
+                  embed_dim: int = 256, decoder_dim: int = 128, depth: int = 2, num_heads: int = 4,
+                  **kwargs) -> ViTDecoder:
+    """The lightweight decoder for MAE pretraining: a ViTDecoder narrower and shallower than the
+    encoder, as in MAE (https://arxiv.org/abs/2111.06377), so pretraining spends its compute on
+    the encoder."""
+    return ViTDecoder(img_height, img_width, patch_h, patch_w, out_channels, embed_dim, decoder_dim, depth,
+                      num_heads, **kwargs)
