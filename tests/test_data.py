@@ -7,7 +7,6 @@ import pytest
 import symusic
 import torch
 
-from midi_rae.corpus import corpus_files, corpus_root
 from midi_rae.data import (
     BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, midi_to_roll, read_pieces,
     roll_to_midi, split_abc, split_of,
@@ -85,29 +84,6 @@ def test_abc_split_and_metadata() -> None:
 def test_abc_badly_formed_repeats() -> None:
     with pytest.raises(BadInput, match=r"badly formed repeats \(abc2midi: .*variant ending"):
         abc_tune_to_score("X:1\nT:bad\nM:4/4\nL:1/4\nK:C\n|1 ABc :|2 d e |1 f g |]\n")
-
-
-def test_corpus_pieces_with_metadata() -> None:
-    root = corpus_root()
-    [bach], _ = read_pieces(root / "bach" / "bwv66.6.mxl")
-    assert bach.roll.shape[:2] == (2, 128) and bach.meta["time_signature"] == "4/4"
-    assert bach.meta["key"] == "F# minor" and bach.meta["format"] == "mxl"
-    # Four voices: most columns have 4 sounding notes; every note starts on an onset.
-    assert np.median(bach.roll[0].sum(axis=0)) == 4
-    assert not (bach.roll[1] & ~bach.roll[0]).any()
-    [krn], _ = read_pieces(root / "palestrina" / "Agnus_01.krn")
-    assert krn.meta["time_signature"] == "4/2" and krn.roll[0].any()
-    tunes, skipped = read_pieces(root / "josquin" / "milleRegrets.abc")
-    assert len(tunes) == 4 and not skipped and tunes[0].meta["title"] == "Mille regrets"
-
-
-def test_corpus_enumeration() -> None:
-    files = corpus_files()
-    collections = {f.collection for f in files}
-    assert {"bach", "essenFolksong", "palestrina", "monteverdi"} <= collections
-    assert "demos" not in collections and len(files) > 3000
-    assert all(f.source_id.startswith("music21/") for f in files)
-    assert [f.source_id for f in files] == sorted(f.source_id for f in files)
 
 
 def test_crop_zero_fill_no_wrap() -> None:
