@@ -163,3 +163,10 @@ def test_dataset_options(cache: Path) -> None:
     assert all(torch.equal(transposed[i]["x"].sum(), plain[i]["x"].sum()) for i in range(10))  # pitches 40..92 stay in range
     with pytest.raises(ValueError, match="split"):
         PianoRollDataset(cache, "test")
+
+
+def test_hostile_length_refused(tmp_path: Path) -> None:
+    # One note 15 days in: a roll of millions of columns would exhaust memory; refuse instead.
+    path = write_midi(tmp_path / "far.mid", [(2**27, 96, 60)], tpq=96)
+    with pytest.raises(BadInput, match=r"too long: 5592409 steps at 4 per beat \(limit 200000\)"):
+        midi_to_roll(path)
