@@ -17,7 +17,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
         "Resumable: finished files are not converted again.",
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (searched recursively)")
-    p.add_argument("--cache-dir", help="where to write the cache (default: user cache dir, see `midi_rae.prepare.default_cache_dir`)")
+    p.add_argument("--cache-dir", help="where to write the cache (default: $MIDI_RAE_CACHE or ~/.cache/midi-rae, "
+                   "then /corpus for the bundled corpus or /data-<hash of the PATHs>)")
     p.add_argument("--steps-per-beat", type=int, default=4, help="time steps per quarter note (default 4)")
     p.add_argument("--no-onset", action="store_true", help="store the frame channel only (no onset channel)")
     p.add_argument("--velocity", action="store_true", help="store velocities (1..127) instead of 0/1")
@@ -43,8 +44,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     return run
 
 
+def _add_training(name: str) -> Callable[[argparse._SubParsersAction], Callable[[argparse.Namespace], int]]:
+    def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+        from midi_rae import train
+
+        return {"train": train.add_train, "train-decoder": train.add_train_decoder, "run": train.add_run}[name](sub)
+
+    return add
+
+
 # New commands (train, encode, ...) add a `_add_<name>` here; each returns its run function.
-COMMANDS = {"prepare": _add_prepare}
+COMMANDS = {"prepare": _add_prepare, "train": _add_training("train"), "train-decoder": _add_training("train-decoder"),
+            "run": _add_training("run")}
 
 
 def main(argv: list[str] | None = None) -> int:
