@@ -1,0 +1,442 @@
+"""Typed configuration: the dataclasses below are the single source of every training option.
+
+YAML presets (`configs/*.yaml`) and dotted command-line overrides (`model.embed_dim=16`) only
+set fields that exist here; values are coerced to the field's type and every section checks
+itself in `__post_init__`, with a message that says what to change. The resolved config is
+written into the run folder (`config.yaml`) and into every checkpoint.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENCODERS = ("swin", "vit")
+PITCHES = 128  # img_height: a roll has one row per MIDI pitch
+
+
+class ConfigError(ValueError):
+    """A config that cannot train; the message names the field and what to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where the rolls come from and how crops are drawn (see `data.PianoRollDataset`)."""
+
+    cache_dir: str | None = None  # a prepared cache; None: the bundled corpus's default cache
+    paths: list[str] = field(default_factory=list)  # sources `midi-rae run` prepares; empty: bundled corpus
+    collections: list[str] | None = None  # bundled corpus only: restrict to these folders
+    crop_width: int = 128  # time steps per crop = the encoder's img_width
+    channels: int = 1  # 1: frame only; 2: frame + onset (prepare with onsets, the default)
+    max_time_shift: int = 16  # the two views' random offsets (steps / semitones)
+    max_pitch_shift: int = 6
+    transpose: int = 0  # random transposition of both views, +-semitones (training only)
+    val_fraction: float = 0.05  # pieces held out, by a hash of the piece id
+    val_max_items: int | None = 256  # cap on the fixed validation crops (None: all)
+    num_workers: int = 0  # DataLoader workers per process
+
+    def __post_init__(self) -> None:
+        _require(self.crop_width > 0, f"data.crop_width must be positive, got {self.crop_width}")
+        _require(self.channels in (1, 2), f"data.channels must be 1 (frame) or 2 (frame + onset), got {self.channels}")
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _require(self.max_time_shift >= 0 and self.max_pitch_shift >= 0 and self.transpose >= 0,
+                 "data.max_time_shift, data.max_pitch_shift and data.transpose must be >= 0")
+        _require(self.val_max_items is None or self.val_max_items > 0,
+                 f"data.val_max_items must be positive or null (all), got {self.val_max_items}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    """The encoder. `encoder` picks the class; the rest are its constructor arguments.
+    img_height is 128 (pitches), img_width is `data.crop_width`, in_chans is `data.channels`."""
+
+    encoder: str = "swin"  # 'swin' (SwinEncoder) or 'vit' (ViTEncoder)
+    patch_h: int = 4
+    patch_w: int = 4
+    embed_dim: int = 8
+    depths: list[int] = field(default_factory=lambda: [1, 2, 2, 6, 2, 1])  # swin: blocks per stage
+    depth: int = 4  # vit: number of blocks
+    num_heads: int | list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8, 16])  # swin: per stage; vit: one int
+    window_size: int = 8  # swin
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1  # swin
+    version: int = 2  # swin: 2 (V2 blocks) or 1
+    squash_coarse: bool = False  # swin: learned empty token at every level
+    empty_mask_ratio: float = 0.05  # empty patches are masked this much less often
+    inter_stage_mask_ratio: float = 0.0  # swin: dropout-style masking between stages (needs encoder support)
+    # Lightweight decoder for masked reconstruction during pretraining.
+    mae_decoder_dim: int = 64
+    mae_decoder_depth: int = 2
+    mae_decoder_heads: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.encoder in ENCODERS, f"model.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        _require(self.patch_h > 0 and self.patch_w > 0 and self.embed_dim > 0, "model.patch_h, patch_w, embed_dim must be positive")
+        _require(0.0 <= self.empty_mask_ratio <= 1.0, f"model.empty_mask_ratio must be in [0, 1], got {self.empty_mask_ratio}")
+        _require(0.0 <= self.inter_stage_mask_ratio < 1.0,
+                 f"model.inter_stage_mask_ratio must be in [0, 1), got {self.inter_stage_mask_ratio}")
+        if self.encoder == "swin":
+            heads = self.num_heads
+            _require(isinstance(heads, list) and len(heads) == len(self.depths) and len(heads) > 0,
+                     f"model.num_heads must list one head count per Swin stage, like depths {self.depths}; got {heads}")
+            for i, h in enumerate(heads):
+                _require((self.embed_dim * 2**i) % h == 0, f"stage {i} has width model.embed_dim * 2**{i} = "
+                         f"{self.embed_dim * 2**i}, not divisible by model.num_heads[{i}] = {h}; change one of them")
+            _require(self.version in (1, 2), f"model.version must be 1 or 2, got {self.version}")
+            if self.inter_stage_mask_ratio > 0:
+                from midi_rae.swin import SwinEncoder
+
+                _require("inter_stage_mask_ratio" in inspect.signature(SwinEncoder).parameters,
+                         "model.inter_stage_mask_ratio > 0 needs a SwinEncoder with inter-stage masking, which this "
+                         "version of midi_rae.swin does not have yet; set model.inter_stage_mask_ratio=0")
+        else:
+            _require(isinstance(self.num_heads, int), f"model.num_heads must be one int for the ViT encoder, got "
+                     f"{self.num_heads}; e.g. model.num_heads=8")
+            _require(self.embed_dim % self.num_heads == 0 and (self.embed_dim // self.num_heads) % 4 == 0,
+                     f"the ViT needs model.embed_dim / model.num_heads = {self.embed_dim}/{self.num_heads} to be a "
+                     f"whole multiple of 4 (2D RoPE); change embed_dim or num_heads")
+            _require(self.inter_stage_mask_ratio == 0, "model.inter_stage_mask_ratio applies to the Swin encoder only; set it to 0")
+        _require(self.mae_decoder_dim % self.mae_decoder_heads == 0,
+                 f"model.mae_decoder_dim {self.mae_decoder_dim} must be divisible by model.mae_decoder_heads {self.mae_decoder_heads}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths) if self.encoder == "swin" else 2
+
+
+@dataclass
+class ObjectiveConfig:
+    """Pretraining losses; the total is the weighted sum, and any weight may be zero."""
+
+    mask_ratio: float = 0.5  # SimMIM / MAE masking ratio of the student's view
+    recon_weight: float = 1.0  # masked reconstruction through the MAE decoder
+    recon_visible_weight: float = 0.0  # also reconstruct visible patches, at this weight
+    pos_weight: float | None = None  # BCE weight of note pixels (sparse rolls), None: 1
+    mep_weight: float = 0.0  # masked embedding prediction against an EMA teacher, every level
+    mep_mask_ratio: float = 0.4  # the predictor's own masking of the finest level
+    mep_level_mask_scale: float = 1.25  # each coarser level masks 1/scale of the next finer
+    mep_normalize_targets: bool = True
+    predictor_dim: int = 128
+    predictor_depth: int = 2
+    predictor_heads: int = 4
+    ema_momentum: float = 0.996  # teacher momentum at step 0, rising to ema_momentum_end (cosine)
+    ema_momentum_end: float = 1.0
+    lejepa_weight: float = 0.0  # LeJEPA on the two shifted views, every level
+    lejepa_lambda: float = 0.05  # SIGReg share: (1 - lambda) * invariance + lambda * SIGReg
+    sigreg_projections: int = 256
+    anchor_weight: float = 0.0  # pull empty-patch embeddings of every level toward 0
+    multiscale_weight: float = 0.0  # per-level heads predicting the max-pooled roll
+    multiscale_upsample: int = 1
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight", "multiscale_weight")}
+        _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
+        _require(any(w > 0 for w in weights.values()),
+                 "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
+        _require(self.recon_weight == 0 or self.mask_ratio > 0,
+                 "objective.recon_weight > 0 reconstructs masked patches, but objective.mask_ratio is 0; "
+                 "set objective.mask_ratio=0.5 (or objective.recon_weight=0)")
+        _require(self.mep_weight == 0 or 0 < self.mep_mask_ratio < 1,
+                 f"objective.mep_mask_ratio must be in (0, 1), got {self.mep_mask_ratio}")
+        _require(0.0 <= self.ema_momentum <= self.ema_momentum_end <= 1.0,
+                 f"need 0 <= objective.ema_momentum <= objective.ema_momentum_end <= 1, got "
+                 f"{self.ema_momentum}, {self.ema_momentum_end}")
+        _require(0.0 <= self.lejepa_lambda <= 1.0, f"objective.lejepa_lambda must be in [0, 1], got {self.lejepa_lambda}")
+        _require(self.predictor_dim % self.predictor_heads == 0,
+                 f"objective.predictor_dim {self.predictor_dim} must be divisible by objective.predictor_heads {self.predictor_heads}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpoints of one training stage."""
+
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans them)
+    batch_size: int = 32  # per process; the global batch is batch_size * world size
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-5  # end of the cosine decay
+    warmup_steps: int = 100  # linear warm-up from 0
+    weight_decay: float = 0.05  # not applied to norms, biases, tokens, logit scales, CPB MLPs
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float | None = 1.0  # max global gradient norm, None: no clipping
+    seed: int = 0
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda'
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_every: int = 0  # steps between validations; 0: at the end of each epoch
+    ckpt_every: int = 100  # steps between checkpoints (always one at the end of each epoch)
+    keep_last: int = 3  # step checkpoints kept (the best is kept as well)
+    progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = True  # when the tensorboard package is installed
+    wandb: bool = False
+    wandb_project: str = "midi-rae"
+    wandb_mode: str = "offline"  # 'offline' or 'online'
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
+        _require(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive or null, got {self.max_steps}")
+        _require(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need train.lr > 0 and 0 <= train.min_lr <= train.lr, "
+                 f"got lr={self.lr}, min_lr={self.min_lr}")
+        _require(self.warmup_steps >= 0 and self.weight_decay >= 0, "train.warmup_steps and train.weight_decay must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.clip_grad is None or self.clip_grad > 0, f"train.clip_grad must be positive or null, got {self.clip_grad}")
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                 f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("log_every", "ckpt_every", "keep_last"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _require(self.wandb_mode in ("offline", "online"), f"train.wandb_mode must be 'offline' or 'online', got {self.wandb_mode!r}")
+
+
+@dataclass
+class DecoderConfig:
+    """The decoder trained on the (frozen) encoder's pyramid: SwinDecoder or ViTDecoder,
+    following the encoder type. Depths and heads default to the encoder's."""
+
+    depths: list[int] | None = None  # swin: finest stage first, like the encoder; None: the encoder's
+    num_heads: list[int] | None = None
+    depth: int = 2  # vit decoder blocks
+    decoder_dim: int = 128  # vit decoder width
+    vit_heads: int = 4
+    skip_levels: list[int] | None = None  # swin: encoder levels the decoder reads (0 = coarsest); None: all
+    head: str = "linear"  # unpatchify head: 'linear', 'pixelshuffle' or 'convtranspose'
+    drop_path_rate: float = 0.0
+    finetune_encoder: bool = False  # train the encoder too, at lr * encoder_lr_scale
+    encoder_lr_scale: float = 0.1
+    pos_weight: float | None = None  # BCE weight of note pixels
+    threshold: float = 0.5  # probability above which a pixel counts as a note in the metrics
+
+    def __post_init__(self) -> None:
+        _require(self.head in ("linear", "pixelshuffle", "convtranspose"),
+                 f"decoder.head must be 'linear', 'pixelshuffle' or 'convtranspose', got {self.head!r}")
+        _require(0.0 < self.threshold < 1.0, f"decoder.threshold must be in (0, 1), got {self.threshold}")
+        _require(self.encoder_lr_scale > 0, f"decoder.encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
+        _require((self.depths is None) == (self.num_heads is None) and (self.depths is None or len(self.depths) == len(self.num_heads)),
+                 "set decoder.depths and decoder.num_heads together, one entry per stage (or leave both null)")
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run folder name under out_dir
+    out_dir: str = "runs"  # run folders are <out_dir>/<name>/
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # encoder pretraining
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    decoder_train: TrainConfig = field(default_factory=TrainConfig)  # decoder training
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}")
+        m, d = self.model, self.data
+        if m.encoder == "swin":
+            factor = 2 ** (len(m.depths) - 1)
+            for what, size, patch, pname in (("128 pitches", PITCHES, m.patch_h, "patch_h"),
+                                             (f"data.crop_width={d.crop_width}", d.crop_width, m.patch_w, "patch_w")):
+                _require(size % (patch * factor) == 0,
+                         f"{what} must be divisible by model.{pname} * 2**(stages-1) = {patch} * {factor} = "
+                         f"{patch * factor} for {len(m.depths)} Swin stages; change model.{pname}, the number "
+                         f"of stages (model.depths / model.num_heads) or data.crop_width")
+        else:
+            _require(PITCHES % m.patch_h == 0 and d.crop_width % m.patch_w == 0,
+                     f"128 pitches x data.crop_width={d.crop_width} must be whole {m.patch_h}x{m.patch_w} patches; "
+                     f"change model.patch_h / model.patch_w or data.crop_width")
+        dc = self.decoder
+        if dc.depths is not None:
+            _require(len(dc.depths) == m.num_stages, f"decoder.depths needs {m.num_stages} entries (one per encoder "
+                     f"stage), got {dc.depths}; or set it to null to mirror the encoder")
+        if dc.skip_levels is not None:
+            _require(all(0 <= i < m.num_stages for i in dc.skip_levels) and dc.skip_levels,
+                     f"decoder.skip_levels must name levels 0..{m.num_stages - 1} (0 = coarsest), got {dc.skip_levels}")
+            _require(m.encoder == "swin", "decoder.skip_levels applies to the Swin decoder only; set it to null")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from YAML or a command-line string) as type `tp`, or a ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is list:
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list (e.g. {key}=[1,2,3]), got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(valid)})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, coercing types; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise _unknown(prefix + key, valid)
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
+    """tree[a][b][c] = value for key 'a.b.c' (as a raw string, coerced later), checking the path."""
+    cls: type = Config
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise _unknown(".".join(parts[: i + 1]), [f.name for f in fields(cls)])
+        tp = hints[part]
+        last = i == len(parts) - 1
+        if is_dataclass(tp):
+            if last:
+                raise ConfigError(f"{key!r} is a section, not a value; set one of its fields, e.g. {key}.{fields(tp)[0].name}=...")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+            cls = tp
+        elif not last:
+            raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is a value, not a section; drop '.{'.'.join(parts[i + 1:])}'")
+        else:
+            node[part] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A YAML preset (None: the defaults) with dotted `key=value` overrides applied, validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            presets = ", ".join(p.stem for p in sorted(preset_dir().glob("*.yaml")))
+            raise ConfigError(f"config file {str(path)!r} not found; give a path or a preset name ({presets})")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), value.strip())
+    try:
+        return from_dict(Config, tree)
+    except TypeError as e:  # a field given as a section or similar
+        raise ConfigError(str(e)) from None
+
+
+def preset_dir() -> Path:
+    """`configs/` of the source tree (presets ship next to the package)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str | None) -> Path | None:
+    """A YAML path as given, or a preset name ('quickstart') looked up in `configs/`."""
+    if name_or_path is None:
+        return None
+    p = Path(name_or_path)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    return preset_dir() / f"{name_or_path}.yaml"
+
+
+def describe() -> str:
+    """Every config field with its default and the comment beside it in this file, for `--help`."""
+    import re
+
+    source = inspect.getsource(inspect.getmodule(Config))
+    comments = {}
+    for cls_match in re.finditer(r"^class (\w+)\b.*?(?=^class |\Z)", source, re.S | re.M):
+        for m in re.finditer(r"^    (\w+): [^=\n]+(?:= [^#\n]*)?#\s*(.+)$", cls_match.group(0), re.M):
+            comments[(cls_match.group(1), m.group(1))] = m.group(2).strip()
+    lines = []
+    for f in fields(Config):
+        tp = typing.get_type_hints(Config)[f.name]
+        if not is_dataclass(tp):
+            note = comments.get(("Config", f.name), "")
+            lines.append(f"  {f.name} = {getattr(Config(), f.name)!r}" + (f"  # {note}" if note else ""))
+    for f in fields(Config):
+        tp = typing.get_type_hints(Config)[f.name]
+        if is_dataclass(tp):
+            lines.append(f"{f.name}.*  ({tp.__name__})")
+            default = tp()
+            for g in fields(tp):
+                note = comments.get((tp.__name__, g.name), "")
+                lines.append(f"  {f.name}.{g.name} = {getattr(default, g.name)!r}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)

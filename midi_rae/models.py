@@ -1,0 +1,225 @@
+"""Models built from a `Config`: plain factory functions, and the two training wrappers whose
+`forward(batch)` returns `(loss, parts)` (as MAE's model returns its loss), so the engine does
+not care which objectives are on.
+
+- `Pretrainer`: encoder + whichever heads the objective weights switch on (MAE decoder,
+  masked-embedding predictor with an EMA teacher, multi-scale heads); LeJEPA and the anchor
+  loss need no head.
+- `DecoderTrainer`: a frozen (or fine-tuned) encoder and a full decoder trained to
+  reconstruct the roll.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from midi_rae.config import PITCHES, Config
+from midi_rae.core import EncoderOutput
+from midi_rae.losses import anchor_loss, masked_recon_loss, mep_loss, multiscale_recon_loss, safe_mean, sigreg
+from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
+from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
+from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
+
+
+def encoder_kwargs(cfg: Config) -> dict:
+    """Constructor arguments of the configured encoder."""
+    m, d = cfg.model, cfg.data
+    common = dict(img_height=PITCHES, img_width=d.crop_width, patch_h=m.patch_h, patch_w=m.patch_w,
+                  in_chans=d.channels, embed_dim=m.embed_dim, mlp_ratio=m.mlp_ratio,
+                  mae_ratio=cfg.objective.mask_ratio, empty_mask_ratio=m.empty_mask_ratio)
+    if m.encoder == "vit":
+        return dict(common, depth=m.depth, num_heads=m.num_heads)
+    kw = dict(common, depths=tuple(m.depths), num_heads=tuple(m.num_heads), window_size=m.window_size,
+              drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse, version=m.version)
+    if m.inter_stage_mask_ratio > 0:  # passed only when asked, so older encoders still build
+        kw["inter_stage_mask_ratio"] = m.inter_stage_mask_ratio
+    return kw
+
+
+def build_encoder(cfg: Config) -> nn.Module:
+    cls = SwinEncoder if cfg.model.encoder == "swin" else ViTEncoder
+    kw = encoder_kwargs(cfg)
+    unknown = set(kw) - set(inspect.signature(cls).parameters)
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not accept {sorted(unknown)}; set those model fields to their defaults")
+    return cls(**kw)
+
+
+def build_mae_decoder(cfg: Config) -> nn.Module:
+    """The lightweight decoder of masked reconstruction during pretraining."""
+    m, d = cfg.model, cfg.data
+    if m.encoder == "vit":
+        return ViTMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
+                             m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads)
+    return SwinMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, len(m.depths),
+                          m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size)
+
+
+def level_dims(encoder: nn.Module) -> list[int]:
+    """Width of each level of the encoder's output, coarsest first."""
+    return [info.dim for info in encoder.feature_info]
+
+
+def build_predictor(cfg: Config, encoder: nn.Module) -> SwinMaskedEmbeddingPredictor:
+    o = cfg.objective
+    return SwinMaskedEmbeddingPredictor(level_dims(encoder), summary_dim=o.predictor_dim, mix_depth=o.predictor_depth,
+                                        heads=o.predictor_heads, mask_ratio=o.mep_mask_ratio,
+                                        level_mask_scale=o.mep_level_mask_scale)
+
+
+def build_decoder(cfg: Config) -> nn.Module:
+    """The full decoder trained by `midi-rae train-decoder`."""
+    m, d, dc = cfg.model, cfg.data, cfg.decoder
+    if m.encoder == "vit":
+        return ViTDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, dc.decoder_dim,
+                          dc.depth, dc.vit_heads, head=dc.head)
+    return SwinDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
+                       depths=tuple(dc.depths or m.depths), num_heads=tuple(dc.num_heads or m.num_heads),
+                       window_size=m.window_size, mlp_ratio=m.mlp_ratio, drop_path_rate=dc.drop_path_rate,
+                       skip_levels=dc.skip_levels, head=dc.head)
+
+
+def align_levels(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shift2: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """View 2's tokens moved onto view 1's grid, level by level.
+
+    shift_k (B, 2) = (dt, dp): view k shows the anchor crop dp semitones up, starting dt steps
+    later, so view 1's content at (row, col) sits in view 2 at (row + dp2 - dp1, col - (dt2 - dt1)).
+    On a level of `downsample` pixels per token the offset is rounded to whole tokens (coarse
+    levels then compare the same cells, which hold nearly the same music). Returns (aligned,
+    valid): aligned[i] (B, N_i, D_i), valid[i] (B, N_i) bool, True where the position exists in both.
+    """
+    d = (shift2 - shift1).to(out1.latent.device).float()  # (B, 2) = (dt, dp)
+    aligned, valid = [], []
+    for lvl1, lvl2, info in zip(out1.patches, out2.patches, out1.patches.info, strict=True):
+        (h, w), (sh, sw) = info.grid_size, info.downsample
+        r = lvl1.pos[:, 0] + torch.round(d[:, 1:2] / sh).long()  # (B, N)
+        c = lvl1.pos[:, 1] + torch.round(-d[:, 0:1] / sw).long()
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        idx = r.clamp(0, h - 1) * w + c.clamp(0, w - 1)  # (B, N) row-major index into view 2
+        aligned.append(lvl2.emb.gather(1, idx[..., None].expand(-1, -1, lvl2.dim)))
+        valid.append(ok)
+    return aligned, valid
+
+
+def lejepa_shifted(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shift2: Tensor,
+                   lam: float, num_projections: int) -> Tensor:
+    """LeJEPA (https://arxiv.org/abs/2511.08544) on two shifted views, averaged over levels:
+    (1 - lam) * invariance on positions both views hold + lam * SIGReg on every token of both
+    views (the clamped duplicates of `align_levels` are kept out of SIGReg)."""
+    aligned, valid = align_levels(out1, out2, shift1, shift2)
+    total = 0.0
+    for lvl1, lvl2, z2, ok in zip(out1.patches, out2.patches, aligned, valid):
+        inv = safe_mean((lvl1.emb - z2).square().mean(-1)[ok])
+        sig = sigreg(torch.cat([lvl1.emb, lvl2.emb]).flatten(0, 1), num_projections)
+        total = total + (1 - lam) * inv + lam * sig
+    return total / len(valid)
+
+
+def clear_attention_caches(module: nn.Module) -> None:
+    """Drop cached position biases: weights changed in place (EMA) would leave them stale."""
+    for m in module.modules():
+        if hasattr(m, "clear_cache"):
+            m.clear_cache()
+
+
+class Pretrainer(nn.Module):
+    """The encoder with the heads of the objectives whose weight is non-zero."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        o = self.objective = cfg.objective
+        self.encoder = build_encoder(cfg)
+        self.patch_size = (cfg.model.patch_h, cfg.model.patch_w)
+        self.mae_decoder = build_mae_decoder(cfg) if o.recon_weight > 0 else None
+        self.predictor = build_predictor(cfg, self.encoder) if o.mep_weight > 0 else None
+        self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
+                         if o.multiscale_weight > 0 else None)
+        self.teacher = None
+        if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained
+            self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
+
+    @property
+    def needs_views(self) -> bool:
+        """Whether batches must carry the second shifted view (`x2`, `shift1`, `shift2`)."""
+        return self.objective.lejepa_weight > 0
+
+    def train(self, mode: bool = True) -> Pretrainer:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # no stochastic depth in the target
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student (BYOL / I-JEPA)."""
+        if self.teacher is None:
+            return
+        for t, s in zip(self.teacher.parameters(), self.encoder.parameters(), strict=True):
+            t.lerp_(s.detach(), 1.0 - momentum)
+        clear_attention_caches(self.teacher)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        o, x = self.objective, batch["x"]
+        parts: dict[str, Tensor] = {}
+        student = None
+        if self.mae_decoder is not None or self.predictor is not None or self.ms_heads is not None:
+            student = self.encoder(x, mask_ratio=o.mask_ratio)  # the masked view
+        if self.mae_decoder is not None:
+            logits = self.mae_decoder(student)  # (B, C, H, W)
+            parts["recon"] = masked_recon_loss(logits, x, student.mae_mask, self.patch_size,
+                                               o.recon_visible_weight, o.pos_weight)
+        if self.predictor is not None:
+            with torch.no_grad():
+                target = self.teacher(x)  # the full view
+            preds, pred_masks = self.predictor(student)
+            # A position counts as masked if the encoder or the predictor hid it.
+            masks = [pm & lvl.mae_mask for pm, lvl in zip(pred_masks, student.patches)]
+            parts["mep"] = mep_loss(preds, target.patches.all_emb, masks, normalize_targets=o.mep_normalize_targets)
+        if self.ms_heads is not None:
+            parts["multiscale"] = multiscale_recon_loss(self.ms_heads(student), x, o.pos_weight)
+        views = []
+        if o.lejepa_weight > 0:
+            views = [self.encoder(x), self.encoder(batch["x2"])]
+            parts["lejepa"] = lejepa_shifted(*views, batch["shift1"], batch["shift2"], o.lejepa_lambda,
+                                             o.sigreg_projections)
+        if o.anchor_weight > 0:
+            outs = views or [student if student is not None else self.encoder(x)]
+            per_level = [anchor_loss(lvl.emb, lvl.non_empty, lvl.emb.new_zeros(lvl.dim))
+                         for out in outs for lvl in out.patches]
+            parts["anchor"] = torch.stack(per_level).mean()
+        weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
+                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight}
+        loss = sum(weights[k] * v for k, v in parts.items())
+        return loss, parts
+
+
+class DecoderTrainer(nn.Module):
+    """A decoder trained to reconstruct the roll from the encoder's pyramid (BCE on every
+    pixel). The encoder is frozen and kept in eval mode unless `finetune`."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, finetune: bool = False,
+                 pos_weight: float | None = None) -> None:
+        super().__init__()
+        self.encoder, self.decoder, self.finetune, self.pos_weight = encoder, decoder, finetune, pos_weight
+        self.encoder.requires_grad_(finetune)
+
+    def train(self, mode: bool = True) -> DecoderTrainer:
+        super().train(mode)
+        if not self.finetune:
+            self.encoder.eval()
+        return self
+
+    def logits(self, x: Tensor) -> Tensor:
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            enc_out = self.encoder(x)
+        return self.decoder(enc_out)  # (B, C, H, W)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x = batch["x"]
+        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=x.device)
+        loss = F.binary_cross_entropy_with_logits(self.logits(x), x, pos_weight=pw)
+        return loss, {"bce": loss}
