@@ -1,0 +1,165 @@
+"""Checkpoints that survive a kill and load without running pickled code.
+
+Layout of `<stage>/checkpoints/`:
+
+- `step_00001234/model.safetensors`: every weight of the training module (safetensors), with
+  the resolved config as YAML in its metadata.
+- `step_00001234/state.pt`: optimizer state, step, epoch, RNG states, best metric and the config
+  as a dict, plain tensors and Python values only, read with `torch.load(weights_only=True)`.
+- `latest.json`, `best.json`: which step folder is the newest / the best.
+
+A checkpoint folder is written under a temporary name and renamed when complete, and the
+pointer files are replaced atomically, so a kill at any moment leaves the previous checkpoint
+usable. The newest `keep_last` step folders are kept, plus the best.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MODEL_FILE, STATE_FILE = "model.safetensors", "state.pt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file of a state dict, written to a temporary name and renamed."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}  # clone: no shared storage
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a ValueError listing missing, unexpected and shape-mismatched keys, if any."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not fit the model built from this config:"]
+        for title, keys in (("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),
+                            ("shape mismatch", shapes)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        lines.append("  build the model with the config the checkpoint was trained with (its config.yaml)")
+        raise ValueError("\n".join(lines))
+
+
+def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Load a safetensors file into `module`, strictly. With `prefix`, only keys starting with it
+    are read (e.g. 'encoder.' from a full training checkpoint), with the prefix dropped."""
+    state = load_file(str(path))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    check_state_dict(module, state, f"{path}" + (f" ({prefix}*)" if prefix else ""))
+    module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from, as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [kind, int(pos), int(has_gauss), float(gauss)], "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, pos, has_gauss, gauss = state["numpy_rest"]
+    np.random.set_state((kind, state["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def step_dir(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step_{step:08d}"
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str,
+                    keep_last: int, is_best: bool = False) -> Path:
+    """Write checkpoint `step` (weights + `state`), point latest (and best) at it, prune old ones."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = step_dir(ckpt_dir, step)
+    tmp = ckpt_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model.state_dict(), tmp / MODEL_FILE, {"config": config_yaml, "step": str(step)})
+    torch.save(state, tmp / STATE_FILE)
+    if final.exists():  # the same step again (e.g. a periodic and an end-of-epoch save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(ckpt_dir / "latest.json", json.dumps({"step": step, "dir": final.name}) + "\n")
+    if is_best:
+        atomic_write_text(ckpt_dir / "best.json", json.dumps({"step": step, "dir": final.name}) + "\n")
+    _prune(ckpt_dir, keep_last)
+    return final
+
+
+def _pointer(ckpt_dir: Path, name: str) -> Path | None:
+    p = ckpt_dir / f"{name}.json"
+    return ckpt_dir / json.loads(p.read_text())["dir"] if p.exists() else None
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    keep = {_pointer(ckpt_dir, "latest"), _pointer(ckpt_dir, "best")}
+    steps = sorted(ckpt_dir.glob("step_*"))
+    keep |= set(steps[-keep_last:])
+    for d in steps:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+    for leftover in ckpt_dir.glob(".step_*.tmp"):  # a save killed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    d = _pointer(ckpt_dir, "latest") if ckpt_dir.exists() else None
+    return d if d is not None and d.exists() else None
+
+
+def best_checkpoint(ckpt_dir: Path) -> Path | None:
+    d = _pointer(ckpt_dir, "best") if ckpt_dir.exists() else None
+    return d if d is not None and d.exists() else latest_checkpoint(ckpt_dir)
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Load a checkpoint folder's weights into `model` (strictly) and return its state dict."""
+    load_weights(model, path / MODEL_FILE)
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,194 @@
+"""The training engine: one `train_one_epoch` for every stage, evaluation, and the pieces they
+share (parameter groups, the learning-rate and EMA-momentum schedules).
+
+Kept free of files and process groups except for one all-reduce of the loss: `train.py`
+owns run folders, checkpoints and logging, and reaches in through `on_step`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from midi_rae.config import TrainConfig
+from midi_rae.losses import masked_recon_loss
+from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
+from midi_rae.metrics import MaskedPatchMeter, PixelMeter
+
+# Parameters that weight decay would only pull toward zero for no benefit: tokens and
+# embeddings, Swin V2's logit scales and its continuous-position-bias MLPs (timm's choice).
+NO_DECAY_NAMES = ("token", "logit_scale", "cpb_mlp", "summary_queries", "level_embed")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters (norms, biases, tokens) and `NO_DECAY_NAMES`.
+    `lr_scales` maps a name prefix (e.g. 'encoder.') to a learning-rate factor; frozen parameters are left out."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and not any(s in name for s in NO_DECAY_NAMES)
+        scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in sorted(groups.items())]
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then half-cosine decay to `min_lr` at `total_steps` (MAE's schedule, per step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """EMA teacher momentum, rising from `start` to `end` along a half cosine (BYOL, https://arxiv.org/abs/2006.07733)."""
+    return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; nothing on CPU."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _mean_over_ranks(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, step: int,
+                    total_steps: int, cfg: TrainConfig, device: torch.device, epoch: int,
+                    update_teacher: Callable[[int], None] | None = None,
+                    on_step: Callable[[int, dict[str, float]], None] | None = None,
+                    progress: bool = False, initial: int = 0, steps_in_epoch: int | None = None) -> dict[str, Any]:
+    """Train until the loader ends or `total_steps` is reached. `model(batch)` returns
+    `(loss, parts)`. The learning rate is set before every step; after it, `update_teacher(step)`
+    and `on_step(step, stats)` run (logging, validation, checkpoints). Returns the epoch's mean
+    loss and parts, and the step reached."""
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sums: dict[str, float] = {}
+    n, t0 = 0, time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch}", initial=initial, total=steps_in_epoch, disable=not progress,
+               dynamic_ncols=True, leave=False)
+    smooth = None
+    for batch in bar:
+        if step >= total_steps:
+            break
+        lr = lr_at(step, total_steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        batch = to_device(batch, device)
+        with autocast(device, cfg.amp):
+            loss, parts = model(batch)
+        logged = _mean_over_ranks(torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]))
+        loss_value = float(logged[0])
+        if not math.isfinite(loss_value):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(parts, logged[1:]))
+            raise NonFiniteLoss(f"loss is {loss_value} at step {step} (epoch {epoch}; {detail}); stopping. "
+                                f"Lower train.lr (now {cfg.lr:g}), keep train.clip_grad set, or turn train.amp off; "
+                                f"resume from the last checkpoint with --resume after changing the config")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        optimizer.step()
+        step += 1
+        if update_teacher is not None:
+            update_teacher(step)
+        stats = {"loss": loss_value, **{k: float(v) for k, v in zip(parts, logged[1:])}, "lr": lr, "grad_norm": grad_norm}
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+        if on_step is not None:
+            on_step(step, stats)
+    bar.close()
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out.update(step=step, steps=n, seconds=time.time() - t0)
+    return out
+
+
+def draw_eval_mask(encoder: nn.Module, x: Tensor, mask_ratio: float, generator: torch.Generator) -> Tensor:
+    """A fixed-seed mask per sample for validation: SimMIM for Swin, MAE (equal counts) for ViT."""
+    non_empty = patch_non_empty(x, encoder.patch_size).flatten(1).cpu()
+    draw = mae_mask if type(encoder).__name__ == "ViTEncoder" else simmim_mask
+    return draw(non_empty, mask_ratio, encoder.empty_mask_ratio, generator=generator).to(x.device)
+
+
+@torch.no_grad()
+def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, mask_ratio: float,
+                      seed: int = 0, amp: bool = False) -> dict[str, float]:
+    """Validation of a `Pretrainer`: the objective's loss, and, when it has an MAE decoder,
+    reconstruction of each sample's own masked patches (P / R / F1 per sample at 0.5). The
+    masks come from a fixed seed, so every validation sees the same ones; the training RNG is
+    left untouched."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    meter = MaskedPatchMeter(0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        for batch in loader:
+            batch = to_device(batch, device)
+            x = batch["x"]
+            with autocast(device, amp):
+                loss, parts = model(batch)
+                if model.mae_decoder is not None and mask_ratio > 0:
+                    visible = draw_eval_mask(model.encoder, x, mask_ratio, g)
+                    logits = model.mae_decoder(model.encoder(x, mae_mask=visible)).float()
+                    meter.update(logits.sigmoid(), x, visible, model.patch_size)
+                    parts = dict(parts, recon_fixed_mask=masked_recon_loss(logits, x, visible, model.patch_size))
+            b = x.shape[0]
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * b
+            n += b
+    model.train(was_training)
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    if meter.per_sample:
+        out.update(meter.compute())
+    return out
+
+
+@torch.no_grad()
+def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
+                     amp: bool = False) -> dict[str, float]:
+    """Validation of a `DecoderTrainer`: BCE and pixel precision / recall / specificity / F1 of
+    the whole validation set at `threshold`."""
+    was_training = model.training
+    model.eval()
+    meter = PixelMeter(threshold)
+    total, n = 0.0, 0
+    for batch in loader:
+        x = batch["x"].to(device)
+        with autocast(device, amp):
+            logits = model.logits(x).float()
+        total += float(F.binary_cross_entropy_with_logits(logits, x)) * x.shape[0]
+        n += x.shape[0]
+        meter.update(logits.sigmoid(), x)
+    model.train(was_training)
+    return {"loss": total / max(n, 1), **meter.compute()}

@@ -1,0 +1,192 @@
+"""Training: a few steps of every objective on a tiny config, checkpoints, strict loading,
+decoder training, the run report, and resume-after-SIGKILL equivalence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
+from midi_rae.config import load_config
+from midi_rae.engine import lr_at, momentum_at, param_groups
+from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
+from midi_rae.models import Pretrainer, align_levels, build_encoder
+from midi_rae.train import pretrain, report, train_decoder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(cache: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides for a model small enough that a step takes a few milliseconds."""
+    return [f"data.cache_dir={cache}", f"out_dir={out}", "data.crop_width=32", "data.val_fraction=0.2",
+            "data.val_max_items=8", "data.max_time_shift=4", "data.max_pitch_shift=3",
+            "model.embed_dim=8", "model.depths=[1,1]", "model.num_heads=[1,2]", "model.window_size=4",
+            "model.mae_decoder_dim=16", "model.mae_decoder_heads=2", "objective.predictor_dim=16",
+            "objective.predictor_heads=2", "objective.sigreg_projections=16",
+            "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
+            "train.ckpt_every=2", "train.progress=false", "train.tensorboard=false",
+            "decoder_train.batch_size=4", "decoder_train.max_steps=2", "decoder_train.warmup_steps=1",
+            "decoder_train.log_every=1", "decoder_train.progress=false", "decoder_train.tensorboard=false", *extra]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+OBJECTIVES = {
+    "simmim": [],
+    "mep": ["objective.recon_weight=0", "objective.mep_weight=1"],
+    "lejepa_anchor": ["objective.recon_weight=0", "objective.mask_ratio=0", "objective.lejepa_weight=1", "objective.anchor_weight=0.1"],
+    "multiscale": ["objective.multiscale_weight=1", "objective.recon_visible_weight=0.1", "objective.pos_weight=3"],
+    "all": ["objective.mep_weight=0.5", "objective.lejepa_weight=0.5", "objective.anchor_weight=0.1", "objective.multiscale_weight=0.5"],
+    "vit": ["model.encoder=vit", "model.patch_h=8", "model.patch_w=8", "model.embed_dim=16", "model.num_heads=2",
+            "model.depth=1", "objective.mep_weight=0.5"],
+}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_objective_trains(name: str, tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, f"name={name}", *OBJECTIVES[name]))
+    before = {k: v.clone() for k, v in Pretrainer(cfg).state_dict().items()}
+    final = pretrain(cfg)
+    stage = tmp_path / name / "pretrain"
+    log = lines(stage / "metrics.jsonl")
+    train = [l for l in log if l["split"] == "train"]
+    assert [l["step"] for l in train] == [1, 2, 3] and all(torch.isfinite(torch.tensor(l["loss"])) for l in train)
+    assert final["step"] == 3 and log[-1]["split"] == "final" and any(l["split"] == "val" for l in log)
+    assert (stage / "config.yaml").exists() and latest_checkpoint(stage / "checkpoints").name == "step_00000003"
+    enc = load_file(str(stage / "encoder.safetensors"))
+    assert any(not torch.equal(enc[k], before["encoder." + k]) for k in enc)  # it trained
+    if cfg.objective.recon_weight > 0:
+        val = next(l for l in log if l["split"] == "val")
+        assert {"masked_precision", "masked_recall", "masked_f1"} <= set(val)
+
+
+def test_decoder_and_report(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, "name=rep"))
+    pretrain(cfg)
+    final = train_decoder(cfg)
+    assert final["step"] == 2 and {"val_precision", "val_recall", "val_specificity", "val_f1"} <= set(final)
+    summary = report(cfg, n_examples=2)
+    run = tmp_path / "rep"
+    assert (run / "recon.png").stat().st_size > 1000 and (run / "summary.md").exists()
+    assert summary["decoder"]["threshold"] == 0.5 and "masked_f1" in summary["pretrain"]
+    # The frozen encoder is untouched by decoder training.
+    ckpt = load_file(str(latest_checkpoint(run / "decoder" / "checkpoints") / "model.safetensors"))
+    enc = load_file(str(run / "pretrain" / "encoder.safetensors"))
+    assert all(torch.equal(ckpt["encoder." + k], v) for k, v in enc.items())
+
+
+def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, "name=ck", "train.max_steps=5", "train.keep_last=1"))
+    pretrain(cfg)
+    ckpts = tmp_path / "ck" / "pretrain" / "checkpoints"
+    kept = sorted(p.name for p in ckpts.glob("step_*"))
+    best = json.loads((ckpts / "best.json").read_text())["dir"]
+    assert kept == sorted({"step_00000005", best}) and not list(ckpts.glob(".*"))
+    state = torch.load(latest_checkpoint(ckpts) / "state.pt", weights_only=True)  # no pickled code
+    assert state["step"] == 5 and state["config"]["model"]["embed_dim"] == 8 and "torch" in state["rng"][0]
+    bigger = Pretrainer(load_config(None, tiny(tiny_cache, tmp_path, "model.embed_dim=16")))
+    with pytest.raises(ValueError, match=r"shape mismatch .*encoder.mask_token: checkpoint \(8,\) vs model \(16,\)"):
+        load_checkpoint(latest_checkpoint(ckpts), bigger)
+    other = build_encoder(load_config(None, tiny(tiny_cache, tmp_path, "model.depths=[1,1,1]", "model.num_heads=[1,2,4]")))
+    with pytest.raises(ValueError, match=r"missing in checkpoint \(\d+\): .*stages.2"):
+        load_weights(other, tmp_path / "ck" / "pretrain" / "encoder.safetensors")
+    with pytest.raises(Exception, match="already holds checkpoints: pass --resume"):
+        pretrain(cfg)
+
+
+def test_param_groups_and_schedules() -> None:
+    cfg = load_config(None, ["objective.mep_weight=1"])
+    groups = param_groups(Pretrainer(cfg), 0.05)
+    names = {id(p): n for n, p in Pretrainer(cfg).named_parameters()}
+    model = Pretrainer(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.05)
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"encoder.mask_token", "encoder.stages.0.blocks.0.attn.logit_scale", "encoder.stages.0.blocks.0.norm1.weight",
+            "encoder.stages.0.blocks.0.attn.cpb_mlp.0.weight", "encoder.patch_embed.proj.bias"} <= no_decay
+    assert "encoder.stages.0.blocks.0.attn.qkv.weight" in decay
+    assert not any(n.startswith("teacher.") for n in decay | no_decay)  # the EMA teacher is not optimised
+    t = cfg.train
+    assert lr_at(0, 1000, t) == pytest.approx(t.lr / t.warmup_steps) and lr_at(t.warmup_steps, 1000, t) == pytest.approx(t.lr)
+    assert lr_at(1000, 1000, t) == pytest.approx(t.min_lr)
+    assert momentum_at(0, 100, 0.996, 1.0) == pytest.approx(0.996) and momentum_at(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+
+
+def test_align_levels_follow_the_shift() -> None:
+    cfg = load_config(None, ["data.crop_width=64", "model.depths=[1,1]", "model.num_heads=[1,2]"])
+    enc = build_encoder(cfg).eval()
+    x1 = torch.zeros(1, 1, 128, 64)
+    x1[0, 0, 60:64, 20:28] = 1
+    # View 2 is view 1 moved up 8 semitones and starting 4 steps later: content moves left 4 columns.
+    x2 = torch.zeros_like(x1)
+    x2[0, 0, 68:72, 16:24] = 1
+    s1, s2 = torch.tensor([[0, 0]]), torch.tensor([[4, 8]])
+    with torch.no_grad():
+        o1, o2 = enc(x1), enc(x2)
+    aligned, valid = align_levels(o1, o2, s1, s2)
+    fine = o1.patches.finest
+    assert torch.equal(aligned[-1][fine.non_empty], o2.patches.finest.emb[o2.patches.finest.non_empty])
+    assert valid[-1].float().mean() < 1  # the top rows / last column of view 1 fall outside view 2
+
+
+def test_metrics() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 0, :4] = 1
+    probs = torch.zeros_like(target)
+    probs[0, :, 0, :2] = 0.9  # sample 0: 2 TP, 2 FN
+    probs[1, :, 1, :2] = 0.9  # sample 1: 0 TP, 2 FP, 4 FN
+    assert confusion(probs, target).tolist() == [[2, 0, 2, 60], [0, 2, 4, 58]]
+    pm = PixelMeter(0.5)
+    pm.update(probs, target)
+    m = pm.compute()
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.25) and m["threshold"] == 0.5
+    assert m["specificity"] == pytest.approx(118 / 120) and m["f1"] == pytest.approx(2 * 2 / (4 + 2 + 6))
+    # Masked-patch metrics use each sample's own mask: sample 1 masks nothing in row 0.
+    visible = torch.ones(2, 4, dtype=torch.bool)  # 2x2 grid of 4x4 patches
+    visible[0, 0] = False
+    visible[1, 3] = False
+    mm = MaskedPatchMeter(0.5)
+    mm.update(probs, target, visible, (4, 4))
+    r = mm.compute()
+    assert r["masked_recall"] == pytest.approx(0.5)  # sample 0: 2 of 4; sample 1: no notes -> undefined, left out
+    assert r["masked_f1"] == pytest.approx(2 / 3)
+
+
+def _train_cmd(cache: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "midi_rae", "train", "-c", str(REPO / "configs" / "quickstart.yaml"),
+            *tiny(cache, out, "name=r", "train.max_steps=40", "train.ckpt_every=3", "train.eval_every=5",
+                  "objective.mep_weight=0.5", "objective.lejepa_weight=0.2", "model.drop_path_rate=0.1", *extra)]
+
+
+def test_resume_after_sigkill_is_exact(tiny_cache: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    subprocess.run(_train_cmd(tiny_cache, tmp_path / "a"), check=True, env=env, capture_output=True, cwd=REPO)
+    proc = subprocess.Popen(_train_cmd(tiny_cache, tmp_path / "b"), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = tmp_path / "b" / "r" / "pretrain" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = json.loads(latest.read_text())["step"]
+    assert killed_at < 40 and not (tmp_path / "b" / "r" / "pretrain" / "encoder.safetensors").exists()
+    resumed = subprocess.run([*_train_cmd(tiny_cache, tmp_path / "b"), "--resume"], env=env, capture_output=True,
+                             cwd=REPO, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stdout
+    a = load_file(str(tmp_path / "a" / "r" / "pretrain" / "checkpoints" / "step_00000040" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "r" / "pretrain" / "checkpoints" / "step_00000040" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # encoder, heads and EMA teacher
+    steps = [l["step"] for l in lines(tmp_path / "b" / "r" / "pretrain" / "metrics.jsonl") if l["split"] == "train"]
+    assert steps == list(range(1, 41))  # the log has every step once: lines after the checkpoint were dropped
