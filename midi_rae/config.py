@@ -175,6 +175,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda'
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default.
+    # On a busy machine 1 thread can be many times faster than 2 (OpenMP threads spin waiting for each other).
     compile: bool = False  # torch.compile the model
     log_every: int = 10  # steps between metrics.jsonl lines
     eval_every: int = 0  # steps between validations; 0: at the end of each epoch
@@ -199,6 +201,7 @@ class TrainConfig:
                  f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name in ("log_every", "ckpt_every", "keep_last"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(self.threads is None or self.threads > 0, f"train.threads must be positive or null, got {self.threads}")
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.wandb_mode in ("offline", "online"), f"train.wandb_mode must be 'offline' or 'online', got {self.wandb_mode!r}")
 

@@ -60,6 +60,8 @@ class Dist:
 
 def setup(cfg: TrainConfig) -> Dist:
     """Device and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device

@@ -22,6 +22,15 @@ from midi_rae.train import pretrain, report, train_decoder
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes two threads far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(cache: Path, out: Path, *extra: str) -> list[str]:
     """Overrides for a model small enough that a step takes a few milliseconds."""
     return [f"data.cache_dir={cache}", f"out_dir={out}", "data.crop_width=32", "data.val_fraction=0.2",
@@ -104,8 +113,6 @@ def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path
 
 def test_param_groups_and_schedules() -> None:
     cfg = load_config(None, ["objective.mep_weight=1"])
-    groups = param_groups(Pretrainer(cfg), 0.05)
-    names = {id(p): n for n, p in Pretrainer(cfg).named_parameters()}
     model = Pretrainer(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.05)
