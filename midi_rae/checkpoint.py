@@ -41,6 +41,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}  # clone: no shared storage
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any other output file
     os.replace(tmp, path)
 
 

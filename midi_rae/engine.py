@@ -162,7 +162,8 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
                     visible = draw_eval_mask(model.encoder, x, mask_ratio, g)
                     logits = model.mae_decoder(model.encoder(x, mae_mask=visible)).float()
                     meter.update(logits.sigmoid(), x, visible, model.patch_size)
-                    parts = dict(parts, recon_fixed_mask=masked_recon_loss(logits, x, visible, model.patch_size))
+                    parts = dict(parts, recon_fixed_mask=masked_recon_loss(
+                        logits, x, visible, model.patch_size, pos_weight=model.objective.pos_weight))
             b = x.shape[0]
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * b

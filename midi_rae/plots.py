@@ -31,15 +31,18 @@ def recon_figure(target: np.ndarray, probs: np.ndarray, path: str | Path, thresh
     """One row per sample: ground truth, reconstruction (probability), error map at `threshold`.
     target, probs: (K, H, W) arrays in [0, 1] (one channel, e.g. frames)."""
     k = target.shape[0]
+    # Show the pitch range in use (with a margin), so that thin melodies stay legible.
+    rows = np.flatnonzero((target > 0.5).any(axis=(0, 2)) | (probs > threshold).any(axis=(0, 2)))
+    lo, hi = (max(int(rows[0]) - 6, 0), min(int(rows[-1]) + 7, target.shape[1])) if rows.size else (0, target.shape[1])
     fig, axes = plt.subplots(k, 3, figsize=(12, 2.6 * k), squeeze=False, constrained_layout=True)
     for i in range(k):
         true, p = target[i] > 0.5, probs[i]
-        panels = [(target[i], "ground truth", "gray_r"), (p, "reconstruction (p)", "magma_r"),
+        panels = [(target[i], "ground truth", "gray_r"), (p, "reconstruction (p)", "gray_r"),
                   (error_map(p > threshold, true), f"error map (p > {threshold:g})", None)]
         for ax, (img, name, cmap) in zip(axes[i], panels):
-            ax.imshow(img, origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
-                      **({"vmin": 0, "vmax": 1} if cmap else {}))
-            ax.set_title(name if not labels else f"{labels[i]}: {name}", fontsize=8)
+            ax.imshow(img[lo:hi], origin="lower", aspect="auto", interpolation="nearest", cmap=cmap,
+                      extent=(-0.5, img.shape[1] - 0.5, lo - 0.5, hi - 0.5), **({"vmin": 0, "vmax": 1} if cmap else {}))
+            ax.set_title(f"{labels[i]}: {name}" if labels and ax is axes[i][0] else name, fontsize=8)
             ax.set_xlabel("time step", fontsize=7)
             ax.set_ylabel("pitch", fontsize=7)
             ax.tick_params(labelsize=6)

@@ -458,10 +458,14 @@ def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
     run_dir, pre_dir, dec_dir = stage_dirs(cfg)
     model = load_trained(cfg)
     enc_cfg = encoder_config(dec_dir / "decoder.safetensors")
-    _, val = datasets(enc_cfg, enc_cfg.decoder_train.seed, False)
-    # The first validation crops that hold the most notes make the clearest picture.
-    items = [val[i] for i in range(min(len(val), 32))]
-    items = sorted(items, key=lambda it: -float(it["x"][0].sum()))[:n_examples]
+    _, val = datasets(with_encoder_config(cfg, enc_cfg, Dist(rank=1)), enc_cfg.decoder_train.seed, False)
+    # One crop from each of several validation pieces: the fullest among a piece's first crops.
+    by_piece: dict[str, Any] = {}
+    for i in range(len(val)):
+        it = val[i]
+        if float(it["x"][0].sum()) > float(by_piece.get(it["piece_id"], {"x": torch.zeros(1)})["x"][0].sum()):
+            by_piece[it["piece_id"]] = it
+    items = sorted(by_piece.values(), key=lambda it: -float(it["x"][0].sum()))[:n_examples]
     x = torch.stack([it["x"] for it in items])
     with torch.no_grad():
         probs = model.logits(x).sigmoid()
