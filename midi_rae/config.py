@@ -75,7 +75,7 @@ class ModelConfig:
     version: int = 2  # swin: 2 (V2 blocks) or 1
     squash_coarse: bool = False  # swin: learned empty token at every level
     empty_mask_ratio: float = 0.05  # empty patches are masked this much less often
-    inter_stage_mask_ratio: float = 0.0  # swin: dropout-style masking between stages (needs encoder support)
+    inter_stage_mask_ratio: float = 0.0  # swin: dropout-style masking between stages (ratio / 2**stage), training only
     # Lightweight decoder for masked reconstruction during pretraining.
     mae_decoder_dim: int = 64
     mae_decoder_depth: int = 2
@@ -95,12 +95,6 @@ class ModelConfig:
                 _require((self.embed_dim * 2**i) % h == 0, f"stage {i} has width model.embed_dim * 2**{i} = "
                          f"{self.embed_dim * 2**i}, not divisible by model.num_heads[{i}] = {h}; change one of them")
             _require(self.version in (1, 2), f"model.version must be 1 or 2, got {self.version}")
-            if self.inter_stage_mask_ratio > 0:
-                from midi_rae.swin import SwinEncoder
-
-                _require("inter_stage_mask_ratio" in inspect.signature(SwinEncoder).parameters,
-                         "model.inter_stage_mask_ratio > 0 needs a SwinEncoder with inter-stage masking, which this "
-                         "version of midi_rae.swin does not have yet; set model.inter_stage_mask_ratio=0")
         else:
             _require(isinstance(self.num_heads, int), f"model.num_heads must be one int for the ViT encoder, got "
                      f"{self.num_heads}; e.g. model.num_heads=8")

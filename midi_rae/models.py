@@ -34,9 +34,8 @@ def encoder_kwargs(cfg: Config) -> dict:
     if m.encoder == "vit":
         return dict(common, depth=m.depth, num_heads=m.num_heads)
     kw = dict(common, depths=tuple(m.depths), num_heads=tuple(m.num_heads), window_size=m.window_size,
-              drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse, version=m.version)
-    if m.inter_stage_mask_ratio > 0:  # passed only when asked, so older encoders still build
-        kw["inter_stage_mask_ratio"] = m.inter_stage_mask_ratio
+              drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse,
+              inter_stage_mask_ratio=m.inter_stage_mask_ratio, version=m.version)
     return kw
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
-from .masking import apply_mask_token, check_mask, patch_non_empty, pool_mask, simmim_mask
+from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
 from .utils import check_roll
 
@@ -45,7 +45,10 @@ class SwinEncoder(nn.Module):
     `mae_ratio` is the masking ratio for pretraining, read by the training engine and passed as
     `mask_ratio`; `forward` masks only what `mask_ratio` / `mae_mask` ask, so evaluation is never
     masked by accident. `squash_coarse` overwrites empty positions at every level with a learned
-    per-level empty token. `version=1` builds Swin V1 blocks instead.
+    per-level empty token. `inter_stage_mask_ratio` > 0 adds dropout-style masking between stages
+    in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
+    is replaced by a learned token, so every scale must cope with missing detail; the levels
+    returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
     """
 
     def __init__(self, img_height: int, img_width: int, patch_h: int = 4, patch_w: int = 4, in_chans: int = 1,
@@ -54,10 +57,14 @@ class SwinEncoder(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
-                 empty_mask_ratio: float = 0.05, squash_coarse: bool = False, version: int = 2) -> None:
+                 empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
+                 version: int = 2) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
+        if not 0.0 <= inter_stage_mask_ratio < 1.0:
+            raise ValueError(f"inter_stage_mask_ratio must be in [0, 1), got {inter_stage_mask_ratio}")
+        self.inter_stage_mask_ratio = inter_stage_mask_ratio
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
         self.mae_ratio, self.empty_mask_ratio, self.squash_coarse = mae_ratio, empty_mask_ratio, squash_coarse
         self.grid_size = (img_height // patch_h, img_width // patch_w)
@@ -83,9 +90,12 @@ class SwinEncoder(nn.Module):
             self.stages.append(stage)
         self.norm = norm_layer(dims[-1])
         self.level_empty_tokens = nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims]) if squash_coarse else None
+        # one token per stage boundary: what stage i (>= 1) sees in place of an inter-stage-masked input
+        self.stage_mask_tokens = (nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims[:-1]])
+                                  if inter_stage_mask_ratio > 0 else None)
         self.feature_info = info[::-1]  # coarsest first, like the output levels
         init_weights(self, version)
-        for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or [])):
+        for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):
             nn.init.normal_(t, std=0.02)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,6 +118,8 @@ class SwinEncoder(nn.Module):
         feats, empties = [], []
         for i, stage in enumerate(self.stages):
             if i > 0:
+                if self.stage_mask_tokens is not None and self.training:
+                    x = self._mask_between_stages(x, non_empty, i)
                 non_empty = pool_mask(non_empty, any_of=True)
             x = stage(x)
             if i == self.num_stages - 1:
@@ -117,6 +129,13 @@ class SwinEncoder(nn.Module):
             feats.append(x)
             empties.append(non_empty)
         return feats, empties
+
+    def _mask_between_stages(self, x: Tensor, non_empty: Tensor, i: int) -> Tensor:
+        """Replace a fraction inter_stage_mask_ratio / 2**i of stage i's input (B, h, w, D) by its token."""
+        B, h, w, _ = x.shape
+        ratio = self.inter_stage_mask_ratio / 2**i
+        visible = level_mask(non_empty.flatten(1), ratio, self.empty_mask_ratio).view(B, h, w)
+        return apply_mask_token(x, visible, self.stage_mask_tokens[i - 1])
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x: (B, C, H, W) in [0, 1]; mae_mask: optional (B, N) bool over the patch grid, True = visible."""
