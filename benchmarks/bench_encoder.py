@@ -31,8 +31,8 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer_v2 import SwinTransformerV2Stage
 from torch import nn
 
-from midi_rae.masking import apply_mask_token
-from midi_rae.swin import SwinEncoder, patch_non_empty
+from midi_rae.masking import apply_mask_token, patch_non_empty
+from midi_rae.swin import SwinEncoder
 
 PRESETS = {
     "default": dict(patch_h=4, patch_w=4, embed_dim=8, depths=(1, 2, 2, 6, 2, 1), num_heads=(1, 1, 2, 4, 8, 16)),

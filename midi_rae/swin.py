@@ -142,7 +142,8 @@ class SwinEncoder(nn.Module):
         check_roll(x, self.in_chans, self.img_size, type(self).__name__)
         tokens, non_empty = self.embed(x)
         visible = self.make_mask(non_empty, mask_ratio, mae_mask)
-        tokens = apply_mask_token(tokens, visible, self.mask_token)
+        if mask_ratio > 0 or mae_mask is not None:  # skip a full-grid pass when nothing is masked
+            tokens = apply_mask_token(tokens, visible, self.mask_token)
         feats, empties = self.run_stages(tokens, non_empty)
         return self._package(feats, empties, visible)
 

@@ -2,9 +2,12 @@
 (relative position bias table). Parameter names follow timm's per version, so its weights
 load as they are.
 
-Both run through `F.scaled_dot_product_attention` by default, with everything that is not
-q.k folded into q (the V2 logit scale) or into one additive mask (position bias + shift
-mask). `fused = False` switches to the explicit matmul + softmax reference path.
+Everything that is not q.k is folded into q (the V2 logit scale) or into one additive mask
+(position bias + shift mask). On GPUs attention runs through `F.scaled_dot_product_attention`;
+on the CPU it runs the explicit matmul + softmax, which is also the reference path: with 64-token
+windows and head dims of 8-16, torch's CPU SDPA kernels were slower (benchmarks/RESULTS.md), and
+in training, where the position bias needs a gradient, SDPA falls back to its own math path
+plus a safe-softmax pass. `WindowAttention.fused` = True / False forces one path.
 """
 import math
 
@@ -37,23 +40,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool, dr
     or (nW, nH, N, N) per window. Returns (B*nW, nH, N, hd).
     """
     BnW, nH, N, hd = q.shape
-    if mask is not None and mask.dim() == 4:
-        # Per-window masks: fold windows into the head axis, (B, nW*nH, N, hd), so that the
-        # mask broadcasts over the batch as (nW*nH, N, N) and SDPA still sees 4-D inputs.
-        nW = mask.shape[0]
-        q, k, v = (t.reshape(BnW // nW, nW * nH, N, hd) for t in (q, k, v))
-        mask = mask.reshape(nW * nH, N, N)
+    nW = mask.shape[0] if mask is not None and mask.dim() == 4 else 1
     if mask is not None:
         mask = mask.to(q.dtype)
     if fused:
+        # Fold windows into the head axis, (B, nW*nH, N, hd), so that a per-window mask
+        # broadcasts over the batch as (nW*nH, N, N) and SDPA still sees 4-D inputs.
+        q, k, v = (t.reshape(BnW // nW, nW * nH, N, hd) for t in (q, k, v))
+        mask = None if mask is None else mask.reshape(-1, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
-    else:
-        attn = q @ k.transpose(-2, -1)
-        if mask is not None:
-            attn = attn + mask
-        attn = F.dropout(attn.softmax(dim=-1), p=dropout_p)
-        out = attn @ v
-    return out.reshape(BnW, nH, N, hd)
+        return out.reshape(BnW, nH, N, hd)
+    attn = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N), contiguous: the mask is added through a view
+    if mask is not None:
+        attn = (attn.view(-1, nW, nH, N, N) + mask).view(BnW, nH, N, N)
+    attn = F.dropout(attn.softmax(dim=-1), p=dropout_p)
+    return attn @ v
 
 
 class WindowAttention(nn.Module):
@@ -91,7 +92,7 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.fused = True  # False: explicit matmul + softmax, the reference path
+        self.fused: bool | None = None  # None: SDPA on accelerators, explicit on CPU; True / False forces
         self._mask_cache: Tensor | None = None
         # Weights loaded in place would leave a cached bias stale.
         self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
@@ -142,6 +143,7 @@ class WindowAttention(nn.Module):
         else:
             q = q * (q.shape[-1] ** -0.5)
         mask = self.additive_mask(shift_mask, x.device)
-        x = attend(q, k, v, mask, self.fused, self.attn_drop if self.training else 0.0)
+        fused = x.device.type != "cpu" if self.fused is None else self.fused
+        x = attend(q, k, v, mask, fused, self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
