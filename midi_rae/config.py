@@ -399,8 +399,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def preset_dir() -> Path:
-    """`configs/` of the source tree (presets ship next to the package)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The presets: `midi_rae/configs` in a regular install, `configs/` of the source tree otherwise."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 def resolve_config_path(name_or_path: str | None) -> Path | None:
