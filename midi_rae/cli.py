@@ -53,9 +53,21 @@ def _add_training(name: str) -> Callable[[argparse._SubParsersAction], Callable[
     return add
 
 
+def _add_from(module: str, name: str) -> Callable[[argparse._SubParsersAction], Callable[[argparse.Namespace], int]]:
+    """A command defined as `add_<name>(sub)` in `midi_rae.<module>` (imported when the CLI starts)."""
+    def add(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+        import importlib
+
+        return getattr(importlib.import_module(f"midi_rae.{module}"), name)(sub)
+
+    return add
+
+
 # New commands (train, encode, ...) add a `_add_<name>` here; each returns its run function.
 COMMANDS = {"prepare": _add_prepare, "train": _add_training("train"), "train-decoder": _add_training("train-decoder"),
-            "run": _add_training("run")}
+            "run": _add_training("run"), "encode": _add_from("encode", "add_encode"),
+            "reconstruct": _add_from("reconstruct", "add_reconstruct"), "eval": _add_from("evaluate", "add_eval"),
+            "probe": _add_from("probe", "add_probe")}
 
 
 def main(argv: list[str] | None = None) -> int:

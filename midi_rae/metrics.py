@@ -70,3 +70,52 @@ class MaskedPatchMeter:
         r = ratios(counts)
         return {"masked_precision": float(r["precision"].nanmean()), "masked_recall": float(r["recall"].nanmean()),
                 "masked_f1": float(r["f1"].nanmean()), "samples": int(counts.shape[0])}
+
+
+def threshold_sweep(probs: Tensor, target: Tensor, thresholds: Tensor, where: Tensor | None = None) -> Tensor:
+    """(tp, fp, fn, tn) summed over the batch at each threshold: (len(thresholds), 4) float64."""
+    return torch.stack([confusion(probs, target, float(t), where).sum(0) for t in thresholds])
+
+
+def best_f1(counts: Tensor, thresholds: Tensor) -> tuple[float, int]:
+    """The threshold with the highest pixel F1 of a `threshold_sweep`, and its index (first of ties)."""
+    f1 = torch.nan_to_num(ratios(counts)["f1"], nan=-1.0)
+    i = int(torch.argmax(f1))
+    return float(thresholds[i]), i
+
+
+def note_onsets(frame: Tensor, onset: Tensor | None = None) -> Tensor:
+    """Where notes start, as `data.roll_to_score` reads a roll: the frame switches on, or the
+    onset channel marks a new note while the frame stays on. (B, H, W) bool -> (B, H, W) bool."""
+    prev = torch.zeros_like(frame)
+    prev[..., 1:] = frame[..., :-1]
+    starts = frame & ~prev
+    return starts | (frame & onset) if onset is not None else starts
+
+
+def onset_confusion(pred: Tensor, true: Tensor, where: Tensor | None = None) -> Tensor:
+    """Note-level (tp, fp, fn) per sample, (B, 3) float64: a predicted note counts when a true
+    note has the same pitch and onset step. pred, true: (B, C, H, W) bool rolls (channel 0
+    frame, channel 1 onsets if present); `where` (B, 1 or C, H, W) bool keeps onsets inside it."""
+    def starts(r: Tensor) -> Tensor:
+        s = note_onsets(r[:, 0], r[:, 1] if r.shape[1] > 1 else None)  # (B, H, W)
+        return s & where[:, 0] if where is not None else s
+
+    p, t = starts(pred), starts(true)
+    return torch.stack([(p & t).flatten(1).sum(1), (p & ~t).flatten(1).sum(1), (~p & t).flatten(1).sum(1)], 1).double()
+
+
+def onset_ratios(counts: Tensor) -> dict[str, float]:
+    """precision, recall, f1 from summed (tp, fp, fn); NaN where undefined."""
+    tp, fp, fn = (float(v) for v in counts)
+    nan = float("nan")
+    return {"precision": tp / (tp + fp) if tp + fp else nan, "recall": tp / (tp + fn) if tp + fn else nan,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan}
+
+
+def variance_components(emb: Tensor, fraction: float = 0.9) -> tuple[Tensor, int]:
+    """Singular values of the centred tokens (N, D), descending, and how many components hold
+    `fraction` of the variance."""
+    s = torch.linalg.svdvals(emb.double() - emb.double().mean(0))
+    share = torch.cumsum(s.square(), 0) / s.square().sum().clamp_min(1e-300)
+    return s.float(), int(torch.searchsorted(share, torch.tensor(fraction, dtype=share.dtype)).clamp_max(len(s) - 1)) + 1

@@ -54,3 +54,68 @@ def recon_figure(target: np.ndarray, probs: np.ndarray, path: str | Path, thresh
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def level_pca_figure(roll: np.ndarray, maps: list[np.ndarray], downsamples: list[tuple[int, int]], names: list[str],
+                     path: str | Path, title: str = "") -> Path:
+    """The input roll (H, W) and, per level, an RGB map (h, w, 3) of its tokens' first three
+    principal components, each drawn over the pixels the tokens cover (pitch at the bottom)."""
+    H, W = roll.shape
+    n = len(maps) + 1
+    fig, axes = plt.subplots(1, n, figsize=(max(3.2 * n, 8), 4.6), squeeze=False, constrained_layout=True)
+    axes = axes[0]
+    axes[0].imshow(roll, origin="lower", aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest",
+                   extent=(-0.5, W - 0.5, -0.5, H - 0.5))
+    axes[0].set_title("input (frame)", fontsize=9)
+    for ax, rgb, (dh, dw), name in zip(axes[1:], maps, downsamples, names):
+        h, w, _ = rgb.shape
+        ax.imshow(rgb, origin="lower", aspect="auto", interpolation="nearest", extent=(-0.5, w * dw - 0.5, -0.5, h * dh - 0.5))
+        ax.set_title(f"{name}: {h}x{w} tokens of {dh}x{dw}", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("time step", fontsize=8)
+        ax.set_ylabel("pitch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title or "PCA of each level's tokens as RGB (PC1 red, PC2 green, PC3 blue)", fontsize=10)
+    return _save(fig, path)
+
+
+def spectrum_figure(spectra: list[np.ndarray], k90: list[int], names: list[str], path: str | Path, title: str = "") -> Path:
+    """Per level: singular values (log scale, left) and cumulative explained variance (right),
+    with the number of components needed for 90% of the variance."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for s, k, name in zip(spectra, k90, names):
+        s = np.asarray(s, dtype=float)
+        idx = np.arange(1, len(s) + 1)
+        line, = a.semilogy(idx, np.maximum(s, 1e-12), marker=".", label=f"{name} (90%: {k} of {len(s)})")
+        share = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
+        b.plot(idx, share, marker=".", color=line.get_color(), label=name)
+        b.axvline(k, color=line.get_color(), ls=":", lw=1)
+    a.set(xlabel="component", ylabel="singular value", title="singular-value spectrum")
+    b.axhline(0.9, color="k", ls="--", lw=0.8)
+    b.set(xlabel="components", ylabel="cumulative variance", title="explained variance (dotted: 90%)", ylim=(0, 1.02))
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def projection_figure(xy: np.ndarray, labels: list[str], path: str | Path, title: str = "", method: str = "PCA") -> Path:
+    """2-D points (N, 2) coloured by label, with a legend."""
+    fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
+    names = sorted(set(labels))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    lab = np.asarray(labels)
+    for i, name in enumerate(names):
+        sel = lab == name
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=14, alpha=0.75, color=cmap(i % cmap.N), label=f"{name} ({int(sel.sum())})")
+    ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", title=title or f"global token, {method}")
+    ax.legend(fontsize=8, title="collection", title_fontsize=8, loc="best")
+    return _save(fig, path)

@@ -1,0 +1,320 @@
+"""`midi-rae encode`: per-level embeddings of whole pieces, of any length, from a trained encoder.
+
+The encoder sees a fixed window of `W = data.crop_width` time steps, so a piece is cut into
+windows starting at `0, hop, 2*hop, ...` (the last one zero-padded past the piece end) and the
+windows' tokens are stitched:
+
+- `hop = W` (the default): non-overlapping tiles; every token comes from exactly one window.
+- `hop < W`: overlapping windows; a token position held by several windows keeps the embedding
+  of the window in which it is most central (ties: the earlier window), so tokens near a
+  window edge, which saw the least context, are replaced. `hop` must be a multiple of the time
+  downsample of every level with more than one column, so that the windows' grids coincide;
+  a level of one column per window (the global token) keeps one token per window.
+
+Positions are in input units, `(pitch row, time step)` of the token's first pixel:
+`(row * downsample_h, window_start + col * downsample_w)`. Tokens that start at or after the
+piece end are dropped. Each level is stored as `levels.<i>.emb` (N_i, D_i) float32,
+`levels.<i>.pos` (N_i, 2) int64 and `levels.<i>.non_empty` (N_i,) bool, coarsest first; the
+safetensors metadata key `midi_rae` holds a JSON object with the piece metadata, the level
+descriptions, window, hop, steps and the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from midi_rae.checkpoint import load_weights, read_metadata
+from midi_rae.config import Config
+from midi_rae.core import LevelInfo
+from midi_rae.data import RollSettings, load_index, load_roll, load_settings, read_pieces
+
+FORMAT = "midi-rae-embeddings/1"
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Weights:
+    path: Path
+    prefix: str = ""  # 'encoder.' / 'decoder.' inside a training checkpoint's model.safetensors
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a CHECKPOINT argument names: the encoder (and decoder, if trained) and their config."""
+
+    config: Config
+    encoder: Weights
+    decoder: Weights | None
+    run_dir: Path | None  # the run folder, when one was given
+
+
+def _has_prefix(path: Path, prefix: str) -> bool:
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(prefix) for k in f.keys())
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A run folder (`runs/<name>`), a stage folder (`pretrain/`, `decoder/`), a training
+    checkpoint folder (`step_*/`) or a weights file (`encoder.safetensors`,
+    `decoder.safetensors`, `model.safetensors`). The fine-tuned encoder of a decoder stage wins
+    over the pretrained one, as in `train.load_trained`."""
+    from midi_rae.train import encoder_config
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} not found: give a run folder (runs/<name>) or a .safetensors file")
+    run_dir = None
+    if p.is_dir():
+        if (p / "pretrain").is_dir() or (p / "decoder").is_dir():
+            run_dir = p
+            candidates = [p / "decoder", p / "pretrain"]
+        else:
+            candidates = [p]
+        enc = next((d / "encoder.safetensors" for d in candidates if (d / "encoder.safetensors").exists()), None)
+        dec = next((d / "decoder.safetensors" for d in candidates if (d / "decoder.safetensors").exists()), None)
+        if enc is None and (p / "model.safetensors").exists():
+            return resolve_checkpoint(p / "model.safetensors")
+        if enc is None:
+            raise FileNotFoundError(f"no encoder.safetensors under {p}: train first (`midi-rae train` / `midi-rae run`)")
+        cfg = encoder_config(dec if dec is not None else enc)
+        return Checkpoint(cfg, Weights(enc), Weights(dec) if dec is not None else None, run_dir)
+    meta = read_metadata(p)
+    cfg = encoder_config(p)
+    if meta.get("kind") == "encoder":
+        return Checkpoint(cfg, Weights(p), None, None)
+    if meta.get("kind") == "decoder":
+        sibling = p.with_name("encoder.safetensors")  # a fine-tuned encoder beside its decoder
+        enc = sibling if sibling.exists() else Path(meta.get("encoder", ""))
+        if not enc.is_file():
+            raise FileNotFoundError(f"{p} is a decoder whose encoder ({enc}) is missing; pass the run folder instead")
+        return Checkpoint(cfg, Weights(enc), Weights(p), None)
+    # A training checkpoint: the whole Pretrainer or DecoderTrainer under one file.
+    dec = Weights(p, "decoder.") if _has_prefix(p, "decoder.") else None
+    return Checkpoint(cfg, Weights(p, "encoder."), dec, None)
+
+
+def load_encoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """The trained encoder (eval mode) and its config."""
+    from midi_rae.models import build_encoder
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
+    encoder = build_encoder(ck.config)
+    load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
+    return encoder.to(device).eval(), ck.config
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@dataclass
+class LevelEmbedding:
+    """One level over a whole piece."""
+
+    emb: Tensor  # (N, D) float32
+    pos: Tensor  # (N, 2) int64, (pitch row, time step) of each token's first pixel
+    non_empty: Tensor  # (N,) bool, True where the token's receptive field holds a note
+    info: LevelInfo
+
+
+@dataclass
+class Embeddings:
+    """Every level of one piece, coarsest first, with the piece's metadata."""
+
+    levels: list[LevelEmbedding]
+    steps: int  # the piece's length in time steps
+    window: int  # the encoder's window (time steps)
+    hop: int
+    meta: dict[str, Any]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        tensors: dict[str, Tensor] = {}
+        for i, lvl in enumerate(self.levels):
+            tensors[f"levels.{i}.emb"] = lvl.emb.float().contiguous()
+            tensors[f"levels.{i}.pos"] = lvl.pos.long().contiguous()
+            tensors[f"levels.{i}.non_empty"] = lvl.non_empty.bool().contiguous()
+        info = [dataclasses.asdict(lvl.info) for lvl in self.levels]
+        header = {"format": FORMAT, "steps": self.steps, "window": self.window, "hop": self.hop, "levels": info,
+                  "piece": self.meta}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"midi_rae": json.dumps(header, default=str)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Embeddings:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("midi_rae", "{}"))
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an embeddings file written by `midi-rae encode`")
+            levels = []
+            for i, d in enumerate(header["levels"]):
+                info = LevelInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+                levels.append(LevelEmbedding(f.get_tensor(f"levels.{i}.emb"), f.get_tensor(f"levels.{i}.pos"),
+                                             f.get_tensor(f"levels.{i}.non_empty"), info))
+        return cls(levels, header["steps"], header["window"], header["hop"], header["piece"])
+
+
+def check_hop(encoder: nn.Module, hop: int) -> None:
+    """`hop` must lie in 1..W and keep every multi-column level's grid aligned across windows."""
+    W = encoder.img_size[1]
+    strides = sorted({info.downsample[1] for info in encoder.feature_info if info.grid_size[1] > 1})
+    if not 0 < hop <= W or any(hop % s for s in strides):
+        step = int(np.lcm.reduce(strides)) if strides else 1
+        raise ValueError(f"hop must be a multiple of {step} (the time downsample of the coarsest multi-column level) "
+                         f"between {step} and the window {W}; got {hop}")
+
+
+def windows(roll: Tensor, width: int, hop: int) -> tuple[Tensor, Tensor]:
+    """(C, H, T) -> windows (K, C, H, width) starting at 0, hop, ..., zero-padded past T, and
+    their starts (K,) long. K is the fewest windows that reach the piece end."""
+    T = roll.shape[-1]
+    K = max(1, -(-(T - width) // hop) + 1)
+    padded = F.pad(roll, (0, (K - 1) * hop + width - T))
+    starts = torch.arange(K) * hop
+    return padded.unfold(-1, width, hop).permute(2, 0, 1, 3).contiguous(), starts  # (K, C, H, width)
+
+
+def stitch(emb: Tensor, non_empty: Tensor, pos: Tensor, info: LevelInfo, starts: Tensor, width: int,
+           steps: int) -> LevelEmbedding:
+    """The tokens of K windows (emb (K, N, D), non_empty (K, N), grid pos (N, 2)) as one
+    piece-level set: each (row, time) position from the window where it is most central."""
+    K, N, D = emb.shape
+    dh, dw = info.downsample
+    row = (pos[:, 0] * dh).expand(K, N)  # (K, N)
+    time = starts[:, None] + pos[:, 1] * dw  # (K, N)
+    off_centre = (pos[:, 1] * dw + dw / 2 - width / 2).abs().expand(K, N)  # the same for every window
+    keep = (time < steps).flatten()
+    row, time, off_centre = row.flatten()[keep], time.flatten()[keep], off_centre.flatten()[keep]
+    key = row * (int(starts[-1]) + width) + time  # unique per (row, time)
+    # Sort by centrality, then (stably) by position: the first entry of each position wins.
+    order = torch.argsort(off_centre, stable=True)
+    order = order[torch.argsort(key[order], stable=True)]
+    first = torch.ones_like(order, dtype=torch.bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    idx = order[first]  # one entry per position, ordered by (row, time)
+    return LevelEmbedding(emb.reshape(K * N, D)[keep][idx], torch.stack([row[idx], time[idx]], dim=1),
+                          non_empty.flatten()[keep][idx], info)
+
+
+@torch.no_grad()
+def encode_roll(encoder: nn.Module, roll: Tensor | np.ndarray, hop: int | None = None, batch_size: int = 16,
+                meta: dict[str, Any] | None = None) -> Embeddings:
+    """Embeddings of a whole roll: (C, 128, T) or (128, T), float in [0, 1] (uint8 0/1 accepted)."""
+    x = torch.as_tensor(np.asarray(roll) if isinstance(roll, np.ndarray) else roll).float()
+    if x.dim() == 2:
+        x = x[None]
+    C = encoder.in_chans
+    if x.dim() != 3 or x.shape[1] != encoder.img_size[0] or x.shape[0] < C:
+        raise ValueError(f"expected a ({C}, {encoder.img_size[0]}, T) roll, got {tuple(x.shape)}")
+    x = x[:C]
+    W = encoder.img_size[1]
+    hop = hop or W
+    check_hop(encoder, hop)
+    device = next(encoder.parameters()).device
+    wins, starts = windows(x, W, hop)  # (K, C, H, W)
+    outs = [encoder(wins[i:i + batch_size].to(device)).patches for i in range(0, len(wins), batch_size)]
+    levels = []
+    for li, info in enumerate(encoder.feature_info):
+        emb = torch.cat([o[li].emb for o in outs]).float().cpu()  # (K, N, D)
+        ne = torch.cat([o[li].non_empty for o in outs]).cpu()  # (K, N)
+        levels.append(stitch(emb, ne, outs[0][li].pos.cpu(), info, starts, W, x.shape[-1]))
+    return Embeddings(levels, x.shape[-1], W, hop, dict(meta or {}))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class PieceRoll:
+    name: str  # file stem for outputs
+    roll: np.ndarray  # (C, 128, T) float32 in [0, 1]
+    meta: dict[str, Any]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "piece"
+
+
+def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
+                settings: RollSettings = RollSettings()) -> list[PieceRoll]:
+    """Pieces from files (every format `prepare` reads; a multi-piece file gives several) and,
+    with `cache_dir`, from a prepared cache by piece id or shell pattern (`music21/bach/*`)."""
+    index = load_index(cache_dir) if cache_dir else None
+    pieces: list[PieceRoll] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found, _ = read_pieces(path, settings)
+            for pc in found:
+                name = path.stem if len(found) == 1 else f"{path.stem}-{pc.index}"
+                meta = {"source": str(path), "index": pc.index, "steps_per_beat": settings.steps_per_beat, **pc.meta}
+                pieces.append(PieceRoll(name, pc.roll.astype(np.float32) / (127.0 if settings.velocity else 1.0), meta))
+            continue
+        if index is None:
+            raise FileNotFoundError(f"{item} is not a file (to encode pieces of a prepared cache by id, pass --cache-dir)")
+        matches = [p for p in index if p["piece_id"] == item or fnmatch.fnmatchcase(p["piece_id"], item)]
+        if not matches:
+            raise FileNotFoundError(f"no piece id matches {item!r} in {cache_dir}")
+        cache_settings = load_settings(cache_dir)
+        for p in matches:
+            roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / (127.0 if cache_settings.velocity else 1.0)
+            pieces.append(PieceRoll(_safe_name(p["piece_id"]), roll,
+                                    {**p, "steps_per_beat": cache_settings.steps_per_beat}))
+    return pieces
+
+
+def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os.PathLike | nn.Module,
+           hop: int | None = None, cache_dir: str | os.PathLike | None = None) -> list[Embeddings]:
+    """Python API: embeddings of a roll (one entry) or of every piece of a file / cache id
+    pattern. `checkpoint` is a run folder, a weights file or an encoder module."""
+    encoder = checkpoint if isinstance(checkpoint, nn.Module) else load_encoder(checkpoint)[0]
+    if isinstance(source, (Tensor, np.ndarray)):
+        return [encode_roll(encoder, source, hop)]
+    return [encode_roll(encoder, p.roll, hop, meta=p.meta) for p in read_inputs([str(source)], cache_dir)]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("encode", help="per-level embeddings of whole pieces (safetensors)",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder (runs/<name>) or encoder / checkpoint .safetensors")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="music files (MIDI, MusicXML, ABC, ...) or, with --cache-dir, piece ids / patterns ('music21/bach/*')")
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="output folder (one <piece>.safetensors per piece), or a .safetensors file for a single piece")
+    p.add_argument("--hop", type=int, help="window hop in time steps (default: the window width, i.e. non-overlapping tiles)")
+    p.add_argument("--cache-dir", help="a prepared roll cache to take piece ids from")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+    def run(args: argparse.Namespace) -> int:
+        encoder, cfg = load_encoder(args.checkpoint, args.device)
+        pieces = read_inputs(args.inputs, args.cache_dir)
+        out = Path(args.out)
+        single = out.suffix == ".safetensors"
+        if single and len(pieces) != 1:
+            raise ValueError(f"{len(pieces)} pieces to encode but OUT is one file; give a folder")
+        for pc in pieces:
+            e = encode_roll(encoder, pc.roll, args.hop, meta={**pc.meta, "checkpoint": str(args.checkpoint)})
+            path = e.save(out if single else out / f"{pc.name}.safetensors")
+            shapes = ", ".join(f"{lvl.info.name or i}: {tuple(lvl.emb.shape)}" for i, lvl in enumerate(e.levels))
+            print(f"{path}: {e.steps} steps, hop {e.hop}; {shapes}")
+        return 0
+
+    return run

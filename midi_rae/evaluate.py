@@ -1,0 +1,205 @@
+"""`midi-rae eval`: reconstruction metrics and figures of a trained encoder + decoder.
+
+On the fixed validation crops of the run's cache (or another split / cache):
+
+- pixel precision / recall / specificity / F1 of the frame channel at the stated threshold (the
+  run's `decoder.threshold` unless given) and at the threshold in 0.05..0.95 that maximises F1;
+- note-level onset precision / recall / F1 at both thresholds: a predicted note counts when a
+  true note has the same pitch and onset step (notes are read as `roll_to_midi` writes them);
+- every count uses a per-sample mask: only the columns of a crop that lie inside its piece.
+
+Outputs in OUT (default `<run>/eval/`): `metrics.json`, `metrics.md`, `recon.png` (ground
+truth / reconstruction / error map), `levels_pca.png`, `spectra.png`, `global.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from midi_rae.data import PianoRollDataset
+from midi_rae.encode import resolve_checkpoint
+from midi_rae.metrics import (best_f1, onset_confusion, onset_ratios, ratios, threshold_sweep,
+                              variance_components)
+from midi_rae.reconstruct import load_autoencoder
+
+THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
+MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
+
+
+def pca(fit: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Mean (D,) and top-k principal directions (D, k) of tokens (N, D); k is capped at D."""
+    mean = fit.mean(0)
+    _, _, v = torch.linalg.svd(fit - mean, full_matrices=False)
+    return mean, v[:k].T
+
+
+def pca_rgb(fit: Tensor, show: Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """Tokens `show` (h*w, D) projected on the first 3 PCs of `fit`, scaled by the 2nd-98th
+    percentiles of `fit`'s projections to [0, 1]: an (h, w, 3) RGB map."""
+    mean, v = pca(fit, 3)
+    ref = (fit - mean) @ v
+    lo, hi = torch.quantile(ref, 0.02, dim=0), torch.quantile(ref, 0.98, dim=0)
+    z = ((show - mean) @ v - lo) / (hi - lo).clamp_min(1e-8)
+    rgb = torch.zeros(show.shape[0], 3)
+    rgb[:, : z.shape[1]] = z.clamp(0, 1)  # fewer than 3 channels: the rest stays black
+    return rgb.reshape(*grid, 3).numpy()
+
+
+def project_2d(x: Tensor) -> tuple[np.ndarray, str]:
+    """UMAP when umap-learn is installed (and there are enough points), else PCA: (N, 2)."""
+    try:
+        import umap
+
+        if len(x) >= 20:
+            xy = umap.UMAP(n_components=2, random_state=0).fit_transform(x.numpy())
+            return np.asarray(xy), "UMAP"
+    except ImportError:
+        pass
+    mean, v = pca(x, 2)
+    xy = torch.zeros(len(x), 2)
+    xy[:, : v.shape[1]] = (x - mean) @ v
+    return xy.numpy(), "PCA"
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+             cache_dir: str | os.PathLike | None = None, threshold: float | None = None, split: str = "val",
+             max_items: int | None = None, n_examples: int = 4, batch_size: int = 16,
+             device: str = "cpu") -> dict[str, Any]:
+    """Metrics (returned, and written as JSON + Markdown) and figures of a trained run."""
+    from midi_rae.plots import level_pca_figure, projection_figure, recon_figure, spectrum_figure
+    from midi_rae.train import resolve_cache_dir
+
+    ck = resolve_checkpoint(checkpoint)
+    model, cfg = load_autoencoder(ck, device)
+    out = Path(out_dir) if out_dir else (ck.run_dir or ck.encoder.path.parent) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    thr = cfg.decoder.threshold if threshold is None else threshold
+    cache = Path(cache_dir) if cache_dir else resolve_cache_dir(cfg)
+    d = cfg.data
+    ds = PianoRollDataset(cache, split, crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
+                          channels=d.channels, seed=cfg.decoder_train.seed)
+    limit = max_items or d.val_max_items or len(ds)
+    data = Subset(ds, range(min(len(ds), limit)))
+    sweep = torch.zeros(len(THRESHOLDS), 4, dtype=torch.float64)
+    xs, probs_all, masks, coll, names_at = [], [], [], [], []
+    tokens: list[list[Tensor]] = [[] for _ in model.encoder.feature_info]
+    pooled = []
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x = batch["x"].to(device)  # (B, C, 128, W)
+        enc = model.encoder(x)
+        p = model.decoder(enc).sigmoid().float()
+        steps = torch.tensor([ds.pieces[int(i)]["steps"] for i in batch["piece"]])
+        inside = torch.arange(x.shape[-1])[None] < (steps - batch["start"])[:, None]  # (B, W): columns in the piece
+        mask = inside[:, None, None, :].expand(-1, 1, x.shape[2], -1).to(device)  # (B, 1, 128, W)
+        sweep += threshold_sweep(p[:, :1], x[:, :1], THRESHOLDS, mask).cpu()
+        xs.append(x.cpu())
+        probs_all.append(p.cpu())
+        masks.append(mask.cpu())
+        coll += [str(ds.pieces[int(i)].get("collection") or "unknown") for i in batch["piece"]]
+        names_at += [(pid, int(s)) for pid, s in zip(batch["piece_id"], batch["start"])]
+        for li, lvl in enumerate(enc.patches):
+            tokens[li].append(lvl.emb.flatten(0, 1).float().cpu())
+        pooled.append(enc.patches.coarsest.emb.mean(1).float().cpu())  # (B, D0): the global token (mean of the grid)
+    x, probs, mask = torch.cat(xs), torch.cat(probs_all), torch.cat(masks)
+    best_thr, _ = best_f1(sweep, THRESHOLDS)
+    results: dict[str, Any] = {"checkpoint": str(checkpoint), "cache": str(cache), "split": split, "samples": len(x),
+                               "encoder": cfg.model.encoder, "channel": "frame", "mask": "columns inside the piece"}
+    for name, t in (("stated", thr), ("best_f1", best_thr)):
+        px = ratios(threshold_sweep(probs[:, :1], x[:, :1], torch.tensor([t]), mask)[0])
+        notes = onset_confusion(probs > t, x > 0.5, mask).sum(0)
+        results[name] = {"threshold": t, "pixel": _finite({k: float(v) for k, v in px.items()}),
+                         "onset": _finite(onset_ratios(notes)), "notes": {"tp": int(notes[0]), "fp": int(notes[1]),
+                                                                          "fn": int(notes[2])}}
+
+    # Figures.
+    fullness = x[:, 0].flatten(1).sum(1)
+    order = torch.argsort(fullness, descending=True)
+    picked, seen = [], set()
+    for i in order.tolist():  # the fullest crop of each of several pieces
+        if names_at[i][0] not in seen:
+            seen.add(names_at[i][0])
+            picked.append(i)
+        if len(picked) == n_examples:
+            break
+    labels = [f"{pid} @ {start}" for pid, start in (names_at[i] for i in picked)]
+    figures = {"recon": recon_figure(x[picked, 0].numpy(), probs[picked, 0].numpy(), out / "recon.png", thr,
+                                     f"{cfg.name}: {split} crops, frame channel (p > {thr:g})", labels)}
+    gen = torch.Generator().manual_seed(0)
+    fit = []
+    for toks in tokens:
+        t = torch.cat(toks)
+        fit.append(t[torch.randperm(len(t), generator=gen)[:MAX_TOKENS]])
+    infos = model.encoder.feature_info
+    names = [f"level {i} ({info.name})" for i, info in enumerate(infos)]
+    ex = picked[0]
+    ex_enc = model.encoder(x[ex:ex + 1].to(device))
+    maps = [pca_rgb(f, lvl.emb[0].float().cpu(), info.grid_size) for f, lvl, info in zip(fit, ex_enc.patches, infos)]
+    figures["levels_pca"] = level_pca_figure(x[ex, 0].numpy(), maps, [info.downsample for info in infos], names,
+                                             out / "levels_pca.png", f"{cfg.name}: {labels[0]}, PCA of each level as RGB")
+    spectra = [variance_components(f) for f in fit]
+    results["spectra"] = {n: {"components_90": k, "dim": len(s)} for n, (s, k) in zip(names, spectra)}
+    figures["spectra"] = spectrum_figure([s.numpy() for s, _ in spectra], [k for _, k in spectra], names,
+                                         out / "spectra.png", f"{cfg.name}: token spectra per level ({split} crops)")
+    xy, method = project_2d(torch.cat(pooled))
+    figures["global"] = projection_figure(xy, coll, out / "global.png",
+                                          f"{cfg.name}: global token (mean of level 0) of {len(xy)} crops, {method}", method)
+    results["figures"] = {k: str(v) for k, v in figures.items()}
+    (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "metrics.md").write_text(markdown(results) + "\n")
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"# Evaluation of {r['checkpoint']}", "",
+             f"{r['samples']} {r['split']} crops of {r['cache']}; {r['encoder']} encoder; pixel metrics on the frame "
+             f"channel; per-sample masks keep the columns inside each piece. A note counts when a true note has the "
+             f"same pitch and onset step.", "",
+             "| threshold | pixel precision | pixel recall | pixel specificity | pixel F1 | onset precision | onset recall | onset F1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, label in (("stated", "stated"), ("best_f1", "best F1 on this set")):
+        s = r[name]
+        px, on = s["pixel"], s["onset"]
+        lines.append(f"| {s['threshold']:g} ({label}) | {fmt(px['precision'])} | {fmt(px['recall'])} | "
+                     f"{fmt(px['specificity'])} | {fmt(px['f1'])} | {fmt(on['precision'])} | {fmt(on['recall'])} | {fmt(on['f1'])} |")
+    lines += ["", "| level | components for 90% variance | dim |", "|---|---|---|"]
+    lines += [f"| {n} | {v['components_90']} | {v['dim']} |" for n, v in r["spectra"].items()]
+    lines += [""] + [f"![{k}]({Path(v).name})" for k, v in r["figures"].items()]
+    lines += ["", "Error map: black = note kept (TP), red = invented (FP), blue = missed (FN); low pitches at the bottom."]
+    return "\n".join(lines)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("eval", help="reconstruction metrics (pixel, note onsets) and figures of a trained run",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder (runs/<name>) or decoder.safetensors")
+    p.add_argument("-o", "--out", help="output folder (default: <run>/eval)")
+    p.add_argument("--cache-dir", help="roll cache (default: the run's own data)")
+    p.add_argument("--threshold", type=float, help="stated threshold (default: the run's decoder.threshold)")
+    p.add_argument("--split", default="val", choices=("val", "train", "all"))
+    p.add_argument("--max-items", type=int, help="crops to evaluate (default: data.val_max_items)")
+    p.add_argument("--examples", type=int, default=4, help="crops shown in recon.png")
+    p.add_argument("--device", default="cpu")
+
+    def run(args: argparse.Namespace) -> int:
+        r = evaluate(args.checkpoint, args.out, args.cache_dir, args.threshold, args.split, args.max_items,
+                     args.examples, device=args.device)
+        print(markdown(r))
+        print(f"\nwritten: {Path(r['figures']['recon']).parent}/metrics.json, metrics.md and figures")
+        return 0
+
+    return run

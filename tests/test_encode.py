@@ -1,0 +1,136 @@
+"""Whole-piece encoding (tiles and overlapping windows), checkpoint resolution, and the
+reconstruct round trip to MIDI on a tiny trained run."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+import torch
+from tiny_runs import trained_run
+
+from midi_rae.cli import main
+from midi_rae.config import load_config
+from midi_rae.data import midi_to_roll
+from midi_rae.encode import Embeddings, encode, encode_roll, load_encoder, resolve_checkpoint
+from midi_rae.models import build_encoder
+from midi_rae.metrics import note_onsets
+from midi_rae.reconstruct import load_autoencoder, reconstruct_roll, render_wav
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def swin(width: int = 32) -> torch.nn.Module:
+    cfg = load_config(None, [f"data.crop_width={width}", "model.depths=[1,1,1]", "model.num_heads=[1,2,4]",
+                             "model.window_size=4"])
+    return build_encoder(cfg).eval()
+
+
+def long_midi(path: Path, beats: int = 25) -> Path:
+    """A melody of `beats` quarter notes (4 steps each): 100 steps, longer than a 32-step window."""
+    score = symusic.Score(480)
+    track = symusic.Track("t", 0, False)
+    for b in range(beats):
+        track.notes.append(symusic.Note(b * 480, 480, 60 + b % 12, 90))
+    score.tracks.append(track)
+    score.dump_midi(str(path))
+    return path
+
+
+@pytest.mark.parametrize("hop", [None, 16])
+def test_positions_cover_a_long_piece(hop: int | None) -> None:
+    enc = swin()
+    T = 150  # 4.7 windows of 32 steps
+    roll = (torch.rand(1, 128, T, generator=torch.Generator().manual_seed(0)) > 0.95).float()
+    e = encode_roll(enc, roll, hop)
+    assert [lvl.info for lvl in e.levels] == enc.feature_info and e.steps == T
+    for lvl in e.levels:
+        (gh, _), (dh, dw) = lvl.info.grid_size, lvl.info.downsample
+        want = {(r * dh, t) for r in range(gh) for t in range(0, T, dw)}  # every token start inside the piece, once
+        got = [tuple(p) for p in lvl.pos.tolist()]
+        assert len(got) == len(set(got)) and set(got) == want
+        assert lvl.emb.shape == (len(want), lvl.info.dim) and lvl.non_empty.shape == (len(want),)
+    # A tile's tokens are exactly the encoder's output for that window.
+    fine = e.levels[-1]
+    if hop is None:
+        direct = enc(roll[None, :, :, 64:96]).patches.finest.emb[0]
+        sel = (fine.pos[:, 1] >= 64) & (fine.pos[:, 1] < 96)
+        assert torch.allclose(fine.emb[sel], direct, atol=1e-5)
+    else:  # overlapping windows: tokens at steps 40..55 are most central in the window starting at 32
+        direct = enc(roll[None, :, :, 32:64]).patches.finest
+        sel = (fine.pos[:, 1] >= 40) & (fine.pos[:, 1] < 56)
+        cols = (direct.pos[:, 1] >= 2) & (direct.pos[:, 1] < 6)
+        assert torch.allclose(fine.emb[sel], direct.emb[0][cols], atol=1e-5)
+
+
+def test_hop_must_keep_grids_aligned() -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        encode_roll(swin(), torch.zeros(1, 128, 40), hop=8)
+
+
+def test_vit_global_token_one_per_window() -> None:
+    cfg = load_config(None, ["model.encoder=vit", "data.crop_width=32", "model.patch_h=8", "model.patch_w=8",
+                             "model.embed_dim=16", "model.num_heads=2", "model.depth=1"])
+    e = encode_roll(build_encoder(cfg).eval(), torch.zeros(128, 70))
+    assert e.levels[0].pos.tolist() == [[0, 0], [0, 32], [0, 64]]
+    assert e.levels[1].pos[:, 1].max() == 64 and len(e.levels[1].pos) == 16 * 9
+
+
+def test_checkpoint_forms_resolve_to_the_same_encoder(tiny_cache: Path, tmp_path_factory) -> None:
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    ck = resolve_checkpoint(run)
+    assert ck.encoder.path == run / "pretrain" / "encoder.safetensors" and ck.decoder.path.name == "decoder.safetensors"
+    step = next((run / "pretrain" / "checkpoints").glob("step_*"))
+    ref = load_encoder(run)[0].state_dict()
+    for form in (run / "pretrain", run / "pretrain" / "encoder.safetensors", run / "decoder" / "decoder.safetensors",
+                 step, step / "model.safetensors"):
+        sd = load_encoder(form)[0].state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in ref.items()), form
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_checkpoint(run / "missing")
+
+
+def test_encode_cli_and_api(tiny_cache: Path, tmp_path_factory, tmp_path: Path) -> None:
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    mid = long_midi(tmp_path / "tune.mid")
+    assert main(["encode", str(run), str(mid), "-o", str(tmp_path / "emb")]) == 0
+    e = Embeddings.load(tmp_path / "emb" / "tune.safetensors")
+    assert e.steps == 100 and e.window == 32 and e.hop == 32 and e.meta["title"] == "tune"
+    for lvl in e.levels:  # the last token of every level reaches the piece's end
+        assert lvl.pos[:, 1].max() == (100 - 1) // lvl.info.downsample[1] * lvl.info.downsample[1]
+        assert lvl.non_empty.any() and lvl.emb.dtype == torch.float32
+    api = encode(mid, run)[0]
+    assert all(torch.equal(a.emb, b.emb) and torch.equal(a.pos, b.pos) for a, b in zip(api.levels, e.levels))
+    # Pieces of a prepared cache, by id pattern, into a folder.
+    assert main(["encode", str(run), "*/p0*", "--cache-dir", str(tiny_cache), "-o", str(tmp_path / "cache_emb")]) == 0
+    files = sorted((tmp_path / "cache_emb").glob("*.safetensors"))
+    assert len(files) == 10 and Embeddings.load(files[0]).meta["piece_id"].endswith("p00.mid")
+
+
+def test_reconstruct_round_trip(tiny_cache: Path, tmp_path_factory, tmp_path: Path, capsys) -> None:
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    mid = long_midi(tmp_path / "in.mid")
+    out, png = tmp_path / "out.mid", tmp_path / "cmp.png"
+    assert main(["reconstruct", str(run), str(mid), "-o", str(out), "--png", str(png), "--threshold", "0.3"]) == 0
+    score = symusic.Score(str(out))  # a valid MIDI file
+    assert score.end() == 100 * score.ticks_per_quarter // 4  # same length as the input (100 steps)
+    probs = reconstruct_roll(load_autoencoder(run)[0], midi_to_roll(mid))  # the same through the Python API
+    assert probs.shape == (1, 128, 100) and ((probs >= 0) & (probs <= 1)).all()
+    assert score.note_num() == int(note_onsets(probs > 0.3).sum())  # every predicted note is in the file
+    assert png.stat().st_size > 1000
+
+
+def test_wav_without_fluidsynth_says_how_to_install(tiny_cache: Path, tmp_path_factory, tmp_path: Path,
+                                                    monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no fluidsynth on PATH
+    with pytest.raises(RuntimeError, match="apt-get install fluidsynth fluid-soundfont-gm"):
+        render_wav(tmp_path / "x.mid", tmp_path / "x.wav")
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    mid = long_midi(tmp_path / "in.mid")
+    code = main(["reconstruct", str(run), str(mid), "-o", str(tmp_path / "out.mid"), "--wav", str(tmp_path / "o.wav")])
+    assert code != 0 and (tmp_path / "out.mid").exists() and "fluidsynth" in capsys.readouterr().err

@@ -1,0 +1,37 @@
+"""Tiny trained runs (encoder + decoder, a few steps) shared by the encode / eval / probe tests:
+trained once per test session and per encoder type."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from midi_rae.config import load_config
+from midi_rae.train import pretrain, train_decoder
+
+ENCODERS = {
+    "swin": ["model.embed_dim=8", "model.depths=[1,1]", "model.num_heads=[1,2]", "model.window_size=4"],
+    "vit": ["model.encoder=vit", "model.patch_h=8", "model.patch_w=8", "model.embed_dim=16", "model.num_heads=2",
+            "model.depth=1"],
+}
+_RUNS: dict[str, Path] = {}
+
+
+def trained_run(kind: str, cache: Path, factory: pytest.TempPathFactory) -> Path:
+    """runs/<kind>/ with pretrain/encoder.safetensors and decoder/decoder.safetensors, 32-step windows."""
+    if kind not in _RUNS:
+        out = factory.mktemp("runs")
+        cfg = load_config(None, [
+            f"name={kind}", f"data.cache_dir={cache}", f"out_dir={out}", "data.crop_width=32", "data.val_fraction=0.2",
+            "data.val_max_items=8", "model.mae_decoder_dim=16", "model.mae_decoder_heads=2", *ENCODERS[kind],
+            "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.progress=false",
+            "train.tensorboard=false", "train.threads=1", "decoder_train.batch_size=4", "decoder_train.max_steps=2",
+            "decoder_train.warmup_steps=1", "decoder_train.progress=false", "decoder_train.tensorboard=false",
+            "decoder_train.threads=1"])
+        n = torch.get_num_threads()
+        try:
+            pretrain(cfg)
+            train_decoder(cfg)
+        finally:
+            torch.set_num_threads(n)
+        _RUNS[kind] = out / kind
+    return _RUNS[kind]
