@@ -117,13 +117,16 @@ class WindowAttention(nn.Module):
     def additive_mask(self, shift_mask: Tensor | None, device: torch.device) -> Tensor:
         """Position bias plus shift mask: (nH, N, N), or (nW, nH, N, N) with a shift mask.
         Built every call in training (the bias is learned), once in eval mode."""
+        # Under torch.compile the bias is computed inside the compiled graph (small and fused);
+        # a cache there would only add a guard on module state and a recompile.
+        use_cache = not self.training and not torch.compiler.is_compiling()
         cached = self._mask_cache
-        if not self.training and cached is not None and cached.device == device:
+        if use_cache and cached is not None and cached.device == device:
             return cached
         mask = self.position_bias()
         if shift_mask is not None:
             mask = shift_mask[:, None] + mask[None]  # (nW, nH, N, N)
-        if not self.training:
+        if use_cache:
             self._mask_cache = mask.detach()
         return mask
 
