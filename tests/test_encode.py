@@ -2,11 +2,10 @@
 reconstruct round trip to MIDI on a tiny trained run."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import symusic
 import torch
-from tiny_runs import trained_run
+from tiny_runs import isolated, trained_run
 
 from midi_rae.cli import main
 from midi_rae.config import load_config
@@ -18,11 +17,9 @@ from midi_rae.reconstruct import load_autoencoder, reconstruct_roll, render_wav
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread_own_rng():
+    with isolated():
+        yield
 
 
 def swin(width: int = 32) -> torch.nn.Module:

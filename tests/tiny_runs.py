@@ -1,7 +1,11 @@
 """Tiny trained runs (encoder + decoder, a few steps) shared by the encode / eval / probe tests:
 trained once per test session and per encoder type."""
+import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +20,21 @@ ENCODERS = {
 _RUNS: dict[str, Path] = {}
 
 
+@contextmanager
+def isolated() -> Iterator[None]:
+    """One CPU thread (tiny models run fastest so), and every global RNG and the thread count as
+    they were afterwards: training reseeds the RNGs, and later tests must not depend on that."""
+    n, np_state, py_state = torch.get_num_threads(), np.random.get_state(), random.getstate()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        torch.set_num_threads(n)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 def trained_run(kind: str, cache: Path, factory: pytest.TempPathFactory) -> Path:
     """runs/<kind>/ with pretrain/encoder.safetensors and decoder/decoder.safetensors, 32-step windows."""
     if kind not in _RUNS:
@@ -27,11 +46,8 @@ def trained_run(kind: str, cache: Path, factory: pytest.TempPathFactory) -> Path
             "train.tensorboard=false", "train.threads=1", "decoder_train.batch_size=4", "decoder_train.max_steps=2",
             "decoder_train.warmup_steps=1", "decoder_train.progress=false", "decoder_train.tensorboard=false",
             "decoder_train.threads=1"])
-        n = torch.get_num_threads()
-        try:
+        with isolated():  # train.threads=1 sets the thread count; seed_all reseeds every RNG
             pretrain(cfg)
             train_decoder(cfg)
-        finally:
-            torch.set_num_threads(n)
         _RUNS[kind] = out / kind
     return _RUNS[kind]
