@@ -3,7 +3,7 @@
 timm is not a dependency of midi-rae; run this in a separate virtual environment:
 
     python3 -m venv .venv-timm && .venv-timm/bin/pip install timm==1.0.31
-    PYTHONPATH=. .venv-timm/bin/python benchmarks/bench_encoder.py --out benchmarks/RESULTS_encoder.md
+    PYTHONPATH=. .venv-timm/bin/python benchmarks/bench_encoder.py --out results.md
 
 (or `.venv-timm/bin/pip install -e .` instead of PYTHONPATH). The reference is timm's
 PatchEmbed + SwinTransformerV2Stage x len(depths) + LayerNorm, built with our shapes, with our
