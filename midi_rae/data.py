@@ -374,7 +374,11 @@ def _read_music21(path: Path, settings: RollSettings) -> tuple[list[Piece], list
 
 def load_settings(cache_dir: str | os.PathLike) -> RollSettings:
     """The `RollSettings` a cache was prepared with."""
-    return RollSettings(**json.loads((Path(cache_dir) / "settings.json").read_text()))
+    path = Path(cache_dir) / "settings.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared roll cache at {cache_dir}: run `midi-rae prepare` for it, or point "
+                                f"--cache-dir (or MIDI_RAE_CACHE, data.cache_dir) at the cache the run used")
+    return RollSettings(**json.loads(path.read_text()))
 
 
 def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import symusic
 import torch
 
 from midi_rae.data import (
-    BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, midi_to_roll, read_pieces,
+    BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, load_settings, midi_to_roll, read_pieces,
     roll_to_midi, split_abc, split_of,
 )
 from midi_rae.prepare import prepare
@@ -170,3 +170,8 @@ def test_hostile_length_refused(tmp_path: Path) -> None:
     path = write_midi(tmp_path / "far.mid", [(2**27, 96, 60)], tpq=96)
     with pytest.raises(BadInput, match=r"too long: 5592409 steps at 4 per beat \(limit 200000\)"):
         midi_to_roll(path)
+
+
+def test_missing_cache_says_what_to_do(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="run `midi-rae prepare`"):
+        load_settings(tmp_path)

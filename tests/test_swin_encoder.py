@@ -75,7 +75,8 @@ def test_spec_test_cell() -> None:
 
 
 def test_every_parameter_gets_gradient() -> None:
-    enc = SwinEncoder(128, 128, squash_coarse=True)
+    torch.manual_seed(0)
+    enc = SwinEncoder(128, 128, squash_coarse=True, drop_path_rate=0.0)  # no branch dropped by chance
     randomize_post_norms(enc)
     x = piano_roll(3, 128, 128)
     x[2] = 0  # an all-empty sample, so even the 1x1 level's empty token is used
