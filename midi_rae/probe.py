@@ -41,6 +41,13 @@ class LabelledCrops:
     pieces: list[str]  # piece id of each crop: the groups of the split
 
 
+def pick_pieces(members: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The same n pieces every run, by a salted hash of the piece id. The salt matters: the
+    train/test split hashes the bare id (`data.split_of`), and picking the n smallest of that
+    same hash would put nearly every picked piece on the test side."""
+    return sorted(members, key=lambda p: hashlib.sha1(f"probe-pick:{p['piece_id']}".encode()).digest())[:n]
+
+
 def labelled_crops(cache_dir: str | os.PathLike, width: int, channels: int, label: str = "collection",
                    classes: list[str] | None = None, crops_per_piece: int = 4,
                    max_pieces_per_class: int = 150) -> LabelledCrops:
@@ -54,8 +61,7 @@ def labelled_crops(cache_dir: str | os.PathLike, width: int, channels: int, labe
             by_class.setdefault(str(value), []).append(p)
     xs, labels, pieces = [], [], []
     for value, members in sorted(by_class.items()):
-        members.sort(key=lambda p: hashlib.sha1(p["piece_id"].encode()).hexdigest())
-        for p in members[:max_pieces_per_class]:
+        for p in pick_pieces(members, max_pieces_per_class):
             roll = load_roll(cache_dir, p)
             taken = 0
             for start in range(0, max(roll.shape[-1], 1), width):

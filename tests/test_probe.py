@@ -76,3 +76,14 @@ def test_probe_swin_and_vit_beat_the_majority(labelled_cache: Path, tiny_cache: 
 def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory) -> None:
     with pytest.raises(ValueError, match="at least 2 classes"):
         probe([trained_run("swin", tiny_cache, tmp_path_factory)], tiny_cache)
+
+
+def test_picked_pieces_are_independent_of_the_split() -> None:
+    from midi_rae.data import split_of
+    from midi_rae.probe import pick_pieces
+
+    members = [{"piece_id": f"music21/essenFolksong/tune{i}"} for i in range(2000)]
+    picked = pick_pieces(members, 200)
+    assert picked == pick_pieces(members[::-1], 200)  # stable, whatever the order
+    test_share = sum(split_of(p["piece_id"], 0.25) == "val" for p in picked) / len(picked)
+    assert 0.15 < test_share < 0.35  # about the requested 25%, not all of them
