@@ -23,7 +23,7 @@ from torch import Tensor
 
 from midi_rae.checkpoint import load_weights
 from midi_rae.config import Config
-from midi_rae.data import TPQ, roll_to_score
+from midi_rae.data import MIDI_SUFFIXES, TPQ, roll_to_score
 from midi_rae.encode import Checkpoint, read_inputs, resolve_checkpoint, windows
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
 
@@ -61,12 +61,21 @@ def reconstruct_roll(model: DecoderTrainer, roll: Tensor | np.ndarray, batch_siz
     return probs.permute(1, 2, 0, 3).flatten(2)[..., : x.shape[-1]]  # (C, 128, T)
 
 
-def write_midi(probs: Tensor, path: str | os.PathLike, threshold: float, steps_per_beat: int = 4) -> Path:
-    """Binary roll at `threshold` -> MIDI file lasting exactly the roll's T steps."""
+def write_midi(probs: Tensor, path: str | os.PathLike, threshold: float, steps_per_beat: int = 4,
+               like: str | os.PathLike | None = None) -> Path:
+    """Binary roll at `threshold` -> MIDI file lasting exactly the roll's T steps. With `like` a
+    MIDI file, its tempo and time-signature changes are copied, so the result plays at the
+    original's speed (the roll counts quarter notes, not seconds)."""
     roll = (probs > threshold).to(torch.uint8).numpy()  # (C, 128, T)
     score: symusic.Score = roll_to_score(roll, steps_per_beat)
     ticks = TPQ // steps_per_beat if TPQ % steps_per_beat == 0 else 1
     score.markers.append(symusic.TextMeta(roll.shape[-1] * ticks, "end"))  # keeps trailing silence
+    if like is not None and Path(like).suffix.lower() in MIDI_SUFFIXES and Path(like).is_file():
+        source = symusic.Score(str(like)).to("quarter")
+        tpq = steps_per_beat * ticks
+        score.tempos.extend(symusic.Tempo(round(t.time * tpq), qpm=t.qpm) for t in source.tempos)
+        score.time_signatures.extend(symusic.TimeSignature(round(t.time * tpq), t.numerator, t.denominator)
+                                     for t in source.time_signatures)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     score.dump_midi(str(path))
@@ -132,7 +141,7 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
         pc = pieces[args.piece]
         thr = args.threshold if args.threshold is not None else cfg.decoder.threshold
         probs = reconstruct_roll(model, pc.roll)
-        out = write_midi(probs, args.out, thr, pc.meta.get("steps_per_beat", 4))
+        out = write_midi(probs, args.out, thr, pc.meta.get("steps_per_beat", 4), like=args.input)
         print(f"{out}: {probs.shape[-1]} steps, {int((probs[0] > thr).sum())} note pixels "
               f"(input {int((pc.roll[0] > 0.5).sum())}), threshold {thr:g}")
         if args.png:

@@ -131,3 +131,20 @@ def test_wav_without_fluidsynth_says_how_to_install(tiny_cache: Path, tmp_path_f
     mid = long_midi(tmp_path / "in.mid")
     code = main(["reconstruct", str(run), str(mid), "-o", str(tmp_path / "out.mid"), "--wav", str(tmp_path / "o.wav")])
     assert code != 0 and (tmp_path / "out.mid").exists() and "fluidsynth" in capsys.readouterr().err
+
+
+def test_reconstruct_keeps_tempo_and_meter(tmp_path: Path) -> None:
+    from midi_rae.reconstruct import write_midi
+
+    src = symusic.Score(480)
+    src.tempos.extend([symusic.Tempo(0, qpm=90.0), symusic.Tempo(8 * 480, qpm=60.0)])  # slows down at beat 8
+    src.time_signatures.append(symusic.TimeSignature(0, 3, 4))
+    track = symusic.Track("t", 0, False)
+    track.notes.append(symusic.Note(0, 480, 60, 90))
+    src.tracks.append(track)
+    src.dump_midi(str(tmp_path / "in.mid"))
+    probs = torch.zeros(1, 128, 64)
+    probs[0, 60, :4] = 1.0
+    out = symusic.Score(str(write_midi(probs, tmp_path / "out.mid", 0.5, like=tmp_path / "in.mid"))).to("quarter")
+    assert [(t.time, round(t.qpm)) for t in out.tempos] == [(0.0, 90), (8.0, 60)]
+    assert [(t.time, t.numerator, t.denominator) for t in out.time_signatures] == [(0.0, 3, 4)]
