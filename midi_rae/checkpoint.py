@@ -27,24 +27,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from midi_rae.utils import atomic_write, atomic_write_text
+
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors file of a state dict, written to a temporary name and renamed."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}  # clone: no shared storage
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # readable like any other output file
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)  # readable like any other output file
+
+    atomic_write(path, write)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -41,6 +41,7 @@ from midi_rae.checkpoint import load_weights, read_metadata
 from midi_rae.config import Config
 from midi_rae.core import LevelInfo
 from midi_rae.data import RollSettings, load_index, load_roll, load_settings, read_pieces
+from midi_rae.utils import atomic_write
 
 FORMAT = "midi-rae-embeddings/1"
 
@@ -152,8 +153,7 @@ class Embeddings:
                   "piece": self.meta}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"midi_rae": json.dumps(header, default=str)})
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"midi_rae": json.dumps(header, default=str)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Embeddings:

@@ -30,6 +30,7 @@ from midi_rae.encode import resolve_checkpoint
 from midi_rae.metrics import (best_f1, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
 from midi_rae.reconstruct import load_autoencoder
+from midi_rae.utils import atomic_write_text
 
 THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
 MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
@@ -158,8 +159,8 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
     figures["global"] = projection_figure(xy, coll, out / "global.png",
                                           f"{cfg.name}: global token (mean of level 0) of {len(xy)} crops, {method}", method)
     results["figures"] = {k: str(v) for k, v in figures.items()}
-    (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "metrics.md").write_text(markdown(results) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "metrics.md", markdown(results) + "\n")
     return results
 
 

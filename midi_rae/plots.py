@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from midi_rae.utils import atomic_write  # noqa: E402
+
 COLOURS = {"TP": (0.0, 0.0, 0.0), "FP": (0.85, 0.1, 0.1), "FN": (0.1, 0.35, 0.95), "TN": (1.0, 1.0, 1.0)}
 
 
@@ -50,17 +52,16 @@ def recon_figure(target: np.ndarray, probs: np.ndarray, path: str | Path, thresh
     fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=3)
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Write the figure (format from the file's suffix) through a temporary file, then close it."""
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
 
 
 def level_pca_figure(roll: np.ndarray, maps: list[np.ndarray], downsamples: list[tuple[int, int]], names: list[str],

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from midi_rae.corpus import corpus_files
 from midi_rae.data import SUFFIXES, BadInput, RollSettings, read_pieces
+from midi_rae.utils import atomic_write
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,15 @@ def _key(source: Source, settings: RollSettings) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _save_roll(path: Path, roll: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, np.ascontiguousarray(roll))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, np.ascontiguousarray(roll))
+
+    atomic_write(path, write)
 
 
 def _convert(source: Source, key: str, settings: RollSettings, cache_dir: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from midi_rae.data import load_index, load_roll, load_settings, split_of
 from midi_rae.encode import load_encoder
+from midi_rae.utils import atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
 
@@ -211,7 +212,7 @@ def add_probe(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace],
                        args.crops_per_piece, args.max_pieces_per_class, args.l2)
         print(table(result))
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         return 0
 
     return run

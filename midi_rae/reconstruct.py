@@ -26,6 +26,7 @@ from midi_rae.config import Config
 from midi_rae.data import MIDI_SUFFIXES, TPQ, roll_to_score
 from midi_rae.encode import Checkpoint, read_inputs, resolve_checkpoint, windows
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
+from midi_rae.utils import atomic_write
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
               "/usr/share/soundfonts/FluidR3_GM.sf2", "/usr/share/soundfonts/default.sf2",
@@ -78,8 +79,7 @@ def write_midi(probs: Tensor, path: str | os.PathLike, threshold: float, steps_p
                                      for t in source.time_signatures)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    score.dump_midi(str(path))
-    return path
+    return atomic_write(path, lambda tmp: score.dump_midi(str(tmp)))
 
 
 def find_soundfont(given: str | None = None) -> Path | None:

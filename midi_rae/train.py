@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from midi_rae.checkpoint import (atomic_write_text, best_checkpoint, latest_checkpoint, load_checkpoint,
+from midi_rae.checkpoint import (best_checkpoint, latest_checkpoint, load_checkpoint,
                                  load_weights, read_metadata, rng_state, save_checkpoint, save_weights,
                                  set_rng_state)
 from midi_rae.config import Config, ConfigError, TrainConfig, from_dict
@@ -38,6 +38,7 @@ from midi_rae.data import PianoRollDataset
 from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain, momentum_at, param_groups,
                              train_one_epoch)
 from midi_rae.models import DecoderTrainer, Pretrainer, build_decoder, build_encoder
+from midi_rae.utils import atomic_write_text, param_count
 
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "decoder_train.progress",
@@ -262,7 +263,6 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
     acc: dict[str, float] = {}
     saved_at = evaluated_at = -1
     if d.main:
-        from midi_rae.utils import param_count
         trainable, n_params = param_count(raw)
         print(f"[{stage}] {stage_dir}: {len(train_ds)} training crops, {len(val)} validation crops, {spe} steps/epoch, "
               f"{total} steps, {trainable:,} trainable of {n_params:,} parameters, {d.world} process(es) on {d.device}",

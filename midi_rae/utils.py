@@ -1,5 +1,27 @@
 """Small helpers used across the package."""
+import os
+from pathlib import Path
+from typing import Callable
+
 from torch import Tensor, nn
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write `path` by calling `write(tmp)` on a temporary name beside it, then renaming: a crash
+    never leaves a half-written file, and a file already there stays whole until the rename.
+    The temporary name `.<name>.<pid>.tmp` is unique per process, and removed if `write` fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def param_count(model: nn.Module) -> tuple[int, int]:
