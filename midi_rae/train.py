@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from midi_rae.checkpoint import (best_checkpoint, latest_checkpoint, load_checkpoint,
+from midi_rae.checkpoint import (latest_checkpoint, load_checkpoint,
                                  load_weights, read_metadata, rng_state, save_checkpoint, save_weights,
                                  set_rng_state)
 from midi_rae.config import Config, ConfigError, TrainConfig, from_dict

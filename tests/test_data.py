@@ -8,7 +8,7 @@ import symusic
 import torch
 
 from midi_rae.data import (
-    BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, load_settings, midi_to_roll, read_pieces,
+    BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, load_settings, midi_to_roll,
     roll_to_midi, split_abc, split_of,
 )
 from midi_rae.prepare import prepare

@@ -1,5 +1,4 @@
 """DDP smoke run: torchrun with 2 CPU processes (gloo) on a tiny config."""
-import json
 import os
 import subprocess
 import sys

@@ -191,7 +191,7 @@ def test_resume_after_sigkill_is_exact(tiny_cache: Path, tmp_path: Path) -> None
     resumed = subprocess.run([*_train_cmd(tiny_cache, tmp_path / "b"), "--resume"], env=env, capture_output=True,
                              cwd=REPO, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     a = load_file(str(tmp_path / "a" / "r" / "pretrain" / "checkpoints" / "step_00000040" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "r" / "pretrain" / "checkpoints" / "step_00000040" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # encoder, heads and EMA teacher

@@ -1,7 +1,6 @@
 """Feed-forward block and stochastic depth."""
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 
