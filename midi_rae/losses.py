@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .masking import patch_pixels
+
 
 def safe_mean(x: Tensor) -> Tensor:
     """Mean of `x`, or 0 (not NaN) when `x` is empty, e.g. a selection of masked positions
@@ -42,7 +44,7 @@ def masked_recon_loss(logits: Tensor, target: Tensor, visible: Tensor, patch_siz
     if H % ph or W % pw or visible.shape != (B, gh * gw):
         raise ValueError(f"visible must be (B, N) = ({B}, {gh * gw}) for {H}x{W} logits and {ph}x{pw} patches, "
                          f"got {tuple(visible.shape)}")
-    vis_px = visible.view(B, 1, gh, gw).repeat_interleave(ph, 2).repeat_interleave(pw, 3).expand(B, C, H, W)
+    vis_px = patch_pixels(visible, (gh, gw), (ph, pw)).expand(B, C, H, W)
     bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=_pos_weight(pos_weight, logits),
                                              reduction="none")  # (B, C, H, W)
     loss = safe_mean(bce[~vis_px])

@@ -41,9 +41,15 @@ def simmim_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 
     chosen uniformly. non_empty: (B, N) bool -> (B, N) bool, True = visible."""
     _check(non_empty, mask_ratio, empty_mask_ratio)
     noise = torch.rand(non_empty.shape, device=non_empty.device, generator=generator)
-    visible = torch.ones_like(non_empty)
-    for group, ratio in ((non_empty, mask_ratio), (~non_empty, mask_ratio * empty_mask_ratio)):
-        n_mask = torch.round(group.sum(1) * ratio).long()  # (B,)
+    groups = ((non_empty, mask_ratio), (~non_empty, mask_ratio * empty_mask_ratio))
+    return _mask_in_groups(noise, [(group, torch.round(group.sum(1) * ratio).long()) for group, ratio in groups])
+
+
+def _mask_in_groups(noise: Tensor, groups: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Per sample b, mask n[b] members of each (group (B, N) bool, n (B,) long), chosen uniformly
+    by the (B, N) uniform `noise`. Returns (B, N) bool, True = visible."""
+    visible = torch.ones_like(groups[0][0])
+    for group, n_mask in groups:
         score = noise.masked_fill(~group, 2.0)  # members of other groups sort last
         rank = score.argsort(dim=1).argsort(dim=1)  # (B, N) rank of each patch within the sample
         visible &= ~(group & (rank < n_mask[:, None]))
@@ -65,6 +71,13 @@ def mae_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.0
     masked_idx = (u.log() / weight).topk(n_mask, dim=1).indices  # (B, n_mask)
     visible = torch.ones_like(non_empty)
     return visible.scatter(1, masked_idx, False)
+
+
+def patch_pixels(mask: Tensor, grid: tuple[int, int], patch_size: tuple[int, int]) -> Tensor:
+    """A (B, N) patch mask over a row-major `grid` -> (B, 1, H, W), each patch's value on its pixels."""
+    B = mask.shape[0]
+    ph, pw = patch_size
+    return mask.view(B, 1, *grid).repeat_interleave(ph, 2).repeat_interleave(pw, 3)
 
 
 def check_mask(mask: Tensor, batch: int, n: int, device: torch.device) -> Tensor:
@@ -111,11 +124,8 @@ def level_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 1
     _check(non_empty, mask_ratio, empty_mask_ratio)
     noise = torch.rand(non_empty.shape, device=non_empty.device, generator=generator)
     coin = torch.rand((2, non_empty.shape[0]), device=non_empty.device, generator=generator)
-    visible = torch.ones_like(non_empty)
+    counts = []
     for g, (group, ratio) in enumerate(((non_empty, mask_ratio), (~non_empty, mask_ratio * empty_mask_ratio))):
         expected = group.sum(1) * ratio  # (B,)
-        n_mask = (expected.floor() + (coin[g] < expected.frac()).float()).long()  # (B,), mean = expected
-        score = noise.masked_fill(~group, 2.0)  # members of other groups sort last
-        rank = score.argsort(dim=1).argsort(dim=1)  # (B, N) rank of each patch within the sample
-        visible &= ~(group & (rank < n_mask[:, None]))
-    return visible
+        counts.append((group, (expected.floor() + (coin[g] < expected.frac()).float()).long()))  # mean = expected
+    return _mask_in_groups(noise, counts)

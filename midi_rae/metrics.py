@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from midi_rae.masking import patch_pixels
+
 
 def confusion(probs: Tensor, target: Tensor, threshold: float = 0.5, where: Tensor | None = None) -> Tensor:
     """Per-sample (tp, fp, fn, tn) counts: (B, 4) float64. probs, target: (B, ...); `where`
@@ -32,10 +34,8 @@ def ratios(counts: Tensor) -> dict[str, Tensor]:
 
 def masked_pixels(visible: Tensor, shape: torch.Size, patch_size: tuple[int, int]) -> Tensor:
     """(B, N) patch visibility (True = visible) -> (B, 1, H, W) bool, True on pixels of masked patches."""
-    B, _, H, W = shape
     ph, pw = patch_size
-    grid = (~visible).view(B, 1, H // ph, W // pw)
-    return grid.repeat_interleave(ph, 2).repeat_interleave(pw, 3)
+    return patch_pixels(~visible, (shape[2] // ph, shape[3] // pw), patch_size)
 
 
 class PixelMeter:
