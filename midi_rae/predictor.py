@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .core import EncoderOutput, HierarchicalPatchState
 from .layers import Mlp
 from .masking import apply_mask_token, check_mask, level_mask
+from .utils import init_linears
 
 
 def level_grids(patches: HierarchicalPatchState) -> list[tuple[int, int]]:
@@ -129,11 +130,7 @@ class SwinMaskedEmbeddingPredictor(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
         for p in (*self.mask_tokens, *self.summary_queries, self.level_embed):
             nn.init.normal_(p, std=0.02)
 
@@ -211,9 +208,7 @@ class MultiScaleReconHeads(nn.Module):
         self.out_chans, self.upsample = out_chans, upsample
         self.heads = nn.ModuleList([nn.Sequential(norm_layer(d), nn.Linear(d, out_chans * upsample**2))
                                     for d in level_dims])
-        for head in self.heads:
-            nn.init.trunc_normal_(head[1].weight, std=0.02)
-            nn.init.zeros_(head[1].bias)
+        init_linears(self)
 
     def forward(self, enc_out: EncoderOutput) -> list[Tensor]:
         """Logits per level, coarsest first: [(B, out_chans, rows_i * u, cols_i * u)]."""

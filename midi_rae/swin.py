@@ -13,7 +13,7 @@ from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, 
 from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
-from .utils import check_roll
+from .utils import check_roll, init_linears
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -23,11 +23,8 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
 def init_weights(model: nn.Module, version: int) -> None:
     """timm / MAE init: truncated-normal linears with zero bias. Swin V2's res-post-norms start
     at zero, so every block starts as the identity (https://arxiv.org/abs/2111.09883)."""
+    init_linears(model)
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         if isinstance(m, SwinBlock) and version == 2:
             for norm in (m.norm1, m.norm2):
                 nn.init.zeros_(norm.weight)

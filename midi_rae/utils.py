@@ -20,6 +20,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+def init_linears(model: nn.Module, kinds: tuple[type[nn.Module], ...] = (nn.Linear,), std: float = 0.02) -> None:
+    """timm / MAE init: truncated-normal weights (std 0.02) and zero biases for every module of
+    `kinds` in `model`, in module order."""
+    for m in model.modules():
+        if isinstance(m, kinds):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers import Mlp, Unpatchify
 from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, patch_non_empty, scatter_visible
-from .utils import check_roll
+from .utils import check_roll, init_linears
 
 # Base of the rotary frequencies. Token grids are small (8 x 16 for a 128 x 256 roll in 16 x 16
 # patches), so the vision value 100 (RoPE-Axial, https://arxiv.org/abs/2403.13298) is used
@@ -139,11 +139,7 @@ class ViTEncoder(nn.Module):
         # embedding is a linear map of each patch too, so it is initialised like a linear.
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.empty_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self, (nn.Linear, nn.Conv2d))
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> tokens (B, N, D) with empty patches replaced, and non_empty (B, N)."""
@@ -212,11 +208,7 @@ class ViTDecoder(nn.Module):
         self.norm = norm_layer(decoder_dim)
         self.head = Unpatchify(decoder_dim, out_channels, (patch_h, patch_w), head)
         self.register_buffer("rope_freqs", rope_freqs(decoder_dim // num_heads), persistent=False)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, enc_out: EncoderOutput) -> Tensor:
