@@ -1,5 +1,5 @@
-"""Linear probes: a separable synthetic labelled corpus, split grouped by piece, both baselines,
-and one table for a Swin and a ViT run."""
+"""The probe suite: a separable synthetic labelled corpus, split grouped by piece, every baseline
+(majority, pixels, descriptors, random encoder), and one table for a Swin and a ViT run."""
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,10 @@ from tiny_runs import isolated, trained_run
 
 from midi_rae.cli import main
 from midi_rae.prepare import prepare
-from midi_rae.probe import fit_logistic, grouped_split, labelled_crops, probe, scores
+from midi_rae.data import load_index
+from midi_rae.encode import load_encoder
+from midi_rae.models import build_encoder
+from midi_rae.probe import find_tasks, fit_logistic, probe, random_twin, scores
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +29,7 @@ def labelled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(1)
     for collection in ("chords", "melody"):
         (root / collection).mkdir()
-        for i in range(16):
+        for i in range(24):
             score, track = symusic.Score(480), symusic.Track("t", 0, False)
             for beat in range(int(rng.integers(12, 32))):
                 if collection == "chords":
@@ -51,31 +54,55 @@ def test_logistic_regression_separates_and_scores() -> None:
 
 
 def test_split_is_grouped_by_piece(labelled_cache: Path) -> None:
-    d = labelled_crops(labelled_cache, 32, 1)
-    test = grouped_split(d.pieces, 0.25)
-    assert set(d.labels) == {"chords", "melody"} and d.x.shape[1:] == (1, 128, 32)
-    assert not {p for p, t in zip(d.pieces, test) if t} & {p for p, t in zip(d.pieces, test) if not t}
-    assert 0 < int(test.sum()) < len(test) and len(set(d.pieces)) < len(d.pieces)  # several crops per piece
+    tasks = find_tasks(load_index(labelled_cache), 0.3, min_train_pieces=5, min_test_pieces=2)
+    assert [t.name for t in tasks] == ["collection"] and tasks[0].classes == ["chords", "melody"]
+    train, test = {p["piece_id"] for p in tasks[0].train}, {p["piece_id"] for p in tasks[0].test}
+    assert train and test and not train & test
 
 
-def test_probe_swin_and_vit_beat_the_majority(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
-                                              tmp_path: Path, capsys) -> None:
+def test_random_twin_is_untrained(tiny_cache: Path, tmp_path_factory) -> None:
+    trained, cfg = load_encoder(trained_run("swin", tiny_cache, tmp_path_factory))
+    twin, again = random_twin(cfg), random_twin(cfg)
+    t, r, a = trained.state_dict(), twin.state_dict(), again.state_dict()
+    assert t.keys() == r.keys() and not twin.training
+    assert any(not torch.equal(t[k], r[k]) for k in t if t[k].is_floating_point())
+    assert all(torch.equal(r[k], a[k]) for k in r)  # a seeded fresh init, the same every time
+    torch.manual_seed(0)
+    fresh = build_encoder(cfg).state_dict()
+    assert all(torch.equal(r[k], fresh[k]) for k in r)
+
+
+def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
+                                  tmp_path: Path, capsys) -> None:
     runs = [trained_run("swin", tiny_cache, tmp_path_factory), trained_run("vit", tiny_cache, tmp_path_factory)]
-    r = probe(runs, labelled_cache)
-    rows = {row["model"].split(" (")[0]: row for row in r["rows"]}
-    assert r["classes"] == ["chords", "melody"] and set(rows) == {"majority class", "raw pixels", "swin", "vit"}
-    assert rows["majority class"]["balanced_accuracy"] == 0.5
-    for name in ("swin", "vit", "raw pixels"):
-        assert rows[name]["balanced_accuracy"] > 0.8 and rows[name]["accuracy"] > rows["majority class"]["accuracy"]
-    assert main(["probe", *map(str, runs), "--cache-dir", str(labelled_cache), "--level", "0",
-                 "-o", str(tmp_path / "probe.json")]) == 0
+    r = probe(runs, labelled_cache, test_fraction=0.3, min_pieces=5)
+    (task,) = r["tasks"]
+    assert task["task"] == "collection" and task["classes"] == ["chords", "melody"]
+    assert r["models"] == ["swin (swin)", "swin (swin) at random init", "vit (vit)", "vit (vit) at random init"]
+    rows = task["rows"]
+    by = {(row["model"], row["features"]): row for row in rows}
+    assert by[("majority class", "always 'chords'")]["balanced_accuracy"] == 0.5
+    assert by[("descriptors", "hand-crafted")]["balanced_accuracy"] > 0.9
+    assert by[("raw pixels", "4x4 avg-pooled")]["balanced_accuracy"] > 0.8
+    swin = {row["features"] for row in rows if row["model"] == "swin (swin)"}
+    assert swin == {"L0 mean", "L0 non-empty", "L1 mean", "L1 non-empty", "all mean", "all non-empty"}
+    for model in r["models"]:  # one headline per encoder, chosen on the training side
+        assert sum(bool(row.get("headline")) for row in rows if row["model"] == model) == 1
+    assert all(row["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0) for row in rows if "l2" in row)
+    assert main(["probe", *map(str, runs), "--cache-dir", str(labelled_cache), "--level", "0", "--test-fraction", "0.3",
+                 "--min-pieces", "5", "--no-random", "-o", str(tmp_path / "probe.json")]) == 0
     out = capsys.readouterr().out
-    assert "| swin (swin), level 0 |" in out and "| vit (vit), level 0 |" in out and (tmp_path / "probe.json").exists()
+    assert "| swin (swin) | L0 mean" in out and "| vit (vit) | L0 non-empty" in out and "random init" not in out
+    assert all((tmp_path / f"probe.{ext}").stat().st_size > 0 for ext in ("json", "md", "png"))
 
 
-def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory) -> None:
-    with pytest.raises(ValueError, match="at least 2 classes"):
-        probe([trained_run("swin", tiny_cache, tmp_path_factory)], tiny_cache)
+def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory, capsys) -> None:
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    with pytest.raises(ValueError, match="no task .* has two classes"):
+        probe([run], tiny_cache)
+    assert main(["probe", str(run), "--cache-dir", str(tiny_cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("midi-rae probe: error: no task")
 
 
 def test_picked_pieces_are_independent_of_the_split() -> None:
