@@ -42,6 +42,9 @@ class DataConfig:
     max_time_shift: int = 16  # the two views' random offsets (steps / semitones)
     max_pitch_shift: int = 6
     transpose: int = 0  # random transposition of both views, +-semitones (training only)
+    # 'shift': the second view is the same passage moved by max_time_shift / max_pitch_shift;
+    # 'piece': another passage of the same piece, moved by up to max_pitch_shift semitones of its own.
+    view_mode: str = "shift"
     val_fraction: float = 0.05  # pieces held out, by a hash of the piece id
     val_max_items: int | None = 256  # cap on the fixed validation crops (None: all)
     num_workers: int = 0  # DataLoader workers per process
@@ -55,6 +58,7 @@ class DataConfig:
         _require(self.val_max_items is None or self.val_max_items > 0,
                  f"data.val_max_items must be positive or null (all), got {self.val_max_items}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.view_mode in ("shift", "piece"), f"data.view_mode must be 'shift' or 'piece', got {self.view_mode!r}")
 
 
 @dataclass
@@ -133,10 +137,18 @@ class ObjectiveConfig:
     anchor_weight: float = 0.0  # pull empty-patch embeddings of every level toward 0
     multiscale_weight: float = 0.0  # per-level heads predicting the max-pooled roll
     multiscale_upsample: int = 1
+    recon_levels: int | None = None  # swin: the MAE decoder reads only this many coarsest levels; None: all
+    # One embedding per view (every level's non-empty mean, concatenated, through a projector MLP),
+    # pulled together across the two views: 'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg).
+    global_weight: float = 0.0
+    global_loss: str = "infonce"
+    global_temperature: float = 0.1  # infonce
+    global_dim: int = 128  # projector output
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight", "multiscale_weight")}
+        weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight",
+                                                 "multiscale_weight", "global_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
@@ -149,6 +161,12 @@ class ObjectiveConfig:
                  f"need 0 <= objective.ema_momentum <= objective.ema_momentum_end <= 1, got "
                  f"{self.ema_momentum}, {self.ema_momentum_end}")
         _require(0.0 <= self.lejepa_lambda <= 1.0, f"objective.lejepa_lambda must be in [0, 1], got {self.lejepa_lambda}")
+        _require(self.global_loss in ("infonce", "lejepa"), f"objective.global_loss must be 'infonce' or 'lejepa', "
+                 f"got {self.global_loss!r}")
+        _require(self.global_temperature > 0 and self.global_dim > 0,
+                 "objective.global_temperature and objective.global_dim must be positive")
+        _require(self.recon_levels is None or self.recon_levels > 0,
+                 f"objective.recon_levels must be positive or null (all), got {self.recon_levels}")
         _require(self.predictor_dim % self.predictor_heads == 0,
                  f"objective.predictor_dim {self.predictor_dim} must be divisible by objective.predictor_heads {self.predictor_heads}")
 
@@ -261,6 +279,13 @@ class Config:
             _require(all(0 <= i < m.num_stages for i in dc.skip_levels) and dc.skip_levels,
                      f"decoder.skip_levels must name levels 0..{m.num_stages - 1} (0 = coarsest), got {dc.skip_levels}")
             _require(m.encoder == "swin", "decoder.skip_levels applies to the Swin decoder only; set it to null")
+        _require(self.objective.lejepa_weight == 0 or d.view_mode == "shift",
+                 "objective.lejepa_weight compares aligned positions of two shifted views; set data.view_mode=shift "
+                 "(or use objective.global_weight with data.view_mode=piece)")
+        rl = self.objective.recon_levels
+        if rl is not None:
+            _require(m.encoder == "swin" and rl <= m.num_stages, f"objective.recon_levels must be 1..{m.num_stages} "
+                     f"(Swin levels) or null, got {rl} for the {m.encoder} encoder")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -66,6 +66,15 @@ class PatchState:
     def batch_size(self) -> int:
         return self.emb.shape[0]
 
+    def pooled(self, non_empty_only: bool = True) -> Tensor:
+        """(B, D): the mean over the non-empty tokens (a crop is mostly the empty token, whose
+        embedding would otherwise dominate the mean), or over every token. A sample with no
+        non-empty token pools to zeros."""
+        if not non_empty_only:
+            return self.emb.mean(1)
+        keep = self.non_empty[..., None].to(self.emb.dtype)  # (B, N, 1)
+        return (self.emb * keep).sum(1) / keep.sum(1).clamp_min(1)
+
     @property
     def visible(self) -> Tensor:
         """Embeddings of the visible tokens of all samples, flattened: (n_visible, D)."""

@@ -432,7 +432,8 @@ class PianoRollDataset(Dataset):
     """Random `(C, 128, crop_width)` crops of the pieces of one split of a prepared cache.
 
     Items are dicts of tensors: `x` (C, 128, W) float in [0, 1]; with `pair=True` also `x2`, a
-    second view of the same passage, and `shift1`, `shift2`: each view's (time, pitch) offset
+    second view of the same passage (`view_mode='piece'`: of another passage of the same piece,
+    from its own anchor), and `shift1`, `shift2`: each view's (time, pitch) offset
     from the shared anchor crop, as a long tensor `[dt, dp]`. View k shows the anchor's music
     moved up by dp semitones, starting dt steps later in the piece (zero fill, no wrap).
     Also `piece` (index into `self.pieces`), `start` (anchor's first column) and `piece_id`.
@@ -457,6 +458,7 @@ class PianoRollDataset(Dataset):
         min_active: int | None = None,
         channels: int | None = None,
         seed: int = 0,
+        view_mode: str = "shift",
     ) -> None:
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
@@ -469,6 +471,9 @@ class PianoRollDataset(Dataset):
         self.channels = channels or self.settings.channels
         if self.channels > self.settings.channels:
             raise ValueError(f"channels={channels}, but the cache holds {self.settings.channels} (prepare with onsets)")
+        if view_mode not in ("shift", "piece"):
+            raise ValueError(f"view_mode must be 'shift' or 'piece', got {view_mode!r}")
+        self.view_mode = view_mode
         self.seed, self.epoch = seed, 0
         self.scale = 127.0 if self.settings.velocity else 1.0
         self.pieces = [p for p in load_index(cache_dir) if split == "all" or split_of(p["piece_id"], val_fraction) == split]
@@ -520,7 +525,9 @@ class PianoRollDataset(Dataset):
         t, p = self.max_time_shift, self.max_pitch_shift
         shifts = [(int(rng.integers(-t, t + 1)), int(rng.integers(-p, p + 1))) for _ in range(2)]
         item["x"] = self._view(roll, start, shifts[0][0], base + shifts[0][1])
-        item["x2"] = self._view(roll, start, shifts[1][0], base + shifts[1][1])
+        # 'piece': view 2 is another passage of the same piece (its own anchor), in its own key.
+        start2 = self._anchor(roll, rng) if self.view_mode == "piece" else start
+        item["x2"] = self._view(roll, start2, shifts[1][0], base + shifts[1][1])
         item["shift1"] = torch.tensor(shifts[0])
         item["shift2"] = torch.tensor(shifts[1])
         return item

@@ -170,3 +170,21 @@ def multiscale_recon_loss(level_logits: Sequence[Tensor], target: Tensor,
                                                  pos_weight=_pos_weight(pos_weight, lg))
               for lg in level_logits]
     return torch.stack(losses).mean()
+
+
+def info_nce(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """Symmetric InfoNCE / NT-Xent (SimCLR, https://arxiv.org/abs/2002.05709) between two views:
+    z1[i] and z2[i] (B, D) are a positive pair, every other row of either view a negative."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)  # (2B, D)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))  # a view is not its own positive
+    B = z1.shape[0]
+    target = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+def lejepa_global(z1: Tensor, z2: Tensor, lam: float = 0.05, num_projections: int = 256) -> Tensor:
+    """LeJEPA on one embedding per view (https://arxiv.org/abs/2511.08544): (1 - lam) * the
+    squared distance between the two views' z (B, D) + lam * SIGReg on both views' z."""
+    inv = (z1 - z2).square().mean()
+    return (1 - lam) * inv + lam * sigreg(torch.cat([z1, z2]), num_projections)

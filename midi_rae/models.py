@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from midi_rae.config import PITCHES, Config
 from midi_rae.core import EncoderOutput
-from midi_rae.losses import anchor_loss, masked_recon_loss, mep_loss, multiscale_recon_loss, safe_mean, sigreg
+from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, masked_recon_loss, mep_loss, multiscale_recon_loss,
+                             safe_mean, sigreg)
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
@@ -55,7 +56,8 @@ def build_mae_decoder(cfg: Config) -> nn.Module:
         return ViTMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
                              m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads)
     return SwinMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, len(m.depths),
-                          m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size)
+                          m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size,
+                          read_levels=cfg.objective.recon_levels)
 
 
 def level_dims(encoder: nn.Module) -> list[int]:
@@ -118,6 +120,18 @@ def lejepa_shifted(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shi
     return total / len(valid)
 
 
+class Projector(nn.Module):
+    """The head of the global objective: every level's non-empty mean, concatenated, through a
+    two-layer MLP (SimCLR's projector; the probes read the encoder's features, not this head)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, out: EncoderOutput) -> Tensor:
+        return self.mlp(torch.cat([lvl.pooled() for lvl in out.patches], dim=-1))  # (B, out_dim)
+
+
 def clear_attention_caches(module: nn.Module) -> None:
     """Drop cached position biases: weights changed in place (EMA) would leave them stale."""
     for m in module.modules():
@@ -137,6 +151,7 @@ class Pretrainer(nn.Module):
         self.predictor = build_predictor(cfg, self.encoder) if o.mep_weight > 0 else None
         self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
                          if o.multiscale_weight > 0 else None)
+        self.projector = Projector(sum(level_dims(self.encoder)), o.global_dim) if o.global_weight > 0 else None
         self.teacher = None
         if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
@@ -144,7 +159,7 @@ class Pretrainer(nn.Module):
     @property
     def needs_views(self) -> bool:
         """Whether batches must carry the second shifted view (`x2`, `shift1`, `shift2`)."""
-        return self.objective.lejepa_weight > 0
+        return self.objective.lejepa_weight > 0 or self.objective.global_weight > 0
 
     def train(self, mode: bool = True) -> Pretrainer:
         super().train(mode)
@@ -185,13 +200,21 @@ class Pretrainer(nn.Module):
             views = [self.encoder(x), self.encoder(batch["x2"])]
             parts["lejepa"] = lejepa_shifted(*views, batch["shift1"], batch["shift2"], o.lejepa_lambda,
                                              o.sigreg_projections)
+        if self.projector is not None:
+            # The masked student view (when one exists) against a second view masked alike: the
+            # mask is one more augmentation, and no extra unmasked forward is paid for.
+            first = student if student is not None else (views[0] if views else self.encoder(x))
+            second = self.encoder(batch["x2"], mask_ratio=o.mask_ratio if student is not None else 0.0)
+            z1, z2 = self.projector(first), self.projector(second)
+            parts["global"] = (info_nce(z1, z2, o.global_temperature) if o.global_loss == "infonce"
+                               else lejepa_global(z1, z2, o.lejepa_lambda, o.sigreg_projections))
         if o.anchor_weight > 0:
             outs = views or [student if student is not None else self.encoder(x)]
             per_level = [anchor_loss(lvl.emb, lvl.non_empty, lvl.emb.new_zeros(lvl.dim))
                          for out in outs for lvl in out.patches]
             parts["anchor"] = torch.stack(per_level).mean()
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
-                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight}
+                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight}
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 

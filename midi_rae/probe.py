@@ -1,7 +1,8 @@
 """`midi-rae probe`: the probe suite. Linear probes on frozen embeddings for every label of the
 corpus metadata, against the baselines an embedding has to beat to be worth using.
 
-Tasks: `collection`, `composer`, `time_signature` and `mode` (major / minor, from the key),
+Tasks: `collection`, `composer`, `time_signature`, `mode` (major / minor, from the key) and
+`source_set` (the source file's name without its number: the Essen folk songs' regions),
 each with the classes that have enough pieces on both sides of the split (at most
 `--max-classes`, the most frequent). Split grouped by piece, by a hash of the piece id
 (`data.split_of`) at the run's `data.val_fraction`: the test pieces are the run's validation
@@ -25,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,15 +44,23 @@ from midi_rae.models import build_encoder
 from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
-TASKS = ("collection", "composer", "time_signature", "mode")
+TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def label_of(piece: dict[str, Any], task: str) -> str | None:
-    """The value of `task` for one piece of the index: a metadata key, or `mode` from the key name."""
+    """The value of `task` for one piece of the index: a metadata key; `mode` from a key name that
+    states it ('G major'; an ABC key field names only the signature); `source_set`, the source
+    file's name without its trailing number (the Essen collection's files are regions and sources,
+    e.g. han = Chinese Han songs, erk = Erk's German songs)."""
     if task == "mode":
         key = piece.get("key") or ""
         return next((m for m in ("major", "minor") if key.endswith(m)), None)
+    if task == "time_signature":  # kern's and MusicXML's symbols for common and cut time
+        value = {"C": "4/4", "C|": "2/2"}.get(piece.get(task) or "", piece.get(task))
+        return str(value) if value else None
+    if task == "source_set":
+        return re.sub(r"\d+$", "", Path(piece.get("source") or "").stem) or None
     value = piece.get(task)
     return None if value in (None, "") else str(value)
 
@@ -143,10 +153,8 @@ def level_features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> dict
     chunks: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
         for j, lvl in enumerate(encoder(x[i:i + batch_size]).patches):
-            emb = lvl.emb.float()  # (B, N, D)
-            keep = lvl.non_empty[..., None].float()  # (B, N, 1)
-            chunks.setdefault(f"L{j} mean", []).append(emb.mean(1))
-            chunks.setdefault(f"L{j} non-empty", []).append((emb * keep).sum(1) / keep.sum(1).clamp_min(1))
+            chunks.setdefault(f"L{j} mean", []).append(lvl.pooled(non_empty_only=False).float())
+            chunks.setdefault(f"L{j} non-empty", []).append(lvl.pooled().float())
     feats = {k: torch.cat(v) for k, v in chunks.items()}
     n = len([k for k in feats if k.endswith(" mean")])
     for pool in ("mean", "non-empty"):

@@ -211,27 +211,39 @@ class SwinMAEDecoder(nn.Module):
     def __init__(self, img_height: int = 128, img_width: int = 128, patch_h: int = 4, patch_w: int = 4,
                  out_channels: int = 1, embed_dim: int = 8, num_levels: int = 6, decoder_dim: int = 64,
                  depth: int = 2, num_heads: int = 4, window_size: int | Sequence[int] = 8, mlp_ratio: float = 4.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, head: str = "linear") -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, head: str = "linear",
+                 read_levels: int | None = None) -> None:
         super().__init__()
         self.grids = pyramid_grids((img_height, img_width), (patch_h, patch_w), num_levels)
+        # Reading only the coarsest levels forces the content of the roll up into them (the finer
+        # levels hold as many floats as the crop has pixels and could otherwise just copy it).
+        self.read_levels = num_levels if read_levels is None else read_levels
         self.dims = [embed_dim * 2 ** (num_levels - 1 - i) for i in range(num_levels)]  # coarsest first
-        self.lateral = nn.ModuleList([nn.Linear(d, decoder_dim) for d in self.dims])
+        self.lateral = nn.ModuleList([nn.Linear(d, decoder_dim) for d in self.dims[: self.read_levels]])
         self.mask_embed = nn.Parameter(torch.zeros(decoder_dim))
+        # Without the finest levels, upsampled coarse tokens are constant over their cell: a learned
+        # position embedding on the finest grid tells the blocks where in the cell a patch sits.
+        self.pos_embed = (nn.Parameter(torch.zeros(1, *self.grids[-1], decoder_dim))
+                          if self.read_levels < num_levels else None)
         self.blocks = SwinStage(decoder_dim, decoder_dim, self.grids[-1], depth, num_heads, _pair(window_size),
                                 mlp_ratio=mlp_ratio, norm_layer=norm_layer)
         self.norm = norm_layer(decoder_dim)
         self.head = Unpatchify(decoder_dim, out_channels, (patch_h, patch_w), head)
         init_weights(self, version=2)
         nn.init.normal_(self.mask_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
 
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)
         x = None
-        for lvl, grid, lateral in zip(enc_out.patches, self.grids, self.lateral):
-            lat = to_grid(lateral(lvl.emb), grid)  # (B, h, w, decoder_dim)
+        for i, grid in enumerate(self.grids):
+            lat = to_grid(self.lateral[i](enc_out.patches[i].emb), grid) if i < self.read_levels else 0  # (B, h, w, decoder_dim)
             x = lat if x is None else x.repeat_interleave(2, 1).repeat_interleave(2, 2) + lat
         masked = ~enc_out.mae_mask.view(x.shape[:3])  # (B, gh, gw)
         x = x + masked[..., None] * self.mask_embed
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         return self.head(self.norm(self.blocks(x)))  # (B, C, H, W) logits
 
 

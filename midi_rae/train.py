@@ -107,7 +107,7 @@ def datasets(cfg: Config, seed: int, pair: bool) -> tuple[PianoRollDataset, Subs
                                 f"(or `midi-rae run`, which prepares first), or set data.cache_dir")
     d = cfg.data
     kw = dict(crop_width=d.crop_width, pair=pair, max_time_shift=d.max_time_shift, max_pitch_shift=d.max_pitch_shift,
-              val_fraction=d.val_fraction, channels=d.channels, seed=seed)
+              val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode)
     train = PianoRollDataset(cache, "train", transpose=d.transpose, **kw)
     try:
         val = PianoRollDataset(cache, "val", **kw)

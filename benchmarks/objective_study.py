@@ -1,0 +1,137 @@
+"""Objective study at a fixed wall-clock budget: every row pretrains the same encoder shape for the
+same minutes (not steps: a second view or a teacher costs time), then goes through the probe suite.
+
+    python benchmarks/objective_study.py --preset reference --budget-min 4 --seeds 0 1 --rows simmim infonce \
+        --cache-dir CACHE --out study/
+
+1. Timing: each (row, seed) trains `--timing-steps` steps, all at once, each pinned to its own
+   `--threads` cores, so every job runs under the load it will train under.
+2. Training: each job gets `budget / its step time` steps (the schedule spans them), all at once.
+3. Probes: `midi-rae probe RUN --level all` for every job, plus one random-initialisation twin
+   of the preset's encoder. Results: `study.json` and `study.md` in `--out`.
+Rows are dotted overrides of the preset (see ROWS); the commands run are written beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Each row switches its objectives explicitly, so it means the same over any preset.
+OFF = ["objective.global_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
+       "objective.recon_levels=null", "objective.recon_visible_weight=0", "model.inter_stage_mask_ratio=0",
+       "data.view_mode=shift"]
+SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
+ROWS: dict[str, list[str]] = {
+    "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
+    "simmim_m75": SIMMIM + ["objective.mask_ratio=0.75"],
+    "simmim_patch8": SIMMIM + ["model.patch_w=8"],  # 4 x 8 patches (pitch x time)
+    "mep": SIMMIM + ["objective.mep_weight=1"],  # + masked embedding prediction against an EMA teacher
+    "multiscale": SIMMIM + ["objective.multiscale_weight=1"],
+    "inter_stage": SIMMIM + ["model.inter_stage_mask_ratio=0.3"],
+    "lejepa_shift": OFF + ["objective.recon_weight=0", "objective.lejepa_weight=1"],  # per-token LeJEPA, aligned views
+    "coarse_ae": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1"],  # decoder reads 2 coarsest levels
+    "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
+    "lejepa_global": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "objective.global_loss=lejepa",
+                            "data.view_mode=piece"],
+    "infonce_coarse_ae": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                   "objective.global_weight=1", "data.view_mode=piece"],
+    "lejepa_global_coarse_ae": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                         "objective.global_weight=1", "objective.global_loss=lejepa", "data.view_mode=piece"],
+}
+
+
+def run_jobs(cmds: list[tuple[str, list[str]]], threads: int, logs: Path, timeout: float) -> dict[str, int]:
+    """Run every (name, argv) at once, job k pinned to cores [k*threads, (k+1)*threads)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    procs = {}
+    for k, (name, argv) in enumerate(cmds):
+        cores = ",".join(str(k * threads + i) for i in range(threads))
+        with open(logs / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen(["taskset", "-c", cores, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+    end = time.time() + timeout
+    codes = {}
+    for name, p in procs.items():
+        try:
+            codes[name] = p.wait(timeout=max(end - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes[name] = -9
+    return codes
+
+
+def step_time(metrics: Path) -> float:
+    """Seconds per step from the training lines of metrics.jsonl (first line excluded: start-up)."""
+    lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    train = [l for l in lines if l.get("split") == "train"]
+    a, b = train[1 if len(train) > 2 else 0], train[-1]
+    return (b["time"] - a["time"]) / (b["step"] - a["step"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="reference")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--budget-min", type=float, default=4.0, help="training minutes per job")
+    p.add_argument("--threads", type=int, default=1, help="cores per job")
+    p.add_argument("--timing-steps", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="train.device of every job (the budget is then shared GPU time)")
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--probe-timeout", type=float, default=900, help="seconds the probes may take")
+    p.add_argument("--probe-args", default="--level all", help="extra arguments of `midi-rae probe`")
+    args = p.parse_args()
+    out = Path(args.out)
+    py = [sys.executable, "-m", "midi_rae"]
+    jobs = [(f"{row}-s{seed}", row, seed) for row in args.rows for seed in args.seeds]
+
+    def train_cmd(name: str, row: str, seed: int, where: str, steps: int, log_every: int) -> list[str]:
+        return [*py, "train", "-c", args.preset, f"name={name}", f"out_dir={out / where}", f"data.cache_dir={args.cache_dir}",
+                *ROWS[row], f"train.seed={seed}", f"train.max_steps={steps}", f"train.log_every={log_every}",
+                f"train.threads={args.threads}", f"train.device={args.device}", "train.eval_every=0", f"train.ckpt_every={max(steps, 1)}",
+                "train.progress=false", "train.tensorboard=false", "data.val_max_items=64"]
+
+    t0 = time.time()
+    run_jobs([(n, train_cmd(n, r, s, "timing", args.timing_steps, 2)) for n, r, s in jobs], args.threads,
+             out / "logs" / "timing", 600)
+    steps = {}
+    for n, r, s in jobs:
+        try:
+            steps[n] = max(int(args.budget_min * 60 / step_time(out / "timing" / n / "pretrain" / "metrics.jsonl")), 10)
+        except (OSError, IndexError, ValueError):
+            steps[n] = 0  # the timing run failed: see logs/timing/<name>.log
+    print(f"timing done in {time.time() - t0:.0f} s: {steps}", flush=True)
+    cmds = {n: train_cmd(n, r, s, "runs", steps[n], 25) for n, r, s in jobs if steps[n]}
+    t1 = time.time()
+    codes = run_jobs(list(cmds.items()), args.threads, out / "logs" / "train", args.budget_min * 60 * 1.5 + 120)
+    print(f"training done in {time.time() - t1:.0f} s: {codes}", flush=True)
+    done = [n for n in cmds if codes.get(n) == 0]
+    probe = lambda run, extra: [*py, "probe", str(out / "runs" / run), "--cache-dir", args.cache_dir,  # noqa: E731
+                                *args.probe_args.split(), *extra, "-o", str(out / "probes" / f"{run}.json")]
+    (out / "probes").mkdir(parents=True, exist_ok=True)
+    pcmds = [(n, probe(n, ["--no-random"])) for n in done[1:]] + [(done[0], probe(done[0], []))] if done else []
+    t2 = time.time()
+    pcodes = run_jobs(pcmds, args.threads, out / "logs" / "probe", args.probe_timeout)
+    print(f"probes done in {time.time() - t2:.0f} s: {pcodes}", flush=True)
+    rows = []
+    for n, r, s in jobs:
+        pj = out / "probes" / f"{n}.json"
+        res = json.loads(pj.read_text()) if pj.exists() else None
+        rows.append({"job": n, "row": r, "seed": s, "steps": steps[n], "overrides": ROWS[r], "command": cmds.get(n),
+                     "step_s": args.budget_min * 60 / steps[n] if steps[n] else None,
+                     "probe": res and [{"task": t["task"], "rows": t["rows"], "classes": t["classes"],
+                                        "test_pieces": t["test_pieces"]} for t in res["tasks"]]})
+    (out / "study.json").write_text(json.dumps({"preset": args.preset, "budget_min": args.budget_min, "device": args.device,
+                                                "threads": args.threads, "rows": rows}, indent=1))
+    print(f"all done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

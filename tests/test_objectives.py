@@ -1,0 +1,76 @@
+"""The global (piece-level) objectives, the coarse-only MAE decoder and the 'piece' views."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from midi_rae.config import ConfigError, load_config
+from midi_rae.data import PianoRollDataset
+from midi_rae.losses import info_nce, lejepa_global
+from midi_rae.models import Pretrainer
+from midi_rae.swin import SwinEncoder, SwinMAEDecoder
+
+SMALL = ["data.crop_width=32", "model.embed_dim=8", "model.depths=[1,1,1]", "model.num_heads=[1,2,4]",
+         "model.window_size=4", "model.mae_decoder_dim=16", "model.mae_decoder_heads=2"]
+
+
+def test_info_nce_prefers_matching_pairs() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 32, generator=g)
+    matched, shuffled = info_nce(z, z + 0.01 * torch.randn(16, 32, generator=g)), info_nce(z, z[torch.randperm(16, generator=g)])
+    assert matched < 0.1 < shuffled
+    assert torch.isclose(info_nce(z, z.roll(1, 0)), info_nce(z.roll(1, 0), z))  # symmetric in the views
+
+
+def test_lejepa_global_is_invariance_plus_sigreg() -> None:
+    z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert lejepa_global(z, z, lam=0.0) == 0
+    loss = lejepa_global(z, z + 1, lam=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0.5 * 1.0 and torch.isfinite(z.grad).all()
+
+
+def test_coarse_only_mae_decoder_ignores_the_fine_levels() -> None:
+    enc = SwinEncoder(img_height=32, img_width=32, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4)
+    dec = SwinMAEDecoder(32, 32, embed_dim=8, num_levels=3, decoder_dim=16, depth=1, num_heads=2, window_size=4,
+                         read_levels=1)
+    out = enc((torch.rand(2, 1, 32, 32) > 0.9).float())
+    before = dec(out)
+    for lvl in list(out.patches)[1:]:  # change every level but the coarsest
+        lvl.emb = torch.randn_like(lvl.emb)
+    assert torch.equal(before, dec(out)) and len(dec.lateral) == 1 and dec.pos_embed is not None
+
+
+def test_pretrainer_global_objective_trains_every_head(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", f"out_dir={tmp_path}", *SMALL, "data.view_mode=piece",
+                             "objective.global_weight=1", "objective.recon_levels=2", "objective.recon_visible_weight=1"])
+    model = Pretrainer(cfg)
+    assert model.needs_views
+    ds = PianoRollDataset(tiny_cache, crop_width=32, pair=True, view_mode="piece", channels=1)
+    batch = {k: torch.stack([ds[i][k] for i in range(8)]) for k in ("x", "x2", "shift1", "shift2")}
+    loss, parts = model(batch)
+    loss.backward()
+    assert set(parts) == {"recon", "global"} and torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.projector.parameters())
+    for name in ("lejepa",):
+        cfg2 = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.global_weight=1",
+                                  "objective.global_loss=" + name, "data.view_mode=piece"])
+        assert torch.isfinite(Pretrainer(cfg2)(batch)[0])
+
+
+def test_piece_views_come_from_other_passages(tiny_cache: Path) -> None:
+    kw = dict(crop_width=16, pair=True, max_time_shift=0, max_pitch_shift=0, channels=1)
+    same = PianoRollDataset(tiny_cache, **kw)
+    other = PianoRollDataset(tiny_cache, view_mode="piece", **kw)
+    assert all(torch.equal(same[i]["x"], same[i]["x2"]) for i in range(10))
+    assert sum(not torch.equal(other[i]["x"], other[i]["x2"]) for i in range(10)) >= 5
+    assert all(same[i]["piece_id"] == other[i]["piece_id"] for i in range(10))
+
+
+def test_impossible_objective_configs_are_refused() -> None:
+    with pytest.raises(ConfigError, match="data.view_mode=shift"):
+        load_config(None, ["objective.lejepa_weight=1", "data.view_mode=piece"])
+    with pytest.raises(ConfigError, match="recon_levels must be 1..6"):
+        load_config(None, ["objective.recon_levels=7"])
+    with pytest.raises(ConfigError, match="global_loss"):
+        load_config(None, ["objective.global_loss=simclr"])
