@@ -42,8 +42,9 @@ class SwinEncoder(nn.Module):
     `mae_ratio` is the masking ratio for pretraining, read by the training engine and passed as
     `mask_ratio`; `forward` masks only what `mask_ratio` / `mae_mask` ask, so evaluation is never
     masked by accident. `squash_coarse` overwrites empty positions at every level with a learned
-    per-level empty token. `inter_stage_mask_ratio` > 0 adds dropout-style masking between stages
-    in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
+    per-level empty token; a masked patch is not known to be empty, so neither it nor a coarse
+    token over it is squashed. `inter_stage_mask_ratio` > 0 adds dropout-style masking between
+    stages in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
     is replaced by a learned token, so every scale must cope with missing detail; the levels
     returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
     """
@@ -110,29 +111,32 @@ class SwinEncoder(nn.Module):
             return simmim_mask(non_empty.flatten(1), mask_ratio, self.empty_mask_ratio).view(B, gh, gw)
         return torch.ones_like(non_empty)
 
-    def run_stages(self, x: Tensor, non_empty: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """NHWC features and non_empty grids of every stage, finest first."""
+    def run_stages(self, x: Tensor, non_empty: Tensor, visible: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """NHWC features and non_empty grids of every stage, finest first. Squashing and
+        inter-stage masking read `seen`: a masked patch counts as holding notes, so what lies
+        under it cannot change which tokens are replaced."""
+        seen = non_empty | ~visible  # (B, gh, gw): not known to be empty
         feats, empties = [], []
         for i, stage in enumerate(self.stages):
             if i > 0:
                 if self.stage_mask_tokens is not None and self.training:
-                    x = self._mask_between_stages(x, non_empty, i)
-                non_empty = pool_mask(non_empty, any_of=True)
+                    x = self._mask_between_stages(x, seen, i)
+                non_empty, seen = pool_mask(non_empty, any_of=True), pool_mask(seen, any_of=True)
             x = stage(x)
             if i == self.num_stages - 1:
                 x = self.norm(x)
             if self.level_empty_tokens is not None:
-                x = apply_mask_token(x, non_empty, self.level_empty_tokens[i])
+                x = apply_mask_token(x, seen, self.level_empty_tokens[i])
             feats.append(x)
             empties.append(non_empty)
         return feats, empties
 
-    def _mask_between_stages(self, x: Tensor, non_empty: Tensor, i: int) -> Tensor:
+    def _mask_between_stages(self, x: Tensor, seen: Tensor, i: int) -> Tensor:
         """Replace a fraction inter_stage_mask_ratio / 2**i of stage i's input (B, h, w, D) by its token."""
         B, h, w, _ = x.shape
         ratio = self.inter_stage_mask_ratio / 2**i
-        visible = level_mask(non_empty.flatten(1), ratio, self.empty_mask_ratio).view(B, h, w)
-        return apply_mask_token(x, visible, self.stage_mask_tokens[i - 1])
+        keep = level_mask(seen.flatten(1), ratio, self.empty_mask_ratio).view(B, h, w)
+        return apply_mask_token(x, keep, self.stage_mask_tokens[i - 1])
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x: (B, C, H, W) in [0, 1]; mae_mask: optional (B, N) bool over the patch grid, True = visible."""
@@ -141,7 +145,7 @@ class SwinEncoder(nn.Module):
         visible = self.make_mask(non_empty, mask_ratio, mae_mask)
         if mask_ratio > 0 or mae_mask is not None:  # skip a full-grid pass when nothing is masked
             tokens = apply_mask_token(tokens, visible, self.mask_token)
-        feats, empties = self.run_stages(tokens, non_empty)
+        feats, empties = self.run_stages(tokens, non_empty, visible)
         return self._package(feats, empties, visible)
 
     def _package(self, feats: list[Tensor], empties: list[Tensor], visible: Tensor) -> EncoderOutput:

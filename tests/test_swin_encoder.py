@@ -74,7 +74,8 @@ def test_spec_test_cell() -> None:
 
 def test_every_parameter_gets_gradient() -> None:
     torch.manual_seed(0)
-    enc = SwinEncoder(128, 128, squash_coarse=True, drop_path_rate=0.0)  # no branch dropped by chance
+    # no branch dropped by chance; empty patches never masked, so squashing is not blocked by a mask
+    enc = SwinEncoder(128, 128, squash_coarse=True, drop_path_rate=0.0, empty_mask_ratio=0.0)
     randomize_post_norms(enc)
     x = piano_roll(3, 128, 128)
     x[2] = 0  # an all-empty sample, so even the 1x1 level's empty token is used
@@ -127,8 +128,10 @@ def test_simmim_masking_per_sample_and_given_mask() -> None:
     assert torch.equal(enc(x).mae_mask, torch.ones_like(vis))  # no mask unless asked
 
 
-def test_masked_pixels_do_not_reach_the_encoder() -> None:
-    enc = SwinEncoder(128, 128).eval()
+@pytest.mark.parametrize("squash_coarse", [False, True])
+def test_masked_pixels_do_not_reach_the_encoder(squash_coarse: bool) -> None:
+    # With squash_coarse, empty tokens must follow what the encoder sees, not the unmasked input.
+    enc = SwinEncoder(128, 128, squash_coarse=squash_coarse).eval()
     randomize_post_norms(enc)
     x = piano_roll(2, 128, 128)
     vis = enc(x, mask_ratio=0.5).mae_mask
