@@ -35,7 +35,8 @@ def encoder_kwargs(cfg: Config) -> dict:
         return dict(common, depth=m.depth, num_heads=m.num_heads)
     kw = dict(common, depths=tuple(m.depths), num_heads=tuple(m.num_heads), window_size=m.window_size,
               drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse,
-              inter_stage_mask_ratio=m.inter_stage_mask_ratio, version=m.version)
+              inter_stage_mask_ratio=m.inter_stage_mask_ratio, inter_stage_mask_all=m.inter_stage_mask_all,
+              version=m.version)
     return kw
 
 

@@ -56,13 +56,13 @@ class SwinEncoder(nn.Module):
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
-                 version: int = 2) -> None:
+                 inter_stage_mask_all: bool = False, version: int = 2) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
         if not 0.0 <= inter_stage_mask_ratio < 1.0:
             raise ValueError(f"inter_stage_mask_ratio must be in [0, 1), got {inter_stage_mask_ratio}")
-        self.inter_stage_mask_ratio = inter_stage_mask_ratio
+        self.inter_stage_mask_ratio, self.inter_stage_mask_all = inter_stage_mask_ratio, inter_stage_mask_all
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
         self.mae_ratio, self.empty_mask_ratio, self.squash_coarse = mae_ratio, empty_mask_ratio, squash_coarse
         self.grid_size = (img_height // patch_h, img_width // patch_w)
@@ -111,7 +111,8 @@ class SwinEncoder(nn.Module):
             return simmim_mask(non_empty.flatten(1), mask_ratio, self.empty_mask_ratio).view(B, gh, gw)
         return torch.ones_like(non_empty)
 
-    def run_stages(self, x: Tensor, non_empty: Tensor, visible: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def run_stages(self, x: Tensor, non_empty: Tensor, visible: Tensor,
+                   stage_masking: bool) -> tuple[list[Tensor], list[Tensor]]:
         """NHWC features and non_empty grids of every stage, finest first. Squashing and
         inter-stage masking read `seen`: a masked patch counts as holding notes, so what lies
         under it cannot change which tokens are replaced."""
@@ -119,7 +120,7 @@ class SwinEncoder(nn.Module):
         feats, empties = [], []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                if self.stage_mask_tokens is not None and self.training:
+                if stage_masking:
                     x = self._mask_between_stages(x, seen, i)
                 non_empty, seen = pool_mask(non_empty, any_of=True), pool_mask(seen, any_of=True)
             x = stage(x)
@@ -143,9 +144,13 @@ class SwinEncoder(nn.Module):
         check_roll(x, self.in_chans, self.img_size, type(self).__name__)
         tokens, non_empty = self.embed(x)
         visible = self.make_mask(non_empty, mask_ratio, mae_mask)
-        if mask_ratio > 0 or mae_mask is not None:  # skip a full-grid pass when nothing is masked
+        masked = mask_ratio > 0 or mae_mask is not None
+        if masked:  # skip a full-grid pass when nothing is masked
             tokens = apply_mask_token(tokens, visible, self.mask_token)
-        feats, empties = self.run_stages(tokens, non_empty, visible)
+        # an augmentation of the masked pretraining branch, not of every training forward
+        stage_masking = (self.stage_mask_tokens is not None and self.training
+                         and (masked or self.inter_stage_mask_all))
+        feats, empties = self.run_stages(tokens, non_empty, visible, stage_masking)
         return self._package(feats, empties, visible)
 
     def _package(self, feats: list[Tensor], empties: list[Tensor], visible: Tensor) -> EncoderOutput:

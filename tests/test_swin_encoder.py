@@ -208,7 +208,7 @@ def test_same_calling_code_for_both_encoders() -> None:
     assert run(vit) == [(2, 1, 32), (2, 128, 32)]
 
 
-def test_inter_stage_masking_in_training_only() -> None:
+def test_inter_stage_masking_in_masked_training_forwards_only() -> None:
     torch.manual_seed(0)
     enc = SwinEncoder(128, 128, inter_stage_mask_ratio=0.5, drop_path_rate=0.0)
     randomize_post_norms(enc)
@@ -218,8 +218,9 @@ def test_inter_stage_masking_in_training_only() -> None:
         a, b = enc(x), enc(x)
     torch.testing.assert_close(a.latent, b.latent)  # eval: deterministic, nothing masked
     enc.train()
-    out = enc(x)
-    assert not torch.allclose(out.latent, a.latent)  # training: stages saw masked inputs
+    torch.testing.assert_close(enc(x).latent, a.latent)  # an unmasked training forward is left alone
+    out = enc(x, mae_mask=torch.ones(2, 32 * 32, dtype=torch.bool))  # the masked pretraining forward
+    assert not torch.allclose(out.latent, a.latent)  # stages saw masked inputs
     torch.testing.assert_close(out.patches.finest.emb, a.patches.finest.emb)  # stage 0 input is never masked
     sum((lvl.emb * torch.randn_like(lvl.emb)).sum() for lvl in out.patches).backward()
     assert enc.stage_mask_tokens[0].grad.abs().sum() > 0  # a quarter of stage 1's inputs were its token

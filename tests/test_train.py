@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae.config import load_config
+from midi_rae.config import load_config, resolve_config_path
 from midi_rae.engine import lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
-from midi_rae.models import Pretrainer, align_levels, build_encoder
+from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
 from midi_rae.train import pretrain, report, train_decoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +126,37 @@ def test_param_groups_and_schedules() -> None:
     assert lr_at(0, 1000, t) == pytest.approx(t.lr / t.warmup_steps) and lr_at(t.warmup_steps, 1000, t) == pytest.approx(t.lr)
     assert lr_at(1000, 1000, t) == pytest.approx(t.min_lr)
     assert momentum_at(0, 100, 0.996, 1.0) == pytest.approx(0.996) and momentum_at(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+
+
+def _same_loss_in_train_and_eval(model: torch.nn.Module, batch: dict) -> bool:
+    """Whether a training-mode forward gives the eval-mode loss (same RNG): with no dropout or
+    stochastic depth, only inter-stage masking tells the two modes apart."""
+    losses = []
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(model(batch)[0])
+    return torch.allclose(*losses, atol=0, rtol=0)
+
+
+def test_inter_stage_masking_only_in_the_masked_pretraining_forward() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(2, 1, 128, 64) > 0.9).float()
+    batch = {"x": x, "x2": x.roll(1, dims=-1), "shift1": torch.zeros(2, 2, dtype=torch.long),
+             "shift2": torch.tensor([[1, 0], [1, 0]])}
+    base = ["model.inter_stage_mask_ratio=0.5", "objective.sigreg_projections=16", "decoder.drop_path_rate=0"]
+    masked = Pretrainer(load_config(resolve_config_path("quickstart"), base))  # SimMIM reconstruction: the student is masked
+    assert not _same_loss_in_train_and_eval(masked, batch)
+    views = Pretrainer(load_config(resolve_config_path("quickstart"), [*base, "objective.recon_weight=0", "objective.mask_ratio=0",
+                                                  "objective.lejepa_weight=1"]))
+    assert _same_loss_in_train_and_eval(views, batch)  # LeJEPA's unmasked views
+    cfg = load_config(resolve_config_path("quickstart"), base)
+    finetuned = DecoderTrainer(build_encoder(cfg), build_decoder(cfg), finetune=True)
+    assert _same_loss_in_train_and_eval(finetuned, batch)
+    everywhere = Pretrainer(load_config(resolve_config_path("quickstart"), [*base, "model.inter_stage_mask_all=true", "objective.recon_weight=0",
+                                                       "objective.mask_ratio=0", "objective.lejepa_weight=1"]))
+    assert not _same_loss_in_train_and_eval(everywhere, batch)  # asked for in every training forward
 
 
 def test_align_levels_follow_the_shift() -> None:
