@@ -13,7 +13,7 @@ from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, 
 from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
-from .utils import check_roll, init_linears
+from .utils import check_roll, init_linears, submodule_no_weight_decay
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -95,6 +95,13 @@ class SwinEncoder(nn.Module):
         init_weights(self, version)
         for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):
             nn.init.normal_(t, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Learned tokens stand in for content; decay would only pull them toward zero."""
+        tokens = {"empty_token", "mask_token"}
+        for name in ("level_empty_tokens", "stage_mask_tokens"):
+            tokens |= {f"{name}.{i}" for i in range(len(getattr(self, name) or []))}
+        return tokens | submodule_no_weight_decay(self)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens with empty patches replaced: (B, gh, gw, D) and non_empty (B, gh, gw)."""
@@ -233,6 +240,9 @@ class SwinMAEDecoder(nn.Module):
         init_weights(self, version=2)
         nn.init.normal_(self.mask_embed, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_embed"} | submodule_no_weight_decay(self)
+
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)
         x = None
@@ -285,6 +295,9 @@ class SwinDecoder(nn.Module):
         init_weights(self, version=2)
         if self.start_token is not None:
             nn.init.normal_(self.start_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return ({"start_token"} if self.start_token is not None else set()) | submodule_no_weight_decay(self)
 
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)

@@ -141,6 +141,10 @@ class ViTEncoder(nn.Module):
         nn.init.normal_(self.empty_token, std=0.02)
         init_linears(self, (nn.Linear, nn.Conv2d))
 
+    def no_weight_decay(self) -> set[str]:
+        """Learned tokens stand in for content or a summary; decay would only pull them toward zero."""
+        return {"empty_token", "cls_token"}
+
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> tokens (B, N, D) with empty patches replaced, and non_empty (B, N)."""
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major
@@ -210,6 +214,9 @@ class ViTDecoder(nn.Module):
         self.register_buffer("rope_freqs", rope_freqs(decoder_dim // num_heads), persistent=False)
         init_linears(self)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
 
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         cls, patches = enc_out.patches[0], enc_out.patches[-1]

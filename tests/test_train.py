@@ -111,16 +111,20 @@ def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path
         pretrain(cfg)
 
 
-def test_param_groups_and_schedules() -> None:
-    cfg = load_config(None, ["objective.mep_weight=1"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_param_groups_and_schedules(version: int) -> None:
+    cfg = load_config(None, ["objective.mep_weight=1", f"model.version={version}"])
     model = Pretrainer(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.05)
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert {"encoder.mask_token", "encoder.stages.0.blocks.0.attn.logit_scale", "encoder.stages.0.blocks.0.norm1.weight",
-            "encoder.stages.0.blocks.0.attn.cpb_mlp.0.weight", "encoder.patch_embed.proj.bias"} <= no_decay
-    assert "encoder.stages.0.blocks.0.attn.qkv.weight" in decay
+    attn = "encoder.stages.0.blocks.0.attn."
+    position = ({attn + "logit_scale", attn + "cpb_mlp.0.weight", attn + "cpb_mlp.2.weight"} if version == 2
+                else {attn + "relative_position_bias_table"})  # timm's exclusions for each version
+    assert position | {"encoder.mask_token", "encoder.stages.0.blocks.0.norm1.weight", "encoder.patch_embed.proj.bias",
+                       "predictor.level_embed", "predictor.summary_queries.0", "mae_decoder.mask_embed"} <= no_decay
+    assert {attn + "qkv.weight", "predictor.pos_embed.weight"} <= decay
     assert not any(n.startswith("teacher.") for n in decay | no_decay)  # the EMA teacher is not optimised
     t = cfg.train
     assert lr_at(0, 1000, t) == pytest.approx(t.lr / t.warmup_steps) and lr_at(t.warmup_steps, 1000, t) == pytest.approx(t.lr)

@@ -98,6 +98,13 @@ class WindowAttention(nn.Module):
         # Weights loaded in place would leave a cached bias stale.
         self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
 
+    def no_weight_decay(self) -> set[str]:
+        """Position-bias and temperature parameters: decay would pull them toward no bias and a
+        flat temperature (timm excludes the V2 CPB MLP and logit scale, and the V1 table)."""
+        if self.version == 2:
+            return {"logit_scale", *(f"cpb_mlp.{n}" for n, _ in self.cpb_mlp.named_parameters())}
+        return {"relative_position_bias_table"}
+
     def clear_cache(self) -> None:
         self._mask_cache = {}
 
