@@ -13,12 +13,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from midi_rae.config import TrainConfig
-from midi_rae.losses import masked_recon_loss
+from midi_rae.losses import masked_recon_loss, recon_bce
 from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter
 from midi_rae.utils import submodule_no_weight_decay
@@ -186,7 +185,7 @@ def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, t
         x = batch["x"].to(device)
         with autocast(device, amp):
             logits = model.logits(x).float()
-        total += float(F.binary_cross_entropy_with_logits(logits, x)) * x.shape[0]
+        total += float(recon_bce(logits, x)) * x.shape[0]
         n += x.shape[0]
         meter.update(logits.sigmoid(), x)
     model.train(was_training)

@@ -83,7 +83,7 @@ class ViTEncoder(nn.Module):
     """ViT encoder of piano rolls (B, in_chans, img_height, img_width) with MAE-style masking.
 
     Patches of `patch_h x patch_w` pixels become tokens on a (gh, gw) grid; patches without a
-    note (max pixel <= 0.2) get a learned `empty_token` instead of their embedding. Masked
+    note (every pixel 0) get a learned `empty_token` instead of their embedding. Masked
     tokens are dropped before the transformer (MAE, https://arxiv.org/abs/2111.06377), so they
     cost nothing and cannot leak into visible outputs. A learned CLS token is prepended; every
     block applies 2D RoPE to q and k from each kept token's original grid position (row, col),

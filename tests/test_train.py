@@ -203,6 +203,19 @@ def test_metrics() -> None:
     assert r["masked_f1"] == pytest.approx(2 / 3)
 
 
+def test_velocity_roll_scored_against_itself() -> None:
+    # A velocity cache holds v / 127: velocity 60 is 0.47, still a note for every metric.
+    g = torch.Generator().manual_seed(0)
+    roll = (torch.rand(2, 2, 16, 16, generator=g) > 0.7).float() * 60 / 127
+    for probs, threshold in ((roll, 0.25), ((roll > 0).float(), 0.5)):  # the roll itself, a perfect prediction
+        pm = PixelMeter(threshold)
+        pm.update(probs, roll)
+        assert pm.compute()["f1"] == 1.0
+        mm = MaskedPatchMeter(threshold)
+        mm.update(probs, roll, torch.zeros(2, 16, dtype=torch.bool), (4, 4))  # everything masked
+        assert mm.compute()["masked_f1"] == 1.0
+
+
 def _train_cmd(cache: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "midi_rae", "train", "-c", str(REPO / "configs" / "quickstart.yaml"),
             *tiny(cache, out, "name=r", "train.max_steps=40", "train.ckpt_every=3", "train.eval_every=5",
