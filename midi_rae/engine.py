@@ -13,32 +13,29 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from midi_rae.config import TrainConfig
-from midi_rae.losses import masked_recon_loss
+from midi_rae.losses import masked_recon_loss, recon_bce
 from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter
-
-# Parameters that weight decay would only pull toward zero for no benefit: tokens and
-# embeddings, Swin V2's logit scales and its continuous-position-bias MLPs (timm's choice).
-NO_DECAY_NAMES = ("token", "logit_scale", "cpb_mlp", "summary_queries", "level_embed")
-
+from midi_rae.utils import submodule_no_weight_decay
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-D parameters (norms, biases, tokens) and `NO_DECAY_NAMES`.
-    `lr_scales` maps a name prefix (e.g. 'encoder.') to a learning-rate factor; frozen parameters are left out."""
+    """AdamW groups: no decay on 1-D parameters (norms, biases) and on what the models name in
+    their `no_weight_decay()` (timm's convention). `lr_scales` maps a name prefix (e.g. 'encoder.')
+    to a learning-rate factor; frozen parameters are left out."""
+    skip = submodule_no_weight_decay(model) | (model.no_weight_decay() if hasattr(model, "no_weight_decay") else set())
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim >= 2 and not any(s in name for s in NO_DECAY_NAMES)
+        decay = p.ndim >= 2 and name not in skip
         scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
         groups.setdefault((decay, scale), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
@@ -188,7 +185,7 @@ def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, t
         x = batch["x"].to(device)
         with autocast(device, amp):
             logits = model.logits(x).float()
-        total += float(F.binary_cross_entropy_with_logits(logits, x)) * x.shape[0]
+        total += float(recon_bce(logits, x)) * x.shape[0]
         n += x.shape[0]
         meter.update(logits.sigmoid(), x)
     model.train(was_training)

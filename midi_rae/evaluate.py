@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from midi_rae.data import PianoRollDataset
 from midi_rae.encode import resolve_checkpoint
+from midi_rae.masking import note_mask
 from midi_rae.metrics import (best_f1, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
 from midi_rae.reconstruct import load_autoencoder
@@ -121,7 +122,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                "encoder": cfg.model.encoder, "channel": "frame", "mask": "columns inside the piece"}
     for name, t in (("stated", thr), ("best_f1", best_thr)):
         px = ratios(threshold_sweep(probs[:, :1], x[:, :1], torch.tensor([t]), mask)[0])
-        notes = onset_confusion(probs > t, x > 0.5, mask).sum(0)
+        notes = onset_confusion(probs > t, note_mask(x), mask).sum(0)
         results[name] = {"threshold": t, "pixel": _finite({k: float(v) for k, v in px.items()}),
                          "onset": _finite(onset_ratios(notes)), "notes": {"tp": int(notes[0]), "fp": int(notes[1]),
                                                                           "fn": int(notes[2])}}

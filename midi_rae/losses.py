@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import patch_pixels
+from .masking import note_mask, patch_pixels
 
 
 def safe_mean(x: Tensor) -> Tensor:
@@ -29,6 +29,13 @@ def _pos_weight(pos_weight: float | Tensor | None, like: Tensor) -> Tensor | Non
     return w.view(-1, 1, 1) if w.dim() == 1 else w
 
 
+def recon_bce(logits: Tensor, target: Tensor, pos_weight: float | Tensor | None = None) -> Tensor:
+    """Mean BCE-with-logits over every pixel of logits (B, C, H, W) against where the target
+    roll's notes sound (`note_mask`). pos_weight: float or (C,), as in `masked_recon_loss`."""
+    return F.binary_cross_entropy_with_logits(logits, note_mask(target).to(logits.dtype),
+                                              pos_weight=_pos_weight(pos_weight, logits))
+
+
 def masked_recon_loss(logits: Tensor, target: Tensor, visible: Tensor, patch_size: int | tuple[int, int],
                       visible_weight: float = 0.0, pos_weight: float | Tensor | None = None) -> Tensor:
     """BCE-with-logits reconstruction, SimMIM style (https://arxiv.org/abs/2111.09886): the mean
@@ -36,7 +43,8 @@ def masked_recon_loss(logits: Tensor, target: Tensor, visible: Tensor, patch_siz
 
     logits, target: (B, C, H, W); visible: (B, N) bool over the (H/ph, W/pw) patch grid in
     row-major order, True = visible. pos_weight: float or (C,), weight of the note (positive)
-    class, for sparse rolls. With nothing masked the masked term is 0, not NaN.
+    class, for sparse rolls. With nothing masked the masked term is 0, not NaN. The target is
+    where notes sound (`note_mask`), so a velocity roll is learned as notes, not as velocities.
     """
     B, C, H, W = logits.shape
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
@@ -45,7 +53,7 @@ def masked_recon_loss(logits: Tensor, target: Tensor, visible: Tensor, patch_siz
         raise ValueError(f"visible must be (B, N) = ({B}, {gh * gw}) for {H}x{W} logits and {ph}x{pw} patches, "
                          f"got {tuple(visible.shape)}")
     vis_px = patch_pixels(visible, (gh, gw), (ph, pw)).expand(B, C, H, W)
-    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=_pos_weight(pos_weight, logits),
+    bce = F.binary_cross_entropy_with_logits(logits, note_mask(target).to(logits.dtype), pos_weight=_pos_weight(pos_weight, logits),
                                              reduction="none")  # (B, C, H, W)
     loss = safe_mean(bce[~vis_px])
     if visible_weight:
@@ -165,7 +173,9 @@ def pool_roll(target: Tensor, size: tuple[int, int]) -> Tensor:
 def multiscale_recon_loss(level_logits: Sequence[Tensor], target: Tensor,
                           pos_weight: float | Tensor | None = None) -> Tensor:
     """BCE of each level's logits (B, C, h_i, w_i) against the target roll (B, C, H, W)
-    max-pooled to (h_i, w_i), averaged over levels. See `predictor.MultiScaleReconHeads`."""
+    max-pooled to (h_i, w_i), averaged over levels, where notes sound (`note_mask`). See
+    `predictor.MultiScaleReconHeads`."""
+    target = note_mask(target).to(level_logits[0].dtype)
     losses = [F.binary_cross_entropy_with_logits(lg, pool_roll(target, lg.shape[-2:]),
                                                  pos_weight=_pos_weight(pos_weight, lg))
               for lg in level_logits]

@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A patch is "non-empty" when its brightest pixel exceeds this: a sounding note, not noise.
-EMPTY_THRESHOLD = 0.2
+
+def note_mask(x: Tensor) -> Tensor:
+    """Where a roll holds a note: any value above 0. Rolls are 0 / 1, or velocity / 127 from a
+    `prepare --velocity` cache, where a soft note (velocity 20 = 0.16) is still a note."""
+    return x > 0
 
 
 def patch_non_empty(x: Tensor, patch_size: tuple[int, int]) -> Tensor:
     """(B, C, H, W) -> (B, H/ph, W/pw) bool, True where the patch holds a note."""
-    return F.max_pool2d(x.amax(dim=1, keepdim=True), patch_size).squeeze(1) > EMPTY_THRESHOLD
+    return note_mask(F.max_pool2d(x.amax(dim=1, keepdim=True), patch_size).squeeze(1))
 
 
 def _check(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float) -> None:

@@ -1,8 +1,8 @@
 """Reconstruction metrics: pixel precision / recall / specificity / F1 at a threshold, and
 per-sample precision / recall / F1 on the pixels of masked patches.
 
-A pixel is a note when its target is > 0.5 and predicted a note when its probability is >
-`threshold`. Counts are summed over a whole validation set before the ratios are taken (pixel
+A pixel is a note when its target is > 0 (`masking.note_mask`: velocity rolls count every
+note) and predicted a note when its probability is > `threshold`. Counts are summed over a whole validation set before the ratios are taken (pixel
 metrics) or the ratios are taken per sample and then averaged over the samples where they are
 defined (masked-patch metrics: a sample whose masked patches hold no note and got none
 predicted has no precision, recall or F1 and does not enter their means).
@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from midi_rae.masking import patch_pixels
+from midi_rae.masking import note_mask, patch_pixels
 
 
 def confusion(probs: Tensor, target: Tensor, threshold: float = 0.5, where: Tensor | None = None) -> Tensor:
     """Per-sample (tp, fp, fn, tn) counts: (B, 4) float64. probs, target: (B, ...); `where`
     (broadcastable bool) restricts the count to some pixels."""
-    pred, true = probs > threshold, target > 0.5
+    pred, true = probs > threshold, note_mask(target)
     sel = torch.ones_like(pred) if where is None else where.expand_as(pred)
     counts = [pred & true, pred & ~true, ~pred & true, ~pred & ~true]
     return torch.stack([(c & sel).flatten(1).sum(1) for c in counts], dim=1).double()

@@ -14,13 +14,12 @@ import copy
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from midi_rae.config import PITCHES, Config
 from midi_rae.core import EncoderOutput
 from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, masked_recon_loss, mep_loss, multiscale_recon_loss,
-                             safe_mean, sigreg)
+                             recon_bce, safe_mean, sigreg)
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
@@ -36,7 +35,8 @@ def encoder_kwargs(cfg: Config) -> dict:
         return dict(common, depth=m.depth, num_heads=m.num_heads)
     kw = dict(common, depths=tuple(m.depths), num_heads=tuple(m.num_heads), window_size=m.window_size,
               drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse,
-              inter_stage_mask_ratio=m.inter_stage_mask_ratio, version=m.version)
+              inter_stage_mask_ratio=m.inter_stage_mask_ratio, inter_stage_mask_all=m.inter_stage_mask_all,
+              version=m.version)
     return kw
 
 
@@ -242,6 +242,5 @@ class DecoderTrainer(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch["x"]
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=x.device)
-        loss = F.binary_cross_entropy_with_logits(self.logits(x), x, pos_weight=pw)
+        loss = recon_bce(self.logits(x), x, self.pos_weight)
         return loss, {"bce": loss}

@@ -34,11 +34,11 @@ def recon_figure(target: np.ndarray, probs: np.ndarray, path: str | Path, thresh
     target, probs: (K, H, W) arrays in [0, 1] (one channel, e.g. frames)."""
     k = target.shape[0]
     # Show the pitch range in use (with a margin), so that thin melodies stay legible.
-    rows = np.flatnonzero((target > 0.5).any(axis=(0, 2)) | (probs > threshold).any(axis=(0, 2)))
+    rows = np.flatnonzero((target > 0).any(axis=(0, 2)) | (probs > threshold).any(axis=(0, 2)))
     lo, hi = (max(int(rows[0]) - 6, 0), min(int(rows[-1]) + 7, target.shape[1])) if rows.size else (0, target.shape[1])
     fig, axes = plt.subplots(k, 3, figsize=(12, 2.6 * k), squeeze=False, constrained_layout=True)
     for i in range(k):
-        true, p = target[i] > 0.5, probs[i]
+        true, p = target[i] > 0, probs[i]  # any velocity is a note
         panels = [(target[i], "ground truth", "gray_r"), (p, "reconstruction (p)", "gray_r"),
                   (error_map(p > threshold, true), f"error map (p > {threshold:g})", None)]
         for ax, (img, name, cmap) in zip(axes[i], panels):

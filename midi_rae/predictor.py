@@ -134,6 +134,11 @@ class SwinMaskedEmbeddingPredictor(nn.Module):
         for p in (*self.mask_tokens, *self.summary_queries, self.level_embed):
             nn.init.normal_(p, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Learned tokens, queries and the level embedding: decay would only pull them toward zero."""
+        lists = {"mask_tokens": self.mask_tokens, "summary_queries": self.summary_queries}
+        return {"level_embed"} | {f"{name}.{i}" for name, ps in lists.items() for i in range(len(ps))}
+
     def level_mask_ratios(self, mask_ratio: float | None = None) -> list[float]:
         """Masking ratio of each level, coarsest first."""
         r = self.mask_ratio if mask_ratio is None else mask_ratio

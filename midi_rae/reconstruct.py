@@ -143,7 +143,7 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
         probs = reconstruct_roll(model, pc.roll)
         out = write_midi(probs, args.out, thr, pc.meta.get("steps_per_beat", 4), like=args.input)
         print(f"{out}: {probs.shape[-1]} steps, {int((probs[0] > thr).sum())} note pixels "
-              f"(input {int((pc.roll[0] > 0.5).sum())}), threshold {thr:g}")
+              f"(input {int((pc.roll[0] > 0).sum())}), threshold {thr:g}")
         if args.png:
             print(comparison_png(pc.roll[0], probs[0].numpy(), args.png, thr, f"{pc.name}: input vs reconstruction"))
         if args.wav:

@@ -13,7 +13,7 @@ from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, 
 from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
-from .utils import check_roll, init_linears
+from .utils import check_roll, init_linears, submodule_no_weight_decay
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -42,8 +42,9 @@ class SwinEncoder(nn.Module):
     `mae_ratio` is the masking ratio for pretraining, read by the training engine and passed as
     `mask_ratio`; `forward` masks only what `mask_ratio` / `mae_mask` ask, so evaluation is never
     masked by accident. `squash_coarse` overwrites empty positions at every level with a learned
-    per-level empty token. `inter_stage_mask_ratio` > 0 adds dropout-style masking between stages
-    in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
+    per-level empty token; a masked patch is not known to be empty, so neither it nor a coarse
+    token over it is squashed. `inter_stage_mask_ratio` > 0 adds dropout-style masking between
+    stages in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
     is replaced by a learned token, so every scale must cope with missing detail; the levels
     returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
     """
@@ -55,13 +56,13 @@ class SwinEncoder(nn.Module):
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
-                 version: int = 2) -> None:
+                 inter_stage_mask_all: bool = False, version: int = 2) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
         if not 0.0 <= inter_stage_mask_ratio < 1.0:
             raise ValueError(f"inter_stage_mask_ratio must be in [0, 1), got {inter_stage_mask_ratio}")
-        self.inter_stage_mask_ratio = inter_stage_mask_ratio
+        self.inter_stage_mask_ratio, self.inter_stage_mask_all = inter_stage_mask_ratio, inter_stage_mask_all
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
         self.mae_ratio, self.empty_mask_ratio, self.squash_coarse = mae_ratio, empty_mask_ratio, squash_coarse
         self.grid_size = (img_height // patch_h, img_width // patch_w)
@@ -95,6 +96,13 @@ class SwinEncoder(nn.Module):
         for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):
             nn.init.normal_(t, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Learned tokens stand in for content; decay would only pull them toward zero."""
+        tokens = {"empty_token", "mask_token"}
+        for name in ("level_empty_tokens", "stage_mask_tokens"):
+            tokens |= {f"{name}.{i}" for i in range(len(getattr(self, name) or []))}
+        return tokens | submodule_no_weight_decay(self)
+
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens with empty patches replaced: (B, gh, gw, D) and non_empty (B, gh, gw)."""
         non_empty = patch_non_empty(x, self.patch_size)
@@ -110,38 +118,46 @@ class SwinEncoder(nn.Module):
             return simmim_mask(non_empty.flatten(1), mask_ratio, self.empty_mask_ratio).view(B, gh, gw)
         return torch.ones_like(non_empty)
 
-    def run_stages(self, x: Tensor, non_empty: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """NHWC features and non_empty grids of every stage, finest first."""
+    def run_stages(self, x: Tensor, non_empty: Tensor, visible: Tensor,
+                   stage_masking: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """NHWC features and non_empty grids of every stage, finest first. Squashing and
+        inter-stage masking read `seen`: a masked patch counts as holding notes, so what lies
+        under it cannot change which tokens are replaced."""
+        seen = non_empty | ~visible  # (B, gh, gw): not known to be empty
         feats, empties = [], []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                if self.stage_mask_tokens is not None and self.training:
-                    x = self._mask_between_stages(x, non_empty, i)
-                non_empty = pool_mask(non_empty, any_of=True)
+                if stage_masking:
+                    x = self._mask_between_stages(x, seen, i)
+                non_empty, seen = pool_mask(non_empty, any_of=True), pool_mask(seen, any_of=True)
             x = stage(x)
             if i == self.num_stages - 1:
                 x = self.norm(x)
             if self.level_empty_tokens is not None:
-                x = apply_mask_token(x, non_empty, self.level_empty_tokens[i])
+                x = apply_mask_token(x, seen, self.level_empty_tokens[i])
             feats.append(x)
             empties.append(non_empty)
         return feats, empties
 
-    def _mask_between_stages(self, x: Tensor, non_empty: Tensor, i: int) -> Tensor:
+    def _mask_between_stages(self, x: Tensor, seen: Tensor, i: int) -> Tensor:
         """Replace a fraction inter_stage_mask_ratio / 2**i of stage i's input (B, h, w, D) by its token."""
         B, h, w, _ = x.shape
         ratio = self.inter_stage_mask_ratio / 2**i
-        visible = level_mask(non_empty.flatten(1), ratio, self.empty_mask_ratio).view(B, h, w)
-        return apply_mask_token(x, visible, self.stage_mask_tokens[i - 1])
+        keep = level_mask(seen.flatten(1), ratio, self.empty_mask_ratio).view(B, h, w)
+        return apply_mask_token(x, keep, self.stage_mask_tokens[i - 1])
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x: (B, C, H, W) in [0, 1]; mae_mask: optional (B, N) bool over the patch grid, True = visible."""
         check_roll(x, self.in_chans, self.img_size, type(self).__name__)
         tokens, non_empty = self.embed(x)
         visible = self.make_mask(non_empty, mask_ratio, mae_mask)
-        if mask_ratio > 0 or mae_mask is not None:  # skip a full-grid pass when nothing is masked
+        masked = mask_ratio > 0 or mae_mask is not None
+        if masked:  # skip a full-grid pass when nothing is masked
             tokens = apply_mask_token(tokens, visible, self.mask_token)
-        feats, empties = self.run_stages(tokens, non_empty)
+        # an augmentation of the masked pretraining branch, not of every training forward
+        stage_masking = (self.stage_mask_tokens is not None and self.training
+                         and (masked or self.inter_stage_mask_all))
+        feats, empties = self.run_stages(tokens, non_empty, visible, stage_masking)
         return self._package(feats, empties, visible)
 
     def _package(self, feats: list[Tensor], empties: list[Tensor], visible: Tensor) -> EncoderOutput:
@@ -234,6 +250,9 @@ class SwinMAEDecoder(nn.Module):
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_embed"} | submodule_no_weight_decay(self)
+
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)
         x = None
@@ -288,6 +307,9 @@ class SwinDecoder(nn.Module):
         init_weights(self, version=2)
         if self.start_token is not None:
             nn.init.normal_(self.start_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return ({"start_token"} if self.start_token is not None else set()) | submodule_no_weight_decay(self)
 
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)

@@ -20,6 +20,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+def submodule_no_weight_decay(module: nn.Module) -> set[str]:
+    """Names (relative to `module`) of the parameters that its submodules exclude from weight
+    decay through their own `no_weight_decay()` (timm's convention)."""
+    names = set()
+    for prefix, m in module.named_modules():
+        if prefix and hasattr(m, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" for n in m.no_weight_decay()}
+    return names
+
+
 def init_linears(model: nn.Module, kinds: tuple[type[nn.Module], ...] = (nn.Linear,), std: float = 0.02) -> None:
     """timm / MAE init: truncated-normal weights (std 0.02) and zero biases for every module of
     `kinds` in `model`, in module order."""

@@ -83,7 +83,7 @@ class ViTEncoder(nn.Module):
     """ViT encoder of piano rolls (B, in_chans, img_height, img_width) with MAE-style masking.
 
     Patches of `patch_h x patch_w` pixels become tokens on a (gh, gw) grid; patches without a
-    note (max pixel <= 0.2) get a learned `empty_token` instead of their embedding. Masked
+    note (every pixel 0) get a learned `empty_token` instead of their embedding. Masked
     tokens are dropped before the transformer (MAE, https://arxiv.org/abs/2111.06377), so they
     cost nothing and cannot leak into visible outputs. A learned CLS token is prepended; every
     block applies 2D RoPE to q and k from each kept token's original grid position (row, col),
@@ -140,6 +140,10 @@ class ViTEncoder(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.empty_token, std=0.02)
         init_linears(self, (nn.Linear, nn.Conv2d))
+
+    def no_weight_decay(self) -> set[str]:
+        """Learned tokens stand in for content or a summary; decay would only pull them toward zero."""
+        return {"empty_token", "cls_token"}
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> tokens (B, N, D) with empty patches replaced, and non_empty (B, N)."""
@@ -210,6 +214,9 @@ class ViTDecoder(nn.Module):
         self.register_buffer("rope_freqs", rope_freqs(decoder_dim // num_heads), persistent=False)
         init_linears(self)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
 
     def forward(self, enc_out: EncoderOutput) -> Tensor:
         cls, patches = enc_out.patches[0], enc_out.patches[-1]

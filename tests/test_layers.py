@@ -96,14 +96,14 @@ def test_position_bias_cached_in_eval_recomputed_in_training() -> None:
     attn.eval()
     with torch.no_grad():
         attn(x)
-        first = attn._mask_cache
+        first = dict(attn._mask_cache)
         attn(x)
-    assert first is not None and attn._mask_cache is first  # reused, not rebuilt
+    assert len(first) == 1 and all(attn._mask_cache[k] is v for k, v in first.items())  # reused, not rebuilt
     attn.train()
-    assert attn._mask_cache is None
+    assert not attn._mask_cache
     y = attn(x)
     y.sum().backward()
-    assert attn._mask_cache is None and attn.cpb_mlp[0].weight.grad is not None  # learned each step
+    assert not attn._mask_cache and attn.cpb_mlp[0].weight.grad is not None  # learned each step
     attn.eval()
     with torch.no_grad():
         before = attn(x)
@@ -111,6 +111,20 @@ def test_position_bias_cached_in_eval_recomputed_in_training() -> None:
         attn.load_state_dict(new)  # a loaded bias must not be served from a stale cache
         after = attn(x)
     assert not torch.allclose(before, after)
+
+
+def test_position_bias_cache_is_keyed_by_dtype() -> None:
+    # A V2 bias cached under bf16 autocast (its CPB MLP ran in bf16) must not serve an fp32 pass.
+    torch.manual_seed(0)
+    attn = WindowAttention(8, (4, 4), 2).eval()
+    x = torch.randn(3, 16, 8)
+    with torch.no_grad():
+        fresh = attn(x)
+        attn.clear_cache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn(x)
+        after_bf16 = attn(x)
+    torch.testing.assert_close(after_bf16, fresh, atol=0, rtol=0)
 
 
 def test_patch_merging_and_expand_shapes() -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from midi_rae.losses import (anchor_loss, epps_pulley, lejepa_loss, masked_recon_loss, mep_loss, multiscale_recon_loss,
-                             pool_roll, random_directions, safe_mean, sigreg)
+                             pool_roll, random_directions, recon_bce, safe_mean, sigreg)
 
 
 def bce(logit: float, target: float, pos_weight: float = 1.0) -> float:
@@ -207,3 +207,16 @@ def test_multiscale_pooling_and_loss() -> None:
     assert torch.allclose(multiscale_recon_loss(logits, target), expected)
     with pytest.raises(ValueError, match="cannot be pooled"):
         pool_roll(target, (3, 4))
+
+
+def test_velocity_targets_count_as_notes() -> None:
+    # A velocity roll (v / 127) is reconstructed as where notes sound, not as its velocities.
+    g = torch.Generator().manual_seed(0)
+    notes = (torch.rand(2, 1, 16, 32, generator=g) > 0.8).float()
+    velocity = notes * 60 / 127
+    logits = torch.randn(2, 1, 16, 32, generator=g)
+    visible = torch.rand(2, 32, generator=g) > 0.5  # 4 x 8 grid of 4 x 4 patches
+    assert torch.equal(masked_recon_loss(logits, velocity, visible, 4), masked_recon_loss(logits, notes, visible, 4))
+    assert torch.equal(recon_bce(logits, velocity, 3.0), recon_bce(logits, notes, 3.0))
+    heads = [torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 1, 2, generator=g)]
+    assert torch.equal(multiscale_recon_loss(heads, velocity), multiscale_recon_loss(heads, notes))

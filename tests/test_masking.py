@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from midi_rae.masking import gather_visible, mae_mask, scatter_visible, simmim_mask
+from midi_rae.masking import gather_visible, mae_mask, patch_non_empty, scatter_visible, simmim_mask
+from midi_rae.swin import SwinEncoder
+from midi_rae.vit import ViTEncoder
 
 
 def content(B: int = 4, N: int = 64) -> torch.Tensor:
@@ -54,3 +56,20 @@ def test_gather_needs_equal_counts() -> None:
     visible[0, 0] = False
     with pytest.raises(ValueError, match="same number of visible"):
         gather_visible(torch.zeros(2, 4, 1), visible)
+
+
+def test_low_velocity_patch_is_non_empty() -> None:
+    # A velocity cache scales velocity to v / 127: a soft note (velocity 20) is still a note,
+    # so the encoders must embed it rather than replace it by the empty token.
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 2, 3] = 20 / 127  # inside patch (0, 0) of 8 x 8 patches
+    expected = torch.zeros(1, 4, 4, dtype=torch.bool)
+    expected[0, 0, 0] = True
+    assert torch.equal(patch_non_empty(x, (8, 8)), expected)
+    swin = SwinEncoder(32, 32, patch_h=8, patch_w=8, depths=(1, 1), num_heads=(1, 1), window_size=4).eval()
+    vit = ViTEncoder(32, 32, patch_h=8, patch_w=8, embed_dim=16, num_heads=2, depth=1).eval()
+    with torch.no_grad():
+        for enc in (swin, vit):
+            out = enc(x)
+            assert torch.equal(out.full_non_empty, expected.flatten(1))
+            assert not torch.allclose(out.patches.finest.emb, enc(torch.zeros_like(x)).patches.finest.emb)

@@ -74,7 +74,8 @@ def test_spec_test_cell() -> None:
 
 def test_every_parameter_gets_gradient() -> None:
     torch.manual_seed(0)
-    enc = SwinEncoder(128, 128, squash_coarse=True, drop_path_rate=0.0)  # no branch dropped by chance
+    # no branch dropped by chance; empty patches never masked, so squashing is not blocked by a mask
+    enc = SwinEncoder(128, 128, squash_coarse=True, drop_path_rate=0.0, empty_mask_ratio=0.0)
     randomize_post_norms(enc)
     x = piano_roll(3, 128, 128)
     x[2] = 0  # an all-empty sample, so even the 1x1 level's empty token is used
@@ -127,8 +128,10 @@ def test_simmim_masking_per_sample_and_given_mask() -> None:
     assert torch.equal(enc(x).mae_mask, torch.ones_like(vis))  # no mask unless asked
 
 
-def test_masked_pixels_do_not_reach_the_encoder() -> None:
-    enc = SwinEncoder(128, 128).eval()
+@pytest.mark.parametrize("squash_coarse", [False, True])
+def test_masked_pixels_do_not_reach_the_encoder(squash_coarse: bool) -> None:
+    # With squash_coarse, empty tokens must follow what the encoder sees, not the unmasked input.
+    enc = SwinEncoder(128, 128, squash_coarse=squash_coarse).eval()
     randomize_post_norms(enc)
     x = piano_roll(2, 128, 128)
     vis = enc(x, mask_ratio=0.5).mae_mask
@@ -205,7 +208,7 @@ def test_same_calling_code_for_both_encoders() -> None:
     assert run(vit) == [(2, 1, 32), (2, 128, 32)]
 
 
-def test_inter_stage_masking_in_training_only() -> None:
+def test_inter_stage_masking_in_masked_training_forwards_only() -> None:
     torch.manual_seed(0)
     enc = SwinEncoder(128, 128, inter_stage_mask_ratio=0.5, drop_path_rate=0.0)
     randomize_post_norms(enc)
@@ -215,8 +218,9 @@ def test_inter_stage_masking_in_training_only() -> None:
         a, b = enc(x), enc(x)
     torch.testing.assert_close(a.latent, b.latent)  # eval: deterministic, nothing masked
     enc.train()
-    out = enc(x)
-    assert not torch.allclose(out.latent, a.latent)  # training: stages saw masked inputs
+    torch.testing.assert_close(enc(x).latent, a.latent)  # an unmasked training forward is left alone
+    out = enc(x, mae_mask=torch.ones(2, 32 * 32, dtype=torch.bool))  # the masked pretraining forward
+    assert not torch.allclose(out.latent, a.latent)  # stages saw masked inputs
     torch.testing.assert_close(out.patches.finest.emb, a.patches.finest.emb)  # stage 0 input is never masked
     sum((lvl.emb * torch.randn_like(lvl.emb)).sum() for lvl in out.patches).backward()
     assert enc.stage_mask_tokens[0].grad.abs().sum() > 0  # a quarter of stage 1's inputs were its token

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae.config import load_config
+from midi_rae.config import load_config, resolve_config_path
 from midi_rae.engine import lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
-from midi_rae.models import Pretrainer, align_levels, build_encoder
+from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
 from midi_rae.train import pretrain, report, train_decoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,21 +111,56 @@ def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path
         pretrain(cfg)
 
 
-def test_param_groups_and_schedules() -> None:
-    cfg = load_config(None, ["objective.mep_weight=1"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_param_groups_and_schedules(version: int) -> None:
+    cfg = load_config(None, ["objective.mep_weight=1", f"model.version={version}"])
     model = Pretrainer(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.05)
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert {"encoder.mask_token", "encoder.stages.0.blocks.0.attn.logit_scale", "encoder.stages.0.blocks.0.norm1.weight",
-            "encoder.stages.0.blocks.0.attn.cpb_mlp.0.weight", "encoder.patch_embed.proj.bias"} <= no_decay
-    assert "encoder.stages.0.blocks.0.attn.qkv.weight" in decay
+    attn = "encoder.stages.0.blocks.0.attn."
+    position = ({attn + "logit_scale", attn + "cpb_mlp.0.weight", attn + "cpb_mlp.2.weight"} if version == 2
+                else {attn + "relative_position_bias_table"})  # timm's exclusions for each version
+    assert position | {"encoder.mask_token", "encoder.stages.0.blocks.0.norm1.weight", "encoder.patch_embed.proj.bias",
+                       "predictor.level_embed", "predictor.summary_queries.0", "mae_decoder.mask_embed"} <= no_decay
+    assert {attn + "qkv.weight", "predictor.pos_embed.weight"} <= decay
     assert not any(n.startswith("teacher.") for n in decay | no_decay)  # the EMA teacher is not optimised
     t = cfg.train
     assert lr_at(0, 1000, t) == pytest.approx(t.lr / t.warmup_steps) and lr_at(t.warmup_steps, 1000, t) == pytest.approx(t.lr)
     assert lr_at(1000, 1000, t) == pytest.approx(t.min_lr)
     assert momentum_at(0, 100, 0.996, 1.0) == pytest.approx(0.996) and momentum_at(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+
+
+def _same_loss_in_train_and_eval(model: torch.nn.Module, batch: dict) -> bool:
+    """Whether a training-mode forward gives the eval-mode loss (same RNG): with no dropout or
+    stochastic depth, only inter-stage masking tells the two modes apart."""
+    losses = []
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(model(batch)[0])
+    return torch.allclose(*losses, atol=0, rtol=0)
+
+
+def test_inter_stage_masking_only_in_the_masked_pretraining_forward() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(2, 1, 128, 64) > 0.9).float()
+    batch = {"x": x, "x2": x.roll(1, dims=-1), "shift1": torch.zeros(2, 2, dtype=torch.long),
+             "shift2": torch.tensor([[1, 0], [1, 0]])}
+    base = ["model.inter_stage_mask_ratio=0.5", "objective.sigreg_projections=16", "decoder.drop_path_rate=0"]
+    masked = Pretrainer(load_config(resolve_config_path("quickstart"), base))  # SimMIM reconstruction: the student is masked
+    assert not _same_loss_in_train_and_eval(masked, batch)
+    views = Pretrainer(load_config(resolve_config_path("quickstart"), [*base, "objective.recon_weight=0", "objective.mask_ratio=0",
+                                                  "objective.lejepa_weight=1"]))
+    assert _same_loss_in_train_and_eval(views, batch)  # LeJEPA's unmasked views
+    cfg = load_config(resolve_config_path("quickstart"), base)
+    finetuned = DecoderTrainer(build_encoder(cfg), build_decoder(cfg), finetune=True)
+    assert _same_loss_in_train_and_eval(finetuned, batch)
+    everywhere = Pretrainer(load_config(resolve_config_path("quickstart"), [*base, "model.inter_stage_mask_all=true", "objective.recon_weight=0",
+                                                       "objective.mask_ratio=0", "objective.lejepa_weight=1"]))
+    assert not _same_loss_in_train_and_eval(everywhere, batch)  # asked for in every training forward
 
 
 def test_align_levels_follow_the_shift() -> None:
@@ -166,6 +201,19 @@ def test_metrics() -> None:
     r = mm.compute()
     assert r["masked_recall"] == pytest.approx(0.5)  # sample 0: 2 of 4; sample 1: no notes -> undefined, left out
     assert r["masked_f1"] == pytest.approx(2 / 3)
+
+
+def test_velocity_roll_scored_against_itself() -> None:
+    # A velocity cache holds v / 127: velocity 60 is 0.47, still a note for every metric.
+    g = torch.Generator().manual_seed(0)
+    roll = (torch.rand(2, 2, 16, 16, generator=g) > 0.7).float() * 60 / 127
+    for probs, threshold in ((roll, 0.25), ((roll > 0).float(), 0.5)):  # the roll itself, a perfect prediction
+        pm = PixelMeter(threshold)
+        pm.update(probs, roll)
+        assert pm.compute()["f1"] == 1.0
+        mm = MaskedPatchMeter(threshold)
+        mm.update(probs, roll, torch.zeros(2, 16, dtype=torch.bool), (4, 4))  # everything masked
+        assert mm.compute()["masked_f1"] == 1.0
 
 
 def _train_cmd(cache: Path, out: Path, *extra: str) -> list[str]:

@@ -61,11 +61,11 @@ def test_output_structure(h, w, c):
 
 def test_non_empty_threshold():
     x = torch.zeros(1, 1, 128, 128)
-    x[0, 0, 5, 5] = 0.2  # at the threshold: still empty
-    x[0, 0, 20, 40] = 0.3  # patch (1, 2)
+    x[0, 0, 5, 5] = 20 / 127  # a soft note of a velocity cache: patch (0, 0)
+    x[0, 0, 20, 40] = 1.0  # patch (1, 2)
     out = ViTEncoder(128, 128, **SMALL)(x)
     expected = torch.zeros(1, 64, dtype=torch.bool)
-    expected[0, 1 * 8 + 2] = True
+    expected[0, 0] = expected[0, 1 * 8 + 2] = True
     assert torch.equal(out.full_non_empty, expected)
 
 

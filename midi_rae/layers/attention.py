@@ -93,12 +93,20 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused: bool | None = None  # None: SDPA on accelerators, explicit on CPU; True / False forces
-        self._mask_cache: Tensor | None = None
+        # (device, dtype) -> mask: a bias rounded under bf16 autocast must not serve an fp32 pass
+        self._mask_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # Weights loaded in place would leave a cached bias stale.
         self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
 
+    def no_weight_decay(self) -> set[str]:
+        """Position-bias and temperature parameters: decay would pull them toward no bias and a
+        flat temperature (timm excludes the V2 CPB MLP and logit scale, and the V1 table)."""
+        if self.version == 2:
+            return {"logit_scale", *(f"cpb_mlp.{n}" for n, _ in self.cpb_mlp.named_parameters())}
+        return {"relative_position_bias_table"}
+
     def clear_cache(self) -> None:
-        self._mask_cache = None
+        self._mask_cache = {}
 
     def train(self, mode: bool = True):
         self.clear_cache()  # the position bias is learned: never reuse one across training
@@ -120,14 +128,17 @@ class WindowAttention(nn.Module):
         # Under torch.compile the bias is computed inside the compiled graph (small and fused);
         # a cache there would only add a guard on module state and a recompile.
         use_cache = not self.training and not torch.compiler.is_compiling()
-        cached = self._mask_cache
-        if use_cache and cached is not None and cached.device == device:
-            return cached
+        # The dtype the bias is computed in: autocast's when it is on, else the parameters'.
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.proj.weight.dtype)
+        key = (device, dtype)
+        if use_cache and key in self._mask_cache:
+            return self._mask_cache[key]
         mask = self.position_bias()
         if shift_mask is not None:
             mask = shift_mask[:, None] + mask[None]  # (nW, nH, N, N)
         if use_cache:
-            self._mask_cache = mask.detach()
+            self._mask_cache[key] = mask.detach()
         return mask
 
     def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
