@@ -42,7 +42,7 @@ class DataConfig:
     max_time_shift: int = 16  # the two views' random offsets (steps / semitones)
     max_pitch_shift: int = 6
     transpose: int = 0  # random transposition of both views, +-semitones (training only)
-    val_fraction: float = 0.05  # pieces held out, by a hash of the piece id
+    val_fraction: float = 0.05  # pieces held out, by a hash of the work (data.work_key)
     val_max_items: int | None = 256  # cap on the fixed validation crops (None: all)
     num_workers: int = 0  # DataLoader workers per process
 

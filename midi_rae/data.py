@@ -399,9 +399,21 @@ def load_roll(cache_dir: str | os.PathLike, piece: dict[str, Any], mmap: bool = 
     return np.load(Path(cache_dir) / "rolls" / piece["roll"], mmap_mode="r" if mmap else None)
 
 
+def work_key(piece_id: str) -> str:
+    """The work a piece id names, whatever file format holds it: the source path without its
+    music-file suffix, lower-cased (`music21/bach/bwv277.krn` and `.mxl` are one work), plus
+    `#<index>` for a piece of a multi-piece file."""
+    source, sep, index = piece_id.partition("#")
+    stem, dot, suffix = source.rpartition(".")
+    if dot and f".{suffix.lower()}" in SUFFIXES:
+        source = stem
+    return source.lower() + sep + index
+
+
 def split_of(piece_id: str, val_fraction: float = 0.05) -> str:
-    """'train' or 'val' from a hash of the piece id: the same on every machine, for any file order."""
-    h = int.from_bytes(hashlib.sha1(piece_id.encode()).digest()[:8], "big")
+    """'train' or 'val' from a hash of the piece's `work_key`: the same on every machine, for any
+    file order, and the same for every encoding of one work (no work on both sides)."""
+    h = int.from_bytes(hashlib.sha1(work_key(piece_id).encode()).digest()[:8], "big")
     return "val" if h / 2**64 < val_fraction else "train"
 
 

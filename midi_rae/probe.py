@@ -44,7 +44,7 @@ class LabelledCrops:
 
 def pick_pieces(members: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The same n pieces every run, by a salted hash of the piece id. The salt matters: the
-    train/test split hashes the bare id (`data.split_of`), and picking the n smallest of that
+    train/test split hashes the piece's work key (`data.split_of`), and picking the n smallest of that
     same hash would put nearly every picked piece on the test side."""
     return sorted(members, key=lambda p: hashlib.sha1(f"probe-pick:{p['piece_id']}".encode()).digest())[:n]
 
