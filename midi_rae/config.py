@@ -379,13 +379,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A YAML preset (None: the defaults) with dotted `key=value` overrides applied, validated."""
+    """A YAML file or preset name (None: the defaults) with dotted `key=value` overrides applied, validated."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        given, path = path, resolve_config_path(str(path))
         if not path.exists():
             presets = ", ".join(p.stem for p in sorted(preset_dir().glob("*.yaml")))
-            raise ConfigError(f"config file {str(path)!r} not found; give a path or a preset name ({presets})")
+            raise ConfigError(f"config file {str(given)!r} not found; give a path or a preset name ({presets})")
         tree = yaml.safe_load(path.read_text()) or {}
     for item in overrides:
         if "=" not in item:
