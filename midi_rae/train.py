@@ -40,6 +40,9 @@ from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain,
 from midi_rae.models import DecoderTrainer, Pretrainer, build_decoder, build_encoder
 from midi_rae.utils import atomic_write_text, param_count
 
+# The config section that holds each stage's training settings.
+SECTIONS = {"pretrain": "train", "decoder": "decoder_train"}
+
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "decoder_train.progress",
                      "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers")
@@ -163,11 +166,12 @@ class Logger:
             except ImportError:  # tensorboard is optional
                 pass
         if tcfg.wandb:
+            section = SECTIONS[stage]
             try:
                 import wandb
             except ImportError:
-                raise ConfigError(f"{stage}_train.wandb is true but wandb is not installed: pip install wandb, "
-                                  f"or set the wandb field to false") from None
+                raise ConfigError(f"{section}.wandb is true but wandb is not installed: pip install wandb, "
+                                  f"or set {section}.wandb=false") from None
             self.wandb = wandb.init(project=tcfg.wandb_project, name=f"{cfg.name}-{stage}", dir=str(stage_dir),
                                     mode=tcfg.wandb_mode, config=cfg.to_dict(), resume="allow")
 

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae.config import load_config
+from midi_rae.config import ConfigError, load_config
 from midi_rae.engine import lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import Pretrainer, align_levels, build_encoder
-from midi_rae.train import pretrain, report, train_decoder
+from midi_rae.train import Logger, pretrain, report, train_decoder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,6 +109,14 @@ def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path
         load_weights(other, tmp_path / "ck" / "pretrain" / "encoder.safetensors")
     with pytest.raises(Exception, match="already holds checkpoints: pass --resume"):
         pretrain(cfg)
+
+
+@pytest.mark.parametrize("stage, section", [("pretrain", "train"), ("decoder", "decoder_train")])
+def test_missing_wandb_names_the_config_field(stage: str, section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    cfg = load_config(None, [f"{section}.wandb=true", f"{section}.tensorboard=false"])
+    with pytest.raises(ConfigError, match=rf"^{section}\.wandb is true but wandb is not installed.*set {section}\.wandb=false"):
+        Logger(tmp_path, cfg, getattr(cfg, section), stage, True, 0)
 
 
 def test_param_groups_and_schedules() -> None:
