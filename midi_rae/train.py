@@ -88,16 +88,13 @@ def barrier(d: Dist) -> None:
 
 
 def resolve_cache_dir(cfg: Config) -> Path:
-    """`data.cache_dir`, else the default cache of `data.paths` (or of the bundled corpus; with
-    `data.collections`, a cache of its own, so a subset never replaces the full index)."""
+    """`data.cache_dir`, else the cache `midi-rae prepare` makes of `data.paths` (or of the
+    bundled corpus, restricted to `data.collections`)."""
     from midi_rae.prepare import default_cache_dir
 
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser()
-    base = default_cache_dir(cfg.data.paths or None)
-    if cfg.data.collections and not cfg.data.paths:
-        base = base.with_name(base.name + "-" + "-".join(sorted(cfg.data.collections)))
-    return base
+    return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None)
 
 
 # ----------------------------------------------------------------------------- data
