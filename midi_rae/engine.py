@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,22 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     return out
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The CPU generator and `device`'s own seeded with `seed` inside, both as they were afterwards:
+    evaluation draws the same masks, drop paths and projections every time, and the training
+    stream goes on as if it had not run. (`torch.manual_seed` reseeds every CUDA device, while
+    `fork_rng(devices=[])` restores the CPU generator only: every evaluation period would then
+    replay the same GPU draws.)"""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)  # this device only
+        yield
+
+
 def draw_eval_mask(encoder: nn.Module, x: Tensor, mask_ratio: float, generator: torch.Generator) -> Tensor:
     """A fixed-seed mask per sample for validation: SimMIM for Swin, MAE (equal counts) for ViT."""
     non_empty = patch_non_empty(x, encoder.patch_size).flatten(1).cpu()
@@ -150,8 +166,7 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
     sums: dict[str, float] = {}
     n = 0
     meter = MaskedPatchMeter(0.5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         g = torch.Generator().manual_seed(seed)
         for batch in loader:
             batch = to_device(batch, device)

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 from midi_rae.config import ConfigError, load_config
-from midi_rae.engine import lr_at, momentum_at, param_groups
+from midi_rae.engine import evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import Pretrainer, align_levels, build_encoder
-from midi_rae.train import Logger, pretrain, report, train_decoder
+from midi_rae.train import Logger, datasets, pretrain, report, train_decoder, val_loader
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,6 +117,29 @@ def test_missing_wandb_names_the_config_field(stage: str, section: str, tmp_path
     cfg = load_config(None, [f"{section}.wandb=true", f"{section}.tensorboard=false"])
     with pytest.raises(ConfigError, match=rf"^{section}\.wandb is true but wandb is not installed.*set {section}\.wandb=false"):
         Logger(tmp_path, cfg, getattr(cfg, section), stage, True, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_validation_leaves_the_training_stream_alone(device: str, tiny_cache: Path, tmp_path: Path) -> None:
+    # Objectives that draw on the device during validation: masks, drop paths, SIGReg directions.
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, "objective.mep_weight=0.5", "objective.lejepa_weight=0.2",
+                                 "model.drop_path_rate=0.1"))
+    dev = torch.device(device)
+    model = Pretrainer(cfg).to(dev)
+    _, val = datasets(cfg, 0, model.needs_views)
+
+    def stream(validate: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        torch.manual_seed(1)
+        torch.rand(3, device=dev)  # training has drawn some already
+        stats = evaluate_pretrain(model, val_loader(val, 4, 0), dev, 0.5, seed=0) if validate else {}
+        return torch.rand(8), torch.rand(8, device=dev).cpu(), stats
+
+    cpu_a, dev_a, stats_a = stream(True)
+    cpu_b, dev_b, _ = stream(False)
+    _, _, stats_c = stream(True)
+    assert torch.equal(cpu_a, cpu_b) and torch.equal(dev_a, dev_b)
+    assert stats_a == stats_c  # and every validation sees the same draws
 
 
 def test_param_groups_and_schedules() -> None:
