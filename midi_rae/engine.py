@@ -106,9 +106,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         loss_value = float(logged[0])
         if not math.isfinite(loss_value):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(parts, logged[1:]))
-            raise NonFiniteLoss(f"loss is {loss_value} at step {step} (epoch {epoch}; {detail}); stopping. "
-                                f"Lower train.lr (now {cfg.lr:g}), keep train.clip_grad set, or turn train.amp off; "
-                                f"resume from the last checkpoint with --resume after changing the config")
+            raise NonFiniteLoss(f"loss is {loss_value} at step {step} (epoch {epoch}; {detail}); stopping")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
