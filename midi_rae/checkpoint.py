@@ -80,6 +80,19 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     module.load_state_dict(state, strict=True)
 
 
+def decoder_encoder(decoder_path: Path) -> Path:
+    """The encoder a `decoder.safetensors` was trained on: the fine-tuned one beside it, else the
+    one its metadata names (which may lie in another run folder, `train-decoder --encoder`)."""
+    sibling = decoder_path.with_name("encoder.safetensors")
+    if sibling.exists():
+        return sibling
+    named = read_metadata(decoder_path).get("encoder")
+    if not named or not Path(named).is_file():
+        raise FileNotFoundError(f"{decoder_path} was trained on the encoder {named or '(not recorded)'}, which is "
+                                f"missing: put it back, or train the decoder again with --encoder PATH")
+    return Path(named)
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 

@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from midi_rae.checkpoint import (has_checkpoints, load_latest, load_weights, read_metadata, rng_state,
+from midi_rae.checkpoint import (decoder_encoder, has_checkpoints, load_latest, load_weights, read_metadata, rng_state,
                                  save_checkpoint, save_weights, set_rng_state)
 from midi_rae.config import Config, ConfigError, TrainConfig, from_dict
 from midi_rae.data import PianoRollDataset
@@ -459,7 +459,8 @@ def train_decoder(cfg: Config, encoder_path: str | Path | None = None, resume: b
     scales = {"encoder.": dc.encoder_lr_scale} if dc.finetune_encoder else None
     final = fit("decoder", cfg, cfg.decoder_train, model, d, stage_dir, resume, evaluate, "f1", False, lr_scales=scales)
     if d.main:
-        meta = {"config": cfg.to_yaml(), "kind": "decoder", "step": str(final["step"]), "encoder": str(enc_path)}
+        # An absolute path: the decoder's encoder is found from any working folder (checkpoint.decoder_encoder).
+        meta = {"config": cfg.to_yaml(), "kind": "decoder", "step": str(final["step"]), "encoder": str(enc_path.resolve())}
         save_weights(model.decoder.state_dict(), stage_dir / "decoder.safetensors", meta)
         if dc.finetune_encoder:
             save_weights(model.encoder.state_dict(), stage_dir / "encoder.safetensors", dict(meta, kind="encoder"))
@@ -472,10 +473,9 @@ def train_decoder(cfg: Config, encoder_path: str | Path | None = None, resume: b
 
 
 def load_trained(cfg: Config, device: torch.device | str = "cpu") -> DecoderTrainer:
-    """The encoder and decoder a run ended with (fine-tuned encoder if there is one)."""
-    _, pre_dir, dec_dir = stage_dirs(cfg)
-    enc_path = dec_dir / "encoder.safetensors" if (dec_dir / "encoder.safetensors").exists() else pre_dir / "encoder.safetensors"
-    dec_path = dec_dir / "decoder.safetensors"
+    """The decoder a run ended with and the encoder it was trained on (fine-tuned, if it was)."""
+    dec_path = stage_dirs(cfg)[2] / "decoder.safetensors"
+    enc_path = decoder_encoder(dec_path)
     enc_cfg = encoder_config(dec_path)
     encoder, decoder = build_encoder(enc_cfg), build_decoder(enc_cfg)
     load_weights(encoder, enc_path)
