@@ -447,7 +447,8 @@ class PianoRollDataset(Dataset):
     second view of the same passage, and `shift1`, `shift2`: each view's (time, pitch) offset
     from the shared anchor crop, as a long tensor `[dt, dp]`. View k shows the anchor's music
     moved up by dp semitones, starting dt steps later in the piece (zero fill, no wrap).
-    Also `piece` (index into `self.pieces`), `start` (anchor's first column) and `piece_id`.
+    Also `piece` (index into `self.pieces`), `start` (anchor's first column), `steps` (the
+    piece's length: columns of `x` at or past `steps - start` are padding) and `piece_id`.
 
     Each piece contributes `ceil(T / crop_width)` items per epoch, so long pieces are not
     under-sampled. Training crops are drawn from `(seed, epoch, index)`: reproducible, with
@@ -525,7 +526,7 @@ class PianoRollDataset(Dataset):
         rng = self._rng(index)
         start = self._anchor(roll, rng)
         base = int(rng.integers(-self.transpose, self.transpose + 1)) if self.transpose else 0
-        item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start}
+        item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start, "steps": int(roll.shape[-1])}
         if not self.pair:
             item["x"] = self._view(roll, start, 0, base)
             return item

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from midi_rae.config import TrainConfig
 from midi_rae.losses import masked_recon_loss
 from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
-from midi_rae.metrics import MaskedPatchMeter, PixelMeter
+from midi_rae.metrics import MaskedPatchMeter, PixelMeter, inside_piece
 
 # Parameters that weight decay would only pull toward zero for no benefit: tokens and
 # embeddings, Swin V2's logit scales and its continuous-position-bias MLPs (timm's choice).
@@ -191,8 +191,9 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
 @torch.no_grad()
 def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      amp: bool = False) -> dict[str, float]:
-    """Validation of a `DecoderTrainer`: BCE and pixel precision / recall / specificity / F1 of
-    the whole validation set at `threshold`."""
+    """Validation of a `DecoderTrainer`: BCE (every channel and column) and pixel precision /
+    recall / specificity / F1 at `threshold` of the frame channel inside the piece, summed over
+    the validation set: the same pixel metrics as `midi-rae eval`."""
     was_training = model.training
     model.eval()
     meter = PixelMeter(threshold)
@@ -203,6 +204,7 @@ def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, t
             logits = model.logits(x).float()
         total += float(F.binary_cross_entropy_with_logits(logits, x)) * x.shape[0]
         n += x.shape[0]
-        meter.update(logits.sigmoid(), x)
+        inside = inside_piece(batch["start"], batch["steps"], x.shape[-1]).to(device)  # (B, 1, 1, W)
+        meter.update(logits[:, :1].sigmoid(), x[:, :1], inside)
     model.train(was_training)
     return {"loss": total / max(n, 1), **meter.compute()}

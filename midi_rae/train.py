@@ -527,7 +527,7 @@ def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
           f"{q['steps']} steps ({q['seconds']} s).", "",
           "| stage | metric | value |", "|---|---|---|"]
     md += [f"| pretrain (masked patches, per-sample mean, p > 0.5) | {k} | {fmt(v)} |" for k, v in p.items() if k not in ("steps", "seconds")]
-    md += [f"| decoder (all pixels, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
+    md += [f"| decoder (pixels of the frame channel inside the piece, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
     md += ["", f"![reconstruction]({fig.name})", "",
            "Error map: black = note kept (TP), red = invented (FP), blue = missed (FN); low pitches at the bottom."]
     atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")

@@ -164,7 +164,7 @@ def test_dataset_determinism_and_split(cache: Path) -> None:
 def test_dataset_options(cache: Path) -> None:
     single = PianoRollDataset(cache, "all", crop_width=64, pair=False, channels=1)
     item = single[3]
-    assert set(item) == {"x", "piece", "piece_id", "start"} and item["x"].shape == (1, 128, 64)
+    assert set(item) == {"x", "piece", "piece_id", "start", "steps"} and item["x"].shape == (1, 128, 64)
     transposed = PianoRollDataset(cache, "all", crop_width=64, pair=False, transpose=6)
     plain = PianoRollDataset(cache, "all", crop_width=64, pair=False)
     assert any(not torch.equal(transposed[i]["x"], plain[i]["x"]) for i in range(10))
