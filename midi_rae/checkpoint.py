@@ -10,13 +10,16 @@ Layout of `<stage>/checkpoints/`:
 
 A checkpoint folder is written under a temporary name and renamed when complete, and the
 pointer files are replaced atomically, so a kill at any moment leaves the previous checkpoint
-usable. The newest `keep_last` step folders are kept, plus the best.
+usable. The newest `keep_last` step folders are kept, plus the best. A step folder that cannot
+be read (a truncated file, a disk error) is renamed `step_*.corrupt` when found, never deleted,
+and resuming goes on from the newest intact one (`load_latest`).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,19 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     module.load_state_dict(state, strict=True)
 
 
+def decoder_encoder(decoder_path: Path) -> Path:
+    """The encoder a `decoder.safetensors` was trained on: the fine-tuned one beside it, else the
+    one its metadata names (which may lie in another run folder, `train-decoder --encoder`)."""
+    sibling = decoder_path.with_name("encoder.safetensors")
+    if sibling.exists():
+        return sibling
+    named = read_metadata(decoder_path).get("encoder")
+    if not named or not Path(named).is_file():
+        raise FileNotFoundError(f"{decoder_path} was trained on the encoder {named or '(not recorded)'}, which is "
+                                f"missing: put it back, or train the decoder again with --encoder PATH")
+    return Path(named)
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 
@@ -114,6 +130,19 @@ def step_dir(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"step_{step:08d}"
 
 
+def step_dirs(ckpt_dir: Path) -> list[Path]:
+    """The step folders of `ckpt_dir`, oldest first (not the temporary or corrupt ones)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [d for d in ckpt_dir.iterdir() if d.is_dir() and re.fullmatch(r"step_\d+", d.name)]
+    return sorted(found, key=lambda d: int(d.name[5:]))
+
+
+def has_checkpoints(ckpt_dir: Path) -> bool:
+    """Whether a run wrote checkpoints here, even if its pointer names a folder that is gone."""
+    return bool(step_dirs(ckpt_dir)) or (ckpt_dir / "latest.json").exists()
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, state: dict[str, Any], config_yaml: str,
                     keep_last: int, is_best: bool = False) -> Path:
     """Write checkpoint `step` (weights + `state`), point latest (and best) at it, prune old ones."""
@@ -141,7 +170,7 @@ def _pointer(ckpt_dir: Path, name: str) -> Path | None:
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
     keep = {_pointer(ckpt_dir, "latest"), _pointer(ckpt_dir, "best")}
-    steps = sorted(ckpt_dir.glob("step_*"))
+    steps = step_dirs(ckpt_dir)
     keep |= set(steps[-keep_last:])
     for d in steps:
         if d not in keep:
@@ -164,3 +193,56 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load a checkpoint folder's weights into `model` (strictly) and return its state dict."""
     load_weights(model, path / MODEL_FILE)
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A step folder's weights and state, or an OSError saying why they cannot be read."""
+    try:
+        weights = load_file(str(path / MODEL_FILE))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        step = state["step"]
+    except Exception as e:  # safetensors, pickle and zip errors of a truncated file have no common type
+        raise OSError(f"{type(e).__name__}: {e}") from None
+    if not isinstance(step, int):
+        raise OSError(f"{STATE_FILE} holds no step")
+    return weights, state
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable step folder to `<name>.corrupt` (`.corrupt2`, ... if taken): kept for
+    inspection, out of the way of listing, pruning and a new save of the same step."""
+    for n in range(1, 1000):
+        dest = path.with_name(f"{path.name}.corrupt{n if n > 1 else ''}")
+        if not dest.exists():
+            os.replace(path, dest)
+            return dest
+    raise FileExistsError(f"too many corrupt copies of {path}")
+
+
+def load_latest(ckpt_dir: Path, model: nn.Module) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """Load the newest readable checkpoint into `model`: the folder `latest.json` names, else the
+    step folders newest first. Unreadable ones are set aside. Returns (folder, state, notes on
+    what was skipped) or None when there is no step folder at all. A checkpoint that reads but
+    does not fit the model is an error (a config change), not corruption: nothing is renamed."""
+    notes: list[str] = []
+    try:
+        pointed = _pointer(ckpt_dir, "latest")
+    except (OSError, ValueError, KeyError):
+        pointed, notes = None, [f"{ckpt_dir / 'latest.json'} is unreadable; using the step folders"]
+    if pointed is not None and not pointed.is_dir():
+        notes.append(f"latest.json names {pointed.name}, which is missing")
+    for path in reversed(step_dirs(ckpt_dir)):
+        try:
+            weights, state = _read(path)
+        except OSError as e:
+            notes.append(f"{path.name} is unreadable ({e}); set aside as {set_aside(path).name}")
+            continue
+        check_state_dict(model, weights, str(path / MODEL_FILE))
+        model.load_state_dict(weights, strict=True)
+        if pointed is not None and path != pointed and pointed.is_dir():
+            notes.append(f"{path.name} is newer than {pointed.name}, which latest.json names")
+        return path, state, notes
+    if notes:
+        raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir} ({'; '.join(notes)}); start a new run name, "
+                                f"or move the folder away to start this one afresh")
+    return None

@@ -18,7 +18,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (searched recursively)")
     p.add_argument("--cache-dir", help="where to write the cache (default: $MIDI_RAE_CACHE or ~/.cache/midi-rae, "
-                   "then /corpus for the bundled corpus or /data-<hash of the PATHs>)")
+                   "then /corpus for the bundled corpus, /corpus-<NAMEs> with --collections, or /data-<hash of the PATHs>)")
     p.add_argument("--steps-per-beat", type=int, default=4, help="time steps per quarter note (default 4)")
     p.add_argument("--no-onset", action="store_true", help="store the frame channel only (no onset channel)")
     p.add_argument("--velocity", action="store_true", help="store velocities (1..127) instead of 0/1")

@@ -45,7 +45,7 @@ class DataConfig:
     # 'shift': the second view is the same passage moved by max_time_shift / max_pitch_shift;
     # 'piece': another passage of the same piece, moved by up to max_pitch_shift semitones of its own.
     view_mode: str = "shift"
-    val_fraction: float = 0.05  # pieces held out, by a hash of the piece id
+    val_fraction: float = 0.05  # pieces held out, by a hash of the work (data.work_key)
     val_max_items: int | None = 256  # cap on the fixed validation crops (None: all)
     num_workers: int = 0  # DataLoader workers per process
 
@@ -406,13 +406,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A YAML preset (None: the defaults) with dotted `key=value` overrides applied, validated."""
+    """A YAML file or preset name (None: the defaults) with dotted `key=value` overrides applied, validated."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        given, path = path, resolve_config_path(str(path))
         if not path.exists():
             presets = ", ".join(p.stem for p in sorted(preset_dir().glob("*.yaml")))
-            raise ConfigError(f"config file {str(path)!r} not found; give a path or a preset name ({presets})")
+            raise ConfigError(f"config file {str(given)!r} not found; give a path or a preset name ({presets})")
         tree = yaml.safe_load(path.read_text()) or {}
     for item in overrides:
         if "=" not in item:

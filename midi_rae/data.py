@@ -399,9 +399,21 @@ def load_roll(cache_dir: str | os.PathLike, piece: dict[str, Any], mmap: bool = 
     return np.load(Path(cache_dir) / "rolls" / piece["roll"], mmap_mode="r" if mmap else None)
 
 
+def work_key(piece_id: str) -> str:
+    """The work a piece id names, whatever file format holds it: the source path without its
+    music-file suffix, lower-cased (`music21/bach/bwv277.krn` and `.mxl` are one work), plus
+    `#<index>` for a piece of a multi-piece file."""
+    source, sep, index = piece_id.partition("#")
+    stem, dot, suffix = source.rpartition(".")
+    if dot and f".{suffix.lower()}" in SUFFIXES:
+        source = stem
+    return source.lower() + sep + index
+
+
 def split_of(piece_id: str, val_fraction: float = 0.05) -> str:
-    """'train' or 'val' from a hash of the piece id: the same on every machine, for any file order."""
-    h = int.from_bytes(hashlib.sha1(piece_id.encode()).digest()[:8], "big")
+    """'train' or 'val' from a hash of the piece's `work_key`: the same on every machine, for any
+    file order, and the same for every encoding of one work (no work on both sides)."""
+    h = int.from_bytes(hashlib.sha1(work_key(piece_id).encode()).digest()[:8], "big")
     return "val" if h / 2**64 < val_fraction else "train"
 
 
@@ -436,7 +448,8 @@ class PianoRollDataset(Dataset):
     from its own anchor), and `shift1`, `shift2`: each view's (time, pitch) offset
     from the shared anchor crop, as a long tensor `[dt, dp]`. View k shows the anchor's music
     moved up by dp semitones, starting dt steps later in the piece (zero fill, no wrap).
-    Also `piece` (index into `self.pieces`), `start` (anchor's first column) and `piece_id`.
+    Also `piece` (index into `self.pieces`), `start` (anchor's first column), `steps` (the
+    piece's length: columns of `x` at or past `steps - start` are padding) and `piece_id`.
 
     Each piece contributes `ceil(T / crop_width)` items per epoch, so long pieces are not
     under-sampled. Training crops are drawn from `(seed, epoch, index)`: reproducible, with
@@ -518,7 +531,7 @@ class PianoRollDataset(Dataset):
         rng = self._rng(index)
         start = self._anchor(roll, rng)
         base = int(rng.integers(-self.transpose, self.transpose + 1)) if self.transpose else 0
-        item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start}
+        item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start, "steps": int(roll.shape[-1])}
         if not self.pair:
             item["x"] = self._view(roll, start, 0, base)
             return item

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from midi_rae.checkpoint import load_weights, read_metadata
+from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config
 from midi_rae.core import LevelInfo
 from midi_rae.data import RollSettings, load_index, load_roll, load_settings, read_pieces
@@ -73,7 +73,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """A run folder (`runs/<name>`), a stage folder (`pretrain/`, `decoder/`), a training
     checkpoint folder (`step_*/`) or a weights file (`encoder.safetensors`,
     `decoder.safetensors`, `model.safetensors`). The fine-tuned encoder of a decoder stage wins
-    over the pretrained one, as in `train.load_trained`."""
+    over the pretrained one, and a decoder always gets the encoder it was trained on
+    (`checkpoint.decoder_encoder`), wherever that lies."""
     from midi_rae.train import encoder_config
 
     p = Path(path)
@@ -86,8 +87,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
             candidates = [p / "decoder", p / "pretrain"]
         else:
             candidates = [p]
-        enc = next((d / "encoder.safetensors" for d in candidates if (d / "encoder.safetensors").exists()), None)
         dec = next((d / "decoder.safetensors" for d in candidates if (d / "decoder.safetensors").exists()), None)
+        enc = decoder_encoder(dec) if dec is not None else next(
+            (d / "encoder.safetensors" for d in candidates if (d / "encoder.safetensors").exists()), None)
         if enc is None and (p / "model.safetensors").exists():
             return resolve_checkpoint(p / "model.safetensors")
         if enc is None:
@@ -99,11 +101,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if meta.get("kind") == "encoder":
         return Checkpoint(cfg, Weights(p), None, None)
     if meta.get("kind") == "decoder":
-        sibling = p.with_name("encoder.safetensors")  # a fine-tuned encoder beside its decoder
-        enc = sibling if sibling.exists() else Path(meta.get("encoder", ""))
-        if not enc.is_file():
-            raise FileNotFoundError(f"{p} is a decoder whose encoder ({enc}) is missing; pass the run folder instead")
-        return Checkpoint(cfg, Weights(enc), Weights(p), None)
+        return Checkpoint(cfg, Weights(decoder_encoder(p)), Weights(p), None)
     # A training checkpoint: the whole Pretrainer or DecoderTrainer under one file.
     dec = Weights(p, "decoder.") if _has_prefix(p, "decoder.") else None
     return Checkpoint(cfg, Weights(p, "encoder."), dec, None)

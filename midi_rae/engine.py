@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from midi_rae.config import TrainConfig
 from midi_rae.losses import masked_recon_loss, recon_bce
 from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
-from midi_rae.metrics import MaskedPatchMeter, PixelMeter
+from midi_rae.metrics import MaskedPatchMeter, PixelMeter, inside_piece
 from midi_rae.utils import submodule_no_weight_decay
 
 class NonFiniteLoss(RuntimeError):
@@ -103,9 +103,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         loss_value = float(logged[0])
         if not math.isfinite(loss_value):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(parts, logged[1:]))
-            raise NonFiniteLoss(f"loss is {loss_value} at step {step} (epoch {epoch}; {detail}); stopping. "
-                                f"Lower train.lr (now {cfg.lr:g}), keep train.clip_grad set, or turn train.amp off; "
-                                f"resume from the last checkpoint with --resume after changing the config")
+            raise NonFiniteLoss(f"loss is {loss_value} at step {step} (epoch {epoch}; {detail}); stopping")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
@@ -128,6 +126,22 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     return out
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The CPU generator and `device`'s own seeded with `seed` inside, both as they were afterwards:
+    evaluation draws the same masks, drop paths and projections every time, and the training
+    stream goes on as if it had not run. (`torch.manual_seed` reseeds every CUDA device, while
+    `fork_rng(devices=[])` restores the CPU generator only: every evaluation period would then
+    replay the same GPU draws.)"""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)  # this device only
+        yield
+
+
 def draw_eval_mask(encoder: nn.Module, x: Tensor, mask_ratio: float, generator: torch.Generator) -> Tensor:
     """A fixed-seed mask per sample for validation: SimMIM for Swin, MAE (equal counts) for ViT."""
     non_empty = patch_non_empty(x, encoder.patch_size).flatten(1).cpu()
@@ -147,8 +161,7 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
     sums: dict[str, float] = {}
     n = 0
     meter = MaskedPatchMeter(0.5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         g = torch.Generator().manual_seed(seed)
         for batch in loader:
             batch = to_device(batch, device)
@@ -175,8 +188,9 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
 @torch.no_grad()
 def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      amp: bool = False) -> dict[str, float]:
-    """Validation of a `DecoderTrainer`: BCE and pixel precision / recall / specificity / F1 of
-    the whole validation set at `threshold`."""
+    """Validation of a `DecoderTrainer`: BCE (every channel and column) and pixel precision /
+    recall / specificity / F1 at `threshold` of the frame channel inside the piece, summed over
+    the validation set: the same pixel metrics as `midi-rae eval`."""
     was_training = model.training
     model.eval()
     meter = PixelMeter(threshold)
@@ -187,6 +201,7 @@ def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, t
             logits = model.logits(x).float()
         total += float(recon_bce(logits, x)) * x.shape[0]
         n += x.shape[0]
-        meter.update(logits.sigmoid(), x)
+        inside = inside_piece(batch["start"], batch["steps"], x.shape[-1]).to(device)  # (B, 1, 1, W)
+        meter.update(logits[:, :1].sigmoid(), x[:, :1], inside)
     model.train(was_training)
     return {"loss": total / max(n, 1), **meter.compute()}

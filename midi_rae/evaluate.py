@@ -3,9 +3,11 @@
 On the fixed validation crops of the run's cache (or another split / cache):
 
 - pixel precision / recall / specificity / F1 of the frame channel at the stated threshold (the
-  run's `decoder.threshold` unless given) and at the threshold in 0.05..0.95 that maximises F1;
+  run's `decoder.threshold` unless given) and at the threshold in 0.05..0.95 that maximises F1
+  on training crops (chosen there, never on the set it is reported on);
 - note-level onset precision / recall / F1 at both thresholds: a predicted note counts when a
-  true note has the same pitch and onset step (notes are read as `roll_to_midi` writes them);
+  true note has the same pitch and onset step (notes are read as `roll_to_midi` writes them; a
+  note already sounding at a crop's first column is an onset only where the onset channel says so);
 - every count uses a per-sample mask: only the columns of a crop that lie inside its piece.
 
 Outputs in OUT (default `<run>/eval/`): `metrics.json`, `metrics.md`, `recon.png` (ground
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from midi_rae.data import PianoRollDataset
 from midi_rae.encode import resolve_checkpoint
 from midi_rae.masking import note_mask
-from midi_rae.metrics import (best_f1, onset_confusion, onset_ratios, ratios, threshold_sweep,
+from midi_rae.metrics import (best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
 from midi_rae.reconstruct import load_autoencoder
 from midi_rae.utils import atomic_write_text
@@ -77,6 +79,20 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def training_threshold(model: torch.nn.Module, ds: PianoRollDataset, max_items: int, batch_size: int,
+                       device: str) -> float:
+    """The threshold of `THRESHOLDS` with the best frame-channel pixel F1 (inside the piece) on
+    up to `max_items` crops of `ds` (training crops, so the threshold reported is not fitted to
+    the evaluated set)."""
+    sweep = torch.zeros(len(THRESHOLDS), 4, dtype=torch.float64)
+    for batch in DataLoader(Subset(ds, range(min(len(ds), max_items))), batch_size=batch_size, shuffle=False):
+        x = batch["x"].to(device)  # (B, C, 128, W)
+        p = model.decoder(model.encoder(x)).sigmoid().float()
+        sweep += threshold_sweep(p[:, :1], x[:, :1], THRESHOLDS, inside_piece(batch["start"], batch["steps"], x.shape[-1]).to(device)).cpu()
+    return best_f1(sweep, THRESHOLDS)[0]
+
+
+@torch.no_grad()
 def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None,
              cache_dir: str | os.PathLike | None = None, threshold: float | None = None, split: str = "val",
              max_items: int | None = None, n_examples: int = 4, batch_size: int = 16,
@@ -96,7 +112,9 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                           channels=d.channels, seed=cfg.decoder_train.seed)
     limit = max_items or d.val_max_items or len(ds)
     data = Subset(ds, range(min(len(ds), limit)))
-    sweep = torch.zeros(len(THRESHOLDS), 4, dtype=torch.float64)
+    train_ds = PianoRollDataset(cache, "train", crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
+                                channels=d.channels, seed=cfg.decoder_train.seed)
+    best_thr = training_threshold(model, train_ds, limit, batch_size, device)
     xs, probs_all, masks, coll, names_at = [], [], [], [], []
     tokens: list[list[Tensor]] = [[] for _ in model.encoder.feature_info]
     pooled = []
@@ -104,10 +122,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
         x = batch["x"].to(device)  # (B, C, 128, W)
         enc = model.encoder(x)
         p = model.decoder(enc).sigmoid().float()
-        steps = torch.tensor([ds.pieces[int(i)]["steps"] for i in batch["piece"]])
-        inside = torch.arange(x.shape[-1])[None] < (steps - batch["start"])[:, None]  # (B, W): columns in the piece
-        mask = inside[:, None, None, :].expand(-1, 1, x.shape[2], -1).to(device)  # (B, 1, 128, W)
-        sweep += threshold_sweep(p[:, :1], x[:, :1], THRESHOLDS, mask).cpu()
+        mask = inside_piece(batch["start"], batch["steps"], x.shape[-1]).expand(-1, 1, x.shape[2], -1).to(device)  # (B, 1, 128, W)
         xs.append(x.cpu())
         probs_all.append(p.cpu())
         masks.append(mask.cpu())
@@ -117,9 +132,9 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
             tokens[li].append(lvl.emb.flatten(0, 1).float().cpu())
         pooled.append(enc.patches.coarsest.emb.mean(1).float().cpu())  # (B, D0): the global token (mean of the grid)
     x, probs, mask = torch.cat(xs), torch.cat(probs_all), torch.cat(masks)
-    best_thr, _ = best_f1(sweep, THRESHOLDS)
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "cache": str(cache), "split": split, "samples": len(x),
-                               "encoder": cfg.model.encoder, "channel": "frame", "mask": "columns inside the piece"}
+                               "encoder": cfg.model.encoder, "channel": "frame", "mask": "columns inside the piece",
+                               "best_f1_chosen_on": f"{min(len(train_ds), limit)} training crops"}
     for name, t in (("stated", thr), ("best_f1", best_thr)):
         px = ratios(threshold_sweep(probs[:, :1], x[:, :1], torch.tensor([t]), mask)[0])
         notes = onset_confusion(probs > t, note_mask(x), mask).sum(0)
@@ -173,7 +188,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"same pitch and onset step.", "",
              "| threshold | pixel precision | pixel recall | pixel specificity | pixel F1 | onset precision | onset recall | onset F1 |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, label in (("stated", "stated"), ("best_f1", "best F1 on this set")):
+    for name, label in (("stated", "stated"), ("best_f1", f"best F1 on {r['best_f1_chosen_on']}")):
         s = r[name]
         px, on = s["pixel"], s["onset"]
         lines.append(f"| {s['threshold']:g} ({label}) | {fmt(px['precision'])} | {fmt(px['recall'])} | "

@@ -32,6 +32,13 @@ def ratios(counts: Tensor) -> dict[str, Tensor]:
             "specificity": div(tn, tn + fp), "f1": div(2 * tp, 2 * tp + fp + fn)}
 
 
+def inside_piece(start: Tensor, steps: Tensor, width: int) -> Tensor:
+    """(B,) first column and length of each crop's piece -> (B, 1, 1, W) bool, True on the
+    columns inside the piece: the zero padding past a piece's end is not scored."""
+    col = start[:, None] + torch.arange(width)[None]  # (B, W): each column's step in its piece
+    return ((col >= 0) & (col < steps[:, None]))[:, None, None, :]
+
+
 def masked_pixels(visible: Tensor, shape: torch.Size, patch_size: tuple[int, int]) -> Tensor:
     """(B, N) patch visibility (True = visible) -> (B, 1, H, W) bool, True on pixels of masked patches."""
     ph, pw = patch_size
@@ -39,14 +46,14 @@ def masked_pixels(visible: Tensor, shape: torch.Size, patch_size: tuple[int, int
 
 
 class PixelMeter:
-    """Sums confusion counts over batches: `update(probs, target)`, then `compute()`."""
+    """Sums confusion counts over batches: `update(probs, target, where)`, then `compute()`."""
 
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = threshold
         self.counts = torch.zeros(4, dtype=torch.float64)
 
-    def update(self, probs: Tensor, target: Tensor) -> None:
-        self.counts += confusion(probs, target, self.threshold).sum(0).cpu()
+    def update(self, probs: Tensor, target: Tensor, where: Tensor | None = None) -> None:
+        self.counts += confusion(probs, target, self.threshold, where).sum(0).cpu()
 
     def compute(self) -> dict[str, float]:
         out = {k: float(v) for k, v in ratios(self.counts).items()}
@@ -98,7 +105,11 @@ def onset_confusion(pred: Tensor, true: Tensor, where: Tensor | None = None) -> 
     note has the same pitch and onset step. pred, true: (B, C, H, W) bool rolls (channel 0
     frame, channel 1 onsets if present); `where` (B, 1 or C, H, W) bool keeps onsets inside it."""
     def starts(r: Tensor) -> Tensor:
-        s = note_onsets(r[:, 0], r[:, 1] if r.shape[1] > 1 else None)  # (B, H, W)
+        onset = r[:, 1] if r.shape[1] > 1 else None
+        s = note_onsets(r[:, 0], onset)  # (B, H, W)
+        # A note sounding in column 0 may have started before the crop: an onset there only
+        # when the onset channel marks one, never for a frame that is merely on.
+        s[..., 0] = onset[..., 0] & r[:, 0, :, 0] if onset is not None else False
         return s & where[:, 0] if where is not None else s
 
     p, t = starts(pred), starts(true)

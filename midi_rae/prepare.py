@@ -54,12 +54,14 @@ class Summary:
         return f"{self.pieces} pieces good, {self.pieces_skipped} skipped ({self.files - self.files_skipped}/{self.files} files readable)"
 
 
-def default_cache_dir(paths: Iterable[str | os.PathLike] | None = None) -> Path:
+def default_cache_dir(paths: Iterable[str | os.PathLike] | None = None, collections: Iterable[str] | None = None) -> Path:
     """`$MIDI_RAE_CACHE`, else the user cache dir (`$XDG_CACHE_HOME` or `~/.cache`)`/midi-rae/`,
-    then `corpus` for the bundled corpus or `data-<hash of the resolved input paths>`."""
+    then `corpus` for the whole bundled corpus, `corpus-<collections>` for some of its folders
+    (a subset never passes for, or replaces, the full cache), or `data-<hash of the resolved
+    input paths>`. `prepare` and `train` both resolve their cache here."""
     base = os.environ.get("MIDI_RAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "midi-rae"
     if not paths:
-        return Path(base) / "corpus"
+        return Path(base) / "-".join(["corpus", *sorted(set(collections or ()))])
     digest = hashlib.sha1("\0".join(sorted(str(Path(p).resolve()) for p in paths)).encode()).hexdigest()[:10]
     return Path(base) / f"data-{digest}"
 
@@ -183,7 +185,7 @@ def prepare(
         sources = collect_sources(paths)
     else:
         sources = [Source(f.path, f.source_id, f.collection, f.composer) for f in corpus_files(collections)]
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths, collections)
     for sub in ("rolls", "done", "inflight"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     # Leftovers of a run that was killed: in-flight markers and half-written temporary files.

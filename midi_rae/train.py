@@ -30,9 +30,8 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from midi_rae.checkpoint import (latest_checkpoint, load_checkpoint,
-                                 load_weights, read_metadata, rng_state, save_checkpoint, save_weights,
-                                 set_rng_state)
+from midi_rae.checkpoint import (decoder_encoder, has_checkpoints, load_latest, load_weights, read_metadata, rng_state,
+                                 save_checkpoint, save_weights, set_rng_state)
 from midi_rae.config import Config, ConfigError, TrainConfig, from_dict
 from midi_rae.data import PianoRollDataset
 from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain, momentum_at, param_groups,
@@ -40,9 +39,15 @@ from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain,
 from midi_rae.models import DecoderTrainer, Pretrainer, build_decoder, build_encoder
 from midi_rae.utils import atomic_write_text, param_count
 
+# The config section that holds each stage's training settings.
+SECTIONS = {"pretrain": "train", "decoder": "decoder_train"}
+
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "decoder_train.progress",
                      "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers")
+# Fields that change the result from the resumed step on, and that the advice after a non-finite
+# loss asks for: allowed on resume, and named in the log.
+TUNABLE_ON_RESUME = ("lr", "min_lr", "warmup_steps", "clip_grad", "amp")
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -85,16 +90,13 @@ def barrier(d: Dist) -> None:
 
 
 def resolve_cache_dir(cfg: Config) -> Path:
-    """`data.cache_dir`, else the default cache of `data.paths` (or of the bundled corpus; with
-    `data.collections`, a cache of its own, so a subset never replaces the full index)."""
+    """`data.cache_dir`, else the cache `midi-rae prepare` makes of `data.paths` (or of the
+    bundled corpus, restricted to `data.collections`)."""
     from midi_rae.prepare import default_cache_dir
 
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser()
-    base = default_cache_dir(cfg.data.paths or None)
-    if cfg.data.collections and not cfg.data.paths:
-        base = base.with_name(base.name + "-" + "-".join(sorted(cfg.data.collections)))
-    return base
+    return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None)
 
 
 # ----------------------------------------------------------------------------- data
@@ -145,6 +147,23 @@ def val_loader(val: Subset, batch_size: int, num_workers: int) -> DataLoader:
 # ----------------------------------------------------------------------------- logging
 
 
+def log_lines_upto(path: Path, step: int) -> list[str]:
+    """The lines of a metrics.jsonl up to `step`. A last line that does not parse is what a kill
+    in mid-write leaves, and is dropped; any other line that does not parse is kept as it is."""
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                keep.append(line)
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    return keep
+
+
 class Logger:
     """metrics.jsonl (one JSON line per log), TensorBoard when installed, wandb when asked. Rank 0 only."""
 
@@ -154,8 +173,7 @@ class Logger:
         if not enabled:
             return
         if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+            atomic_write_text(self.path, "".join(l + "\n" for l in log_lines_upto(self.path, resume_step)))
         if tcfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -163,11 +181,12 @@ class Logger:
             except ImportError:  # tensorboard is optional
                 pass
         if tcfg.wandb:
+            section = SECTIONS[stage]
             try:
                 import wandb
             except ImportError:
-                raise ConfigError(f"{stage}_train.wandb is true but wandb is not installed: pip install wandb, "
-                                  f"or set the wandb field to false") from None
+                raise ConfigError(f"{section}.wandb is true but wandb is not installed: pip install wandb, "
+                                  f"or set {section}.wandb=false") from None
             self.wandb = wandb.init(project=tcfg.wandb_project, name=f"{cfg.name}-{stage}", dir=str(stage_dir),
                                     mode=tcfg.wandb_mode, config=cfg.to_dict(), resume="allow")
 
@@ -200,13 +219,14 @@ def say(d: Dist, msg: str) -> None:
 # ----------------------------------------------------------------------------- the generic stage
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def config_diff(a: dict, b: dict, prefix: str = "", allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """`key: checkpoint A, now B` for each field that differs, except those under `allowed`."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb and not any(f"{prefix}{k}".startswith(r) for r in RESUMABLE_CHANGES):
+            out += config_diff(va, vb, f"{prefix}{k}.", allowed)
+        elif va != vb and not any(f"{prefix}{k}".startswith(r) for r in allowed):
             out.append(f"{prefix}{k}: checkpoint {va!r}, now {vb!r}")
     return out
 
@@ -224,8 +244,7 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
         lr_scales: dict[str, float] | None = None, teacher_momentum: tuple[float, float] | None = None) -> dict[str, Any]:
     """Train `model` (a Pretrainer or DecoderTrainer) for one stage; returns the final stats."""
     ckpt_dir = stage_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None and not resume:
+    if has_checkpoints(ckpt_dir) and not resume:
         raise ConfigError(f"{stage_dir} already holds checkpoints: pass --resume to continue that run, "
                           f"or choose another run name (name=...)")
     train_ds, val = datasets(cfg, tcfg.seed, pair)
@@ -236,12 +255,25 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
     config_yaml = cfg.to_yaml()
 
     step, best, best_step = 0, None, None
-    if latest is not None:
-        state = load_checkpoint(latest, model)
+    found = None
+    if resume:  # rank 0 first: it alone sets unreadable checkpoints aside, the others then skip them
+        found = load_latest(ckpt_dir, model) if d.main else None
+        barrier(d)
+        found = found if d.main else load_latest(ckpt_dir, model)
+    if found is not None:
+        latest, state, notes = found
+        for note in notes:
+            say(d, f"[{stage}] {note}; resuming from {latest.name}")
+        section = SECTIONS[stage]
+        tunable = tuple(f"{section}.{k}" for k in TUNABLE_ON_RESUME)
         diff = config_diff(state["config"], cfg.to_dict())
-        if diff:
-            raise ConfigError(f"--resume: the config differs from the checkpoint's ({latest}):\n  " + "\n  ".join(diff)
-                              + "\nresume with the same config (see its config.yaml), or start a new run name")
+        refused = config_diff(state["config"], cfg.to_dict(), allowed=RESUMABLE_CHANGES + tunable)
+        if refused:
+            raise ConfigError(f"--resume: the config differs from the checkpoint's ({latest}):\n  " + "\n  ".join(refused)
+                              + f"\nresume with the same config (see its config.yaml; only {', '.join(tunable)} may "
+                                f"change), or start a new run name")
+        for line in diff:
+            say(d, f"[{stage}] changed on resume, from step {state['step']} on: {line}")
         optimizer.load_state_dict(state["optimizer"])
         step, best, best_step = state["step"], state["best"], state["best_step"]
         rngs = state["rng"]
@@ -301,7 +333,9 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
             n = acc.pop("_n")
             log.log("train", s, {"epoch": (s - 1) // spe, **{k: v / n for k, v in acc.items()}})
             acc.clear()
-        if tcfg.eval_every and s % tcfg.eval_every == 0:
+        # The last step is validated before its checkpoint is written, so that a best last step
+        # is saved as the best (best.json, the state's best_step and the log then agree).
+        if (tcfg.eval_every and s % tcfg.eval_every == 0) or s == total:
             validate(s)
         if s % tcfg.ckpt_every == 0:
             checkpoint(s)
@@ -331,7 +365,10 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
                       f"val {', '.join(f'{k} {v:.4f}' for k, v in shown.items())} ({stats['seconds']:.0f} s)", flush=True)
     except NonFiniteLoss as e:
         log.close()
-        raise SystemExit(f"midi-rae {stage}: {e}") from None
+        section = SECTIONS[stage]
+        raise SystemExit(f"midi-rae {stage}: {e}. Lower {section}.lr (now {tcfg.lr:g}), keep {section}.clip_grad "
+                         f"set, or turn {section}.amp off, and continue from the last checkpoint: the same command "
+                         f"with --resume and, e.g., {section}.lr={tcfg.lr / 10:g}") from None
     if evaluated_at != step:
         validate(step)
     digest = weights_digest(raw)
@@ -422,7 +459,8 @@ def train_decoder(cfg: Config, encoder_path: str | Path | None = None, resume: b
     scales = {"encoder.": dc.encoder_lr_scale} if dc.finetune_encoder else None
     final = fit("decoder", cfg, cfg.decoder_train, model, d, stage_dir, resume, evaluate, "f1", False, lr_scales=scales)
     if d.main:
-        meta = {"config": cfg.to_yaml(), "kind": "decoder", "step": str(final["step"]), "encoder": str(enc_path)}
+        # An absolute path: the decoder's encoder is found from any working folder (checkpoint.decoder_encoder).
+        meta = {"config": cfg.to_yaml(), "kind": "decoder", "step": str(final["step"]), "encoder": str(enc_path.resolve())}
         save_weights(model.decoder.state_dict(), stage_dir / "decoder.safetensors", meta)
         if dc.finetune_encoder:
             save_weights(model.encoder.state_dict(), stage_dir / "encoder.safetensors", dict(meta, kind="encoder"))
@@ -435,10 +473,9 @@ def train_decoder(cfg: Config, encoder_path: str | Path | None = None, resume: b
 
 
 def load_trained(cfg: Config, device: torch.device | str = "cpu") -> DecoderTrainer:
-    """The encoder and decoder a run ended with (fine-tuned encoder if there is one)."""
-    _, pre_dir, dec_dir = stage_dirs(cfg)
-    enc_path = dec_dir / "encoder.safetensors" if (dec_dir / "encoder.safetensors").exists() else pre_dir / "encoder.safetensors"
-    dec_path = dec_dir / "decoder.safetensors"
+    """The decoder a run ended with and the encoder it was trained on (fine-tuned, if it was)."""
+    dec_path = stage_dirs(cfg)[2] / "decoder.safetensors"
+    enc_path = decoder_encoder(dec_path)
     enc_cfg = encoder_config(dec_path)
     encoder, decoder = build_encoder(enc_cfg), build_decoder(enc_cfg)
     load_weights(encoder, enc_path)
@@ -490,7 +527,7 @@ def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
           f"{q['steps']} steps ({q['seconds']} s).", "",
           "| stage | metric | value |", "|---|---|---|"]
     md += [f"| pretrain (masked patches, per-sample mean, p > 0.5) | {k} | {fmt(v)} |" for k, v in p.items() if k not in ("steps", "seconds")]
-    md += [f"| decoder (all pixels, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
+    md += [f"| decoder (pixels of the frame channel inside the piece, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
     md += ["", f"![reconstruction]({fig.name})", "",
            "Error map: black = note kept (TP), red = invented (FP), blue = missed (FN); low pitches at the bottom."]
     atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")

@@ -25,6 +25,12 @@ def test_preset_parses_and_builds(path: Path) -> None:
     assert from_dict(Config, cfg.to_dict()) == cfg  # the resolved YAML reads back to the same config
 
 
+def test_load_config_takes_a_preset_name() -> None:
+    assert load_config("quickstart") == load_config(preset_dir() / "quickstart.yaml")
+    with pytest.raises(ConfigError, match=r"'nope' not found; give a path or a preset name \(.*quickstart"):
+        load_config("nope")
+
+
 def test_spec_encoders() -> None:
     s = load_config(preset_dir() / "swin_midi.yaml").model
     assert (s.patch_h, s.embed_dim, s.depths, s.num_heads, s.window_size) == (4, 8, [1, 2, 2, 6, 2, 1], [1, 1, 2, 4, 8, 16], 8)

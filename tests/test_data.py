@@ -106,6 +106,14 @@ def test_split_stable() -> None:
     assert [i for i in range(200) if split_of(f"p{i}") == "val"] == VAL_IDS
 
 
+def test_split_keeps_encodings_of_one_work_together() -> None:
+    # A work stored twice (e.g. a Bach chorale as kern and as MusicXML) must not sit on both sides.
+    for i in range(400):
+        assert split_of(f"music21/bach/bwv{i}.krn") == split_of(f"music21/bach/bwv{i}.mxl") == split_of(f"music21/bach/BWV{i}.xml")
+        assert split_of(f"tunes/t{i}.abc#3") == split_of(f"tunes/t{i}.krn#3")
+    assert {split_of(f"music21/bach/bwv{i}.krn") for i in range(400)} == {"train", "val"}
+
+
 VAL_IDS = [8, 18, 22, 35, 47, 61, 115, 117, 171, 174, 180, 186]
 
 
@@ -156,7 +164,7 @@ def test_dataset_determinism_and_split(cache: Path) -> None:
 def test_dataset_options(cache: Path) -> None:
     single = PianoRollDataset(cache, "all", crop_width=64, pair=False, channels=1)
     item = single[3]
-    assert set(item) == {"x", "piece", "piece_id", "start"} and item["x"].shape == (1, 128, 64)
+    assert set(item) == {"x", "piece", "piece_id", "start", "steps"} and item["x"].shape == (1, 128, 64)
     transposed = PianoRollDataset(cache, "all", crop_width=64, pair=False, transpose=6)
     plain = PianoRollDataset(cache, "all", crop_width=64, pair=False)
     assert any(not torch.equal(transposed[i]["x"], plain[i]["x"]) for i in range(10))

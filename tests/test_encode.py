@@ -148,3 +148,23 @@ def test_reconstruct_keeps_tempo_and_meter(tmp_path: Path) -> None:
     out = symusic.Score(str(write_midi(probs, tmp_path / "out.mid", 0.5, like=tmp_path / "in.mid"))).to("quarter")
     assert [(t.time, round(t.qpm)) for t in out.tempos] == [(0.0, 90), (8.0, 60)]
     assert [(t.time, t.numerator, t.denominator) for t in out.time_signatures] == [(0.0, 3, 4)]
+
+
+def test_decoder_trained_into_another_run_finds_its_encoder(tiny_cache: Path, tmp_path_factory, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from midi_rae.train import load_trained, train_decoder
+
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    cfg = load_config(None, [
+        "name=other", f"out_dir={tmp_path / 'runs'}", f"data.cache_dir={tiny_cache}", "data.val_fraction=0.2",
+        "data.val_max_items=4", "decoder_train.batch_size=4", "decoder_train.max_steps=1", "decoder_train.warmup_steps=1",
+        "decoder_train.progress=false", "decoder_train.tensorboard=false", "decoder_train.threads=1"])
+    with isolated():
+        train_decoder(cfg, run / "pretrain")
+    other = tmp_path / "runs" / "other"
+    assert not (other / "pretrain").exists()
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # the encoder is found from any working folder
+    ck = resolve_checkpoint(other)
+    assert ck.encoder.path.resolve() == (run / "pretrain" / "encoder.safetensors").resolve()
+    assert load_trained(cfg).encoder.state_dict().keys() == load_autoencoder(ck)[0].encoder.state_dict().keys()
+    assert main(["eval", str(other), "-o", str(tmp_path / "eval"), "--max-items", "4", "--examples", "1"]) == 0

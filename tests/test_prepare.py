@@ -138,3 +138,15 @@ def test_cli(hostile: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert main(["prepare", str(tmp_path / "missing"), "--cache-dir", str(tmp_path / "c")]) == 2
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_prepare_and_train_agree_on_the_cache_of_some_collections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from midi_rae.config import load_config
+    from midi_rae.train import resolve_cache_dir
+
+    monkeypatch.setenv("MIDI_RAE_CACHE", str(tmp_path))
+    monkeypatch.setattr(prepare_module, "corpus_files", lambda collections=None: [])  # only the folder matters here
+    summary = prepare(None, None, workers=1, progress=False, collections=["essenFolksong"])
+    cfg = load_config(None, ["data.collections=[essenFolksong]"])
+    assert summary.cache_dir == resolve_cache_dir(cfg) != tmp_path / "corpus"  # a subset never takes the full corpus's name
+    assert resolve_cache_dir(load_config(None)) == tmp_path / "corpus"

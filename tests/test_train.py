@@ -2,6 +2,7 @@
 decoder training, the run report, and resume-after-SIGKILL equivalence."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae.config import load_config, resolve_config_path
-from midi_rae.engine import lr_at, momentum_at, param_groups
+from midi_rae import train as train_module
+from midi_rae.config import ConfigError, load_config, resolve_config_path
+from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
-from midi_rae.train import pretrain, report, train_decoder
+from midi_rae.train import Logger, datasets, pretrain, report, train_decoder, val_loader
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,6 +111,114 @@ def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path
         load_weights(other, tmp_path / "ck" / "pretrain" / "encoder.safetensors")
     with pytest.raises(Exception, match="already holds checkpoints: pass --resume"):
         pretrain(cfg)
+
+
+@pytest.mark.parametrize("stage, section", [("pretrain", "train"), ("decoder", "decoder_train")])
+def test_missing_wandb_names_the_config_field(stage: str, section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    cfg = load_config(None, [f"{section}.wandb=true", f"{section}.tensorboard=false"])
+    with pytest.raises(ConfigError, match=rf"^{section}\.wandb is true but wandb is not installed.*set {section}\.wandb=false"):
+        Logger(tmp_path, cfg, getattr(cfg, section), stage, True, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_validation_leaves_the_training_stream_alone(device: str, tiny_cache: Path, tmp_path: Path) -> None:
+    # Objectives that draw on the device during validation: masks, drop paths, SIGReg directions.
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, "objective.mep_weight=0.5", "objective.lejepa_weight=0.2",
+                                 "model.drop_path_rate=0.1"))
+    dev = torch.device(device)
+    model = Pretrainer(cfg).to(dev)
+    _, val = datasets(cfg, 0, model.needs_views)
+
+    def stream(validate: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        torch.manual_seed(1)
+        torch.rand(3, device=dev)  # training has drawn some already
+        stats = evaluate_pretrain(model, val_loader(val, 4, 0), dev, 0.5, seed=0) if validate else {}
+        return torch.rand(8), torch.rand(8, device=dev).cpu(), stats
+
+    cpu_a, dev_a, stats_a = stream(True)
+    cpu_b, dev_b, _ = stream(False)
+    _, _, stats_c = stream(True)
+    assert torch.equal(cpu_a, cpu_b) and torch.equal(dev_a, dev_b)
+    assert stats_a == stats_c  # and every validation sees the same draws
+
+
+def test_best_checkpoint_agrees_with_the_log(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every validation beats the one before, so the last step (saved every 2, validated every 3) is the best.
+    better = iter(range(1, 100))
+    monkeypatch.setattr(train_module, "evaluate_pretrain", lambda *a, **k: {"loss": 1.0, "masked_f1": next(better) / 100})
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, "name=b", "train.max_steps=4", "train.ckpt_every=2",
+                                 "train.eval_every=3"))
+    final = pretrain(cfg)
+    stage = tmp_path / "b" / "pretrain"
+    best = json.loads((stage / "checkpoints" / "best.json").read_text())
+    state = torch.load(stage / "checkpoints" / best["dir"] / "state.pt", weights_only=True)
+    logged = [l["best_step"] for l in lines(stage / "metrics.jsonl") if l["split"] in ("val", "final")]
+    assert final["best_step"] == best["step"] == state["best_step"] == logged[-1] == 4
+
+
+def _four_steps(tiny_cache: Path, tmp_path: Path, *extra: str) -> tuple[list[str], Path]:
+    """A finished 4-step run with checkpoints at steps 2 and 4; its overrides and its checkpoints folder."""
+    overrides = tiny(tiny_cache, tmp_path, "name=c", "train.max_steps=4", "train.ckpt_every=2", *extra)
+    pretrain(load_config(None, overrides))
+    return overrides, tmp_path / "c" / "pretrain" / "checkpoints"
+
+
+@pytest.mark.parametrize("broken", ["model.safetensors", "state.pt"])
+def test_resume_falls_back_past_a_corrupt_checkpoint(broken: str, tiny_cache: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    overrides, ckpts = _four_steps(tiny_cache, tmp_path)
+    good = {k: v.clone() for k, v in load_file(str(ckpts / "step_00000004" / "model.safetensors")).items()}  # not a view of the file
+    bad = ckpts / "step_00000004" / broken
+    truncated = bad.read_bytes()[: bad.stat().st_size // 2]
+    bad.write_bytes(truncated)
+    capsys.readouterr()
+    final = pretrain(load_config(None, overrides), resume=True)
+    out = capsys.readouterr().out
+    assert "step_00000004 is unreadable" in out and "resumed from" in out and "step_00000002 at step 2" in out
+    assert (ckpts / "step_00000004.corrupt" / broken).read_bytes() == truncated  # set aside, not deleted
+    again = load_file(str(ckpts / "step_00000004" / "model.safetensors"))
+    assert final["step"] == 4 and all(torch.equal(good[k], again[k]) for k in good)  # retrained exactly
+
+
+def test_missing_latest_folder_never_restarts_the_run(tiny_cache: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    overrides, ckpts = _four_steps(tiny_cache, tmp_path)
+    cfg = load_config(None, overrides)
+    shutil.rmtree(ckpts / "step_00000004")  # latest.json now names a folder that is gone
+    metrics = ckpts.parent / "metrics.jsonl"
+    logged = metrics.read_text()
+    with pytest.raises(ConfigError, match="already holds checkpoints: pass --resume"):
+        pretrain(cfg)
+    assert metrics.read_text() == logged and (ckpts / "step_00000002" / "model.safetensors").exists()
+    with metrics.open("a") as f:  # and a kill in the middle of writing a log line
+        f.write('{"split": "train", "st')
+    capsys.readouterr()
+    assert pretrain(cfg, resume=True)["step"] == 4
+    out = capsys.readouterr().out
+    assert "latest.json names step_00000004, which is missing" in out and "step_00000002 at step 2" in out
+    assert [l["step"] for l in lines(metrics) if l["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_resume_may_change_the_learning_rate(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides, ckpts = _four_steps(tiny_cache, tmp_path)
+    capsys.readouterr()
+    pretrain(load_config(None, [*overrides, "train.lr=2e-5", "train.warmup_steps=2"]), resume=True)
+    out = capsys.readouterr().out
+    assert "changed on resume, from step 4 on: train.lr: checkpoint 0.001, now 2e-05" in out
+    assert "train.warmup_steps: checkpoint 1, now 2" in out
+    with pytest.raises(ConfigError, match=r"config differs .*\n  train.batch_size: checkpoint 4, now 2\nresume with"):
+        pretrain(load_config(None, [*overrides, "train.batch_size=2", "train.lr=1e-5"]), resume=True)
+
+    # The advice after a non-finite loss names fields that --resume accepts.
+    def diverge(*args, **kwargs):
+        raise NonFiniteLoss("loss is nan at step 5 (epoch 0); stopping")
+
+    monkeypatch.setattr(train_module, "train_one_epoch", diverge)
+    with pytest.raises(SystemExit, match=r"Lower train.lr .* --resume and, e.g., train.lr=0.0001"):
+        pretrain(load_config(None, [*overrides, "name=d", "train.lr=1e-3"]))
 
 
 @pytest.mark.parametrize("version", [1, 2])
