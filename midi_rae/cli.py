@@ -9,6 +9,8 @@ from midi_rae.data import RollSettings
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from midi_rae.prepare import MAX_FILE_MB
+
     p = sub.add_parser(
         "prepare",
         help="convert music files (default: the bundled music21 corpus) into a roll cache",
@@ -26,19 +28,25 @@ def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--collections", nargs="+", metavar="NAME", help="bundled corpus only: restrict to these folders (e.g. bach essenFolksong)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no skip lines; summary only")
+    p.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, metavar="MB",
+                   help=f"skip (and report) files larger than this (default {MAX_FILE_MB})")
 
     def run(args: argparse.Namespace) -> int:
         from midi_rae.prepare import prepare
 
         settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums)
         summary = prepare(args.paths or None, args.cache_dir, settings, workers=args.workers,
-                          progress=not args.quiet, collections=args.collections)
+                          progress=not args.quiet, collections=args.collections, max_file_mb=args.max_file_mb)
         if not args.quiet:
             for line in summary.report:
                 print(line)
         print(summary.line())
         print(f"{summary.processed} files converted in this run, {summary.files - summary.processed} were already in the cache")
         print(f"cache: {summary.cache_dir}  (report: {summary.cache_dir / 'report.txt'})")
+        if summary.pieces == 0:  # nothing to train on: a script chaining prepare -> train must stop here
+            print(f"midi-rae prepare: error: none of the {summary.files} files gave a usable piece (reasons in "
+                  f"{summary.cache_dir / 'report.txt'}); give MIDI, ABC or MusicXML files with notes", file=sys.stderr)
+            return 1
         return 0
 
     return run
