@@ -4,13 +4,18 @@ Every input is made here, by the test."""
 import errno
 import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import symusic
 
 from midi_rae.cli import main
+from midi_rae.data import RollSettings, score_to_roll
 from midi_rae.prepare import prepare
 
 
@@ -91,3 +96,51 @@ def test_prepare_with_no_good_piece_fails(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "text.mid").write_text("not a MIDI file\n")
     assert main(["prepare", str(tmp_path / "text.mid"), "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 1
     assert "none of the 1 files gave a usable piece" in error_line(capsys, "prepare")
+
+
+# ----------------------------------------------------------------------------- rolls: memory follows the roll
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
+def test_many_tracks_convert_in_bounded_memory() -> None:
+    """A 34 KB MIDI with 1000 tracks and 188k steps (under the step limit): rendering every track
+    apart would ask for 48 GB; the merged roll is 48 MB. Run under a 1 GB address-space cap."""
+    script = textwrap.dedent("""
+        import resource
+        import symusic
+        from midi_rae.data import midi_to_roll
+        score = symusic.Score(480)
+        for i in range(1000):
+            track = symusic.Track(f"t{i}", 0, False)
+            track.notes.append(symusic.Note(i * 480, 480, 40 + i % 60, 90))
+            score.tracks.append(track)
+        score.tracks[-1].notes.append(symusic.Note(47_000 * 480, 480, 60, 90))
+        vsz = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vsz + 2**30, vsz + 2**30))
+        print(midi_to_roll(score.dumps_midi()).shape)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "(2, 128, 188004)"
+
+
+@pytest.mark.parametrize("velocity", [False, True])
+def test_merged_roll_is_the_union_of_track_rolls(velocity: bool) -> None:
+    rng = np.random.default_rng(0)
+    score = symusic.Score(480)
+    for i in range(5):
+        track = symusic.Track(f"t{i}", 0, False)
+        for _ in range(40):  # overlapping notes across tracks, odd durations, velocities 1..127
+            track.notes.append(symusic.Note(int(rng.integers(0, 40 * 480)), int(rng.integers(30, 4 * 480)),
+                                            int(rng.integers(55, 70)), int(rng.integers(1, 128))))
+        track.notes.sort()
+        score.tracks.append(track)
+    settings = RollSettings(velocity=velocity)
+    roll = score_to_roll(score, settings)
+    expected = np.zeros_like(roll)
+    for track in score.tracks:
+        alone = symusic.Score(480)
+        alone.tracks.append(track)
+        part = score_to_roll(alone, settings)
+        expected[..., : part.shape[-1]] = np.maximum(expected[..., : part.shape[-1]], part)
+    np.testing.assert_array_equal(roll, expected)
