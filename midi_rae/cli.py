@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable
 
@@ -85,6 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return runners[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"midi-rae {args.command}: error: {e}", file=sys.stderr)
+    # User and system errors (bad paths and files, a full disk, a config that cannot work: ConfigError
+    # and BadInput are ValueErrors) get one line; anything else is a bug and keeps its traceback.
+    except (OSError, ValueError) as e:
+        print(f"midi-rae {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+# What to change, by the errno of an OSError (the OS's own text says what went wrong).
+_HINTS = {errno.ENOSPC: "free some disk space or write to another disk",
+          errno.EDQUOT: "free some space or write elsewhere",
+          errno.EACCES: "check its permissions or choose another path",
+          errno.EPERM: "check its permissions or choose another path",
+          errno.EROFS: "write somewhere else",
+          errno.EISDIR: "it is a folder: give a file name",
+          errno.ENOTDIR: "a part of that path is a file, not a folder",
+          errno.ENOENT: "check the path (create the folder first when writing)"}
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        hint = _HINTS.get(e.errno)
+        return f"{where}{e.strerror}" + (f"; {hint}" if hint else "")
+    return str(e)

@@ -26,7 +26,7 @@ from midi_rae.config import Config
 from midi_rae.data import MIDI_SUFFIXES, TPQ, roll_to_score
 from midi_rae.encode import Checkpoint, read_inputs, resolve_checkpoint, windows
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
-from midi_rae.utils import atomic_write
+from midi_rae.utils import atomic_write, check_output, resolve_device
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
               "/usr/share/soundfonts/FluidR3_GM.sf2", "/usr/share/soundfonts/default.sf2",
@@ -134,7 +134,14 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
     p.add_argument("--device", default="cpu")
 
     def run(args: argparse.Namespace) -> int:
-        model, cfg = load_autoencoder(args.checkpoint, args.device)
+        # Outputs are checked before the model runs, which can take minutes on a long piece.
+        # (A missing folder for OUT.mid is fine: write_midi makes it.)
+        for out in (args.png, args.wav):
+            if out:
+                check_output(out)
+        if Path(args.out).is_dir():
+            check_output(args.out)
+        model, cfg = load_autoencoder(args.checkpoint, resolve_device(args.device))
         pieces = read_inputs([args.input])
         if not 0 <= args.piece < len(pieces):
             raise ValueError(f"{args.input} holds {len(pieces)} piece(s); --piece must be in 0..{len(pieces) - 1}")

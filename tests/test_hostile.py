@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import symusic
+import torch
+from tiny_runs import trained_run
 
+from midi_rae import utils
 from midi_rae.cli import main
 from midi_rae.data import RollSettings, score_to_roll
 from midi_rae.prepare import prepare
@@ -144,3 +147,88 @@ def test_merged_roll_is_the_union_of_track_rolls(velocity: bool) -> None:
         part = score_to_roll(alone, settings)
         expected[..., : part.shape[-1]] = np.maximum(expected[..., : part.shape[-1]], part)
     np.testing.assert_array_equal(roll, expected)
+
+
+# ----------------------------------------------------------------------------- user errors: one line each
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_run("swin", tiny_cache, tmp_path_factory)
+
+
+@pytest.fixture
+def piece(tmp_path: Path) -> Path:
+    return midi(tmp_path / "piece.mid", [60, 62, 64, 65, 67])
+
+
+def test_weights_file_that_is_not_safetensors(tmp_path: Path, piece: Path, capsys: pytest.CaptureFixture) -> None:
+    fake = tmp_path / "encoder.safetensors"
+    fake.write_text("not weights")
+    assert main(["encode", str(fake), str(piece), "-o", str(tmp_path / "out")]) == 2
+    assert "is not a safetensors weights file" in error_line(capsys, "encode")
+
+
+@pytest.mark.parametrize("text, problem", [("train: {lr: [1\n", "not plain YAML at line 2"),
+                                           ("train: !!python/object:os.system {}\n", "could not determine a constructor")])
+def test_malformed_yaml(tmp_path: Path, text: str, problem: str, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+    assert main(["train", "-c", str(tmp_path / "bad.yaml")]) == 2
+    assert problem in error_line(capsys, "train")
+
+
+def test_folder_given_as_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "-c", str(tmp_path)]) == 2
+    assert error_line(capsys, "train").endswith("Is a directory; it is a folder: give a file name")
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("model.window_size=0", "model.window_size must be positive"),
+    ("model.drop_path_rate=2", "model.drop_path_rate must be in [0, 1)"),
+    ("model.num_heads=[1,0,2,4]", "model.num_heads must be positive"),
+    ("model.mae_decoder_heads=0", "must be positive"),
+    ("decoder.num_heads=[1,3,4,8] decoder.depths=[1,1,1,1]", "not divisible by decoder.num_heads[1] = 3"),
+    ("name=..", "name must be a plain folder name"),
+])
+def test_config_refused_before_data_loading(tmp_path: Path, override: str, problem: str,
+                                            capsys: pytest.CaptureFixture) -> None:
+    # The cache does not exist: an error about the config must come first.
+    assert main(["train", *override.split(), f"data.cache_dir={tmp_path / 'none'}",
+                 f"out_dir={tmp_path}"]) == 2
+    assert problem in error_line(capsys, "train")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(run_dir: Path, piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "o.mid"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible here; use --device cpu" in error_line(capsys, "reconstruct")
+
+
+def test_out_is_an_existing_folder(run_dir: Path, piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "o.mid").mkdir()
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "o.mid")]) == 2
+    assert error_line(capsys, "reconstruct").endswith(f"{tmp_path / 'o.mid'}: Is a directory; it is a folder: give a file name")
+
+
+def test_png_in_missing_folder(run_dir: Path, piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "o.mid"),
+                 "--png", str(tmp_path / "nowhere" / "x.png")]) == 2
+    line = error_line(capsys, "reconstruct")
+    assert f"{tmp_path / 'nowhere'}: no such folder" in line and ".tmp" not in line
+    assert not (tmp_path / "o.mid").exists()  # checked before any work
+
+
+@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "free some disk space"), (errno.EACCES, "check its permissions")])
+def test_write_failure_keeps_the_old_file(run_dir: Path, piece: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          code: int, hint: str, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o.mid"
+    out.write_bytes(b"previous result")
+
+    def failing_replace(src: str, dst: str) -> None:  # the disk fills up (or refuses) as the file is committed
+        raise OSError(code, os.strerror(code), str(src))
+
+    monkeypatch.setattr(utils.os, "replace", failing_replace)
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(out)]) == 2
+    line = error_line(capsys, "reconstruct")
+    assert line.startswith(f"midi-rae reconstruct: error: {out}: {os.strerror(code)}; {hint}")
+    assert out.read_bytes() == b"previous result" and not list(tmp_path.glob(".*.tmp"))
