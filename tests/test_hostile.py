@@ -16,10 +16,11 @@ import symusic
 import torch
 from tiny_runs import trained_run
 
-from midi_rae import utils
+from midi_rae import plots, utils
 from midi_rae.cli import main
 from midi_rae.data import RollSettings, score_to_roll
 from midi_rae.prepare import prepare
+from midi_rae.reconstruct import comparison_png
 
 
 def midi(path: Path, pitches: list[int]) -> Path:
@@ -232,3 +233,18 @@ def test_write_failure_keeps_the_old_file(run_dir: Path, piece: Path, tmp_path: 
     line = error_line(capsys, "reconstruct")
     assert line.startswith(f"midi-rae reconstruct: error: {out}: {os.strerror(code)}; {hint}")
     assert out.read_bytes() == b"previous result" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_reconstruct_figure_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 7-hour piece (200k steps, within the step limit) drew 782 rows: over 10 minutes and 4 GB."""
+    drawn = {}
+
+    def record(target: np.ndarray, probs: np.ndarray, path: Path, threshold: float, title: str, labels: list[str]) -> Path:
+        drawn.update(rows=target.shape[0], title=title, last=labels[-1])
+        return Path(path)
+
+    monkeypatch.setattr(plots, "recon_figure", record)
+    roll = np.zeros((128, 200_000), dtype=np.float32)
+    comparison_png(roll, roll, tmp_path / "x.png", 0.5, "piece: input vs reconstruction")
+    assert drawn == {"rows": 16, "title": "piece: input vs reconstruction (first 4096 of 200000 steps)",
+                     "last": "steps 3840-4096"}
