@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -157,6 +159,17 @@ def _convert(source: Source, key: str, settings: RollSettings, cache_dir: Path) 
     return record
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker once the prepare process is gone (even killed by
+    SIGKILL, which it cannot catch), rather than converting on as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _crashed(source: Source, key: str, cache_dir: Path) -> None:
     record = {"source": source.source_id, "pieces": [], "skipped": [], "error": "the reader crashed (worker process died)"}
     _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
@@ -173,7 +186,7 @@ def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path
         if not solo:
             queue = []
         broken = []
-        with ProcessPoolExecutor(1 if solo else workers) as pool:
+        with ProcessPoolExecutor(1 if solo else workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in batch}
             for f in as_completed(futures):
                 try:

@@ -4,9 +4,11 @@ Every input is made here, by the test."""
 import errno
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -102,9 +104,49 @@ def test_prepare_with_no_good_piece_fails(tmp_path: Path, capsys: pytest.Capture
     assert "none of the 1 files gave a usable piece" in error_line(capsys, "prepare")
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # a subprocess importing torch: about 5 s on 2 busy cores
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_prepare_worker_dies_with_its_parent(tmp_path: Path) -> None:
+    midi(tmp_path / "slow.mid", [60])
+    pid_file = tmp_path / "worker.pid"
+    script = textwrap.dedent("""
+        import os, sys, time
+        from midi_rae import prepare as prepare_module
+        def slow(path, settings):  # a conversion that takes a minute
+            open(sys.argv[2], "w").write(str(os.getpid()))
+            time.sleep(60)
+        prepare_module.read_pieces = slow
+        prepare_module.prepare([sys.argv[1]], sys.argv[3], workers=1, progress=False)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "slow.mid"), str(pid_file), str(tmp_path / "c")],
+                              start_new_session=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 5
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    orphaned = _alive(worker)
+    if orphaned:
+        os.kill(worker, signal.SIGKILL)
+    assert not orphaned
+
+
 # ----------------------------------------------------------------------------- rolls: memory follows the roll
 
 
+@pytest.mark.slow  # a subprocess importing torch: about 6 s on 2 busy cores
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
 def test_many_tracks_convert_in_bounded_memory() -> None:
     """A 34 KB MIDI with 1000 tracks and 188k steps (under the step limit): rendering every track
