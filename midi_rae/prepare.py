@@ -93,7 +93,7 @@ def collect_sources(paths: Iterable[str | os.PathLike]) -> list[Source]:
 MAX_FILE_MB = 64
 
 
-def display_name(source_id: str) -> str:
+def _display_name(source_id: str) -> str:
     """The source id as printable text: bytes of a non-UTF-8 file name shown as \\xNN escapes."""
     return os.fsencode(source_id).decode("utf-8", "backslashreplace")
 
@@ -113,7 +113,8 @@ def _key(source: Source, settings: RollSettings, max_bytes: int) -> str:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     except OSError as e:
-        raise BadInput(f"cannot read the file ({e.strerror or e}); check its permissions") from None
+        hint = "; check its permissions" if isinstance(e, PermissionError) else ""
+        raise BadInput(f"cannot read the file ({e.strerror or e}){hint}") from None
     return h.hexdigest()[:20]
 
 
@@ -236,7 +237,7 @@ def prepare(
             keys.append(_key(s, settings, int(max_file_mb * 2**20)))
         except BadInput as e:
             keys.append(None)
-            unreadable[i] = {"source": display_name(s.source_id), "pieces": [], "skipped": [], "error": str(e)}
+            unreadable[i] = {"source": _display_name(s.source_id), "pieces": [], "skipped": [], "error": str(e)}
     todo = [(s, k) for s, k in zip(sources, keys) if k is not None and not (cache / "done" / f"{k}.json").exists()]
     # Largest files first, so that a long score does not start last and keep one core busy alone.
     todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))

@@ -143,6 +143,13 @@ def test_prepare_worker_dies_with_its_parent(tmp_path: Path) -> None:
     assert not orphaned
 
 
+
+def test_run_with_no_good_piece_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "text.mid").write_text("not a MIDI file\n")
+    assert main(["run", f"data.paths=[{tmp_path / 'text.mid'}]", f"data.cache_dir={tmp_path / 'c'}",
+                 f"out_dir={tmp_path / 'runs'}", "train.progress=false"]) == 2
+    assert "none of the 1 input files gave a usable piece" in error_line(capsys, "run")
+
 # ----------------------------------------------------------------------------- rolls: memory follows the roll
 
 
