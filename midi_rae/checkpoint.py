@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,8 +49,12 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors weights file ({e}); give a run folder or its "
+                         f"encoder.safetensors / decoder.safetensors") from None
 
 
 def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable
 
@@ -9,6 +10,8 @@ from midi_rae.data import RollSettings
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    from midi_rae.prepare import MAX_FILE_MB
+
     p = sub.add_parser(
         "prepare",
         help="convert music files (default: the bundled music21 corpus) into a roll cache",
@@ -26,19 +29,25 @@ def _add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--collections", nargs="+", metavar="NAME", help="bundled corpus only: restrict to these folders (e.g. bach essenFolksong)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no skip lines; summary only")
+    p.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, metavar="MB",
+                   help=f"skip (and report) files larger than this (default {MAX_FILE_MB})")
 
     def run(args: argparse.Namespace) -> int:
         from midi_rae.prepare import prepare
 
         settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums)
         summary = prepare(args.paths or None, args.cache_dir, settings, workers=args.workers,
-                          progress=not args.quiet, collections=args.collections)
+                          progress=not args.quiet, collections=args.collections, max_file_mb=args.max_file_mb)
         if not args.quiet:
             for line in summary.report:
                 print(line)
         print(summary.line())
         print(f"{summary.processed} files converted in this run, {summary.files - summary.processed} were already in the cache")
         print(f"cache: {summary.cache_dir}  (report: {summary.cache_dir / 'report.txt'})")
+        if summary.pieces == 0:  # nothing to train on: a script chaining prepare -> train must stop here
+            print(f"midi-rae prepare: error: none of the {summary.files} files gave a usable piece (reasons in "
+                  f"{summary.cache_dir / 'report.txt'}); give MIDI, ABC or MusicXML files with notes", file=sys.stderr)
+            return 1
         return 0
 
     return run
@@ -77,6 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return runners[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"midi-rae {args.command}: error: {e}", file=sys.stderr)
+    # User and system errors (bad paths and files, a full disk, a config that cannot work: ConfigError
+    # and BadInput are ValueErrors) get one line; anything else is a bug and keeps its traceback.
+    except (OSError, ValueError) as e:
+        print(f"midi-rae {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+# What to change, by the errno of an OSError (the OS's own text says what went wrong).
+_HINTS = {errno.ENOSPC: "free some disk space or write to another disk",
+          errno.EDQUOT: "free some space or write elsewhere",
+          errno.EACCES: "check its permissions or choose another path",
+          errno.EPERM: "check its permissions or choose another path",
+          errno.EROFS: "write somewhere else",
+          errno.EISDIR: "it is a folder: give a file name",
+          errno.ENOTDIR: "a part of that path is a file, not a folder",
+          errno.ENOENT: "check the path (create the folder first when writing)"}
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        hint = _HINTS.get(e.errno)
+        return f"{where}{e.strerror}" + (f"; {hint}" if hint else "")
+    return str(e)

@@ -89,11 +89,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.encoder in ENCODERS, f"model.encoder must be one of {ENCODERS}, got {self.encoder!r}")
         _require(self.patch_h > 0 and self.patch_w > 0 and self.embed_dim > 0, "model.patch_h, patch_w, embed_dim must be positive")
+        _require(self.window_size > 0, f"model.window_size must be positive, got {self.window_size}; e.g. model.window_size=8")
+        _require(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _require(self.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
+        _require(self.mae_decoder_dim > 0 and self.mae_decoder_depth > 0 and self.mae_decoder_heads > 0,
+                 "model.mae_decoder_dim, mae_decoder_depth and mae_decoder_heads must be positive")
+        all_heads = self.num_heads if isinstance(self.num_heads, list) else [self.num_heads]
+        _require(all(h > 0 for h in all_heads), f"model.num_heads must be positive, got {self.num_heads}")
         _require(0.0 <= self.empty_mask_ratio <= 1.0, f"model.empty_mask_ratio must be in [0, 1], got {self.empty_mask_ratio}")
         _require(0.0 <= self.inter_stage_mask_ratio < 1.0,
                  f"model.inter_stage_mask_ratio must be in [0, 1), got {self.inter_stage_mask_ratio}")
         if self.encoder == "swin":
             heads = self.num_heads
+            _require(all(d > 0 for d in self.depths), f"model.depths must be positive block counts, got {self.depths}")
             _require(isinstance(heads, list) and len(heads) == len(self.depths) and len(heads) > 0,
                      f"model.num_heads must list one head count per Swin stage, like depths {self.depths}; got {heads}")
             for i, h in enumerate(heads):
@@ -103,6 +111,7 @@ class ModelConfig:
         else:
             _require(isinstance(self.num_heads, int), f"model.num_heads must be one int for the ViT encoder, got "
                      f"{self.num_heads}; e.g. model.num_heads=8")
+            _require(self.depth > 0, f"model.depth must be positive, got {self.depth}")
             _require(self.embed_dim % self.num_heads == 0 and (self.embed_dim // self.num_heads) % 4 == 0,
                      f"the ViT needs model.embed_dim / model.num_heads = {self.embed_dim}/{self.num_heads} to be a "
                      f"whole multiple of 4 (2D RoPE); change embed_dim or num_heads")
@@ -110,6 +119,10 @@ class ModelConfig:
             _require(not self.inter_stage_mask_all, "model.inter_stage_mask_all applies to the Swin encoder only; set it to false")
         _require(self.mae_decoder_dim % self.mae_decoder_heads == 0,
                  f"model.mae_decoder_dim {self.mae_decoder_dim} must be divisible by model.mae_decoder_heads {self.mae_decoder_heads}")
+        if self.encoder == "vit":  # the ViT MAE decoder rotates its heads with 2D RoPE too
+            _require((self.mae_decoder_dim // self.mae_decoder_heads) % 4 == 0,
+                     f"the ViT MAE decoder needs model.mae_decoder_dim / model.mae_decoder_heads = {self.mae_decoder_dim}/"
+                     f"{self.mae_decoder_heads} to be a multiple of 4 (2D RoPE); change one of them")
 
     @property
     def num_stages(self) -> int:
@@ -169,6 +182,8 @@ class ObjectiveConfig:
                  "objective.global_temperature and objective.global_dim must be positive")
         _require(self.recon_levels is None or self.recon_levels > 0,
                  f"objective.recon_levels must be positive or null (all), got {self.recon_levels}")
+        _require(self.predictor_dim > 0 and self.predictor_depth > 0 and self.predictor_heads > 0,
+                 "objective.predictor_dim, predictor_depth and predictor_heads must be positive")
         _require(self.predictor_dim % self.predictor_heads == 0,
                  f"objective.predictor_dim {self.predictor_dim} must be divisible by objective.predictor_heads {self.predictor_heads}")
 
@@ -243,6 +258,11 @@ class DecoderConfig:
                  f"decoder.head must be 'linear', 'pixelshuffle' or 'convtranspose', got {self.head!r}")
         _require(0.0 < self.threshold < 1.0, f"decoder.threshold must be in (0, 1), got {self.threshold}")
         _require(self.encoder_lr_scale > 0, f"decoder.encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
+        _require(0.0 <= self.drop_path_rate < 1.0, f"decoder.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _require(self.depth > 0 and self.decoder_dim > 0 and self.vit_heads > 0,
+                 "decoder.depth, decoder.decoder_dim and decoder.vit_heads must be positive")
+        _require(all(n > 0 for n in (self.depths or []) + (self.num_heads or [])),
+                 f"decoder.depths and decoder.num_heads must be positive, got {self.depths} and {self.num_heads}")
         _require((self.depths is None) == (self.num_heads is None) and (self.depths is None or len(self.depths) == len(self.num_heads)),
                  "set decoder.depths and decoder.num_heads together, one entry per stage (or leave both null)")
 
@@ -259,7 +279,9 @@ class Config:
     decoder_train: TrainConfig = field(default_factory=TrainConfig)  # decoder training
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}")
+        # The run folder is out_dir/name: a name that climbs out of out_dir or nests would write elsewhere.
+        _require(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
+                 f"name must be a plain folder name (no '/', not '.' or '..'), got {self.name!r}; e.g. name=my_run")
         m, d = self.model, self.data
         if m.encoder == "swin":
             factor = 2 ** (len(m.depths) - 1)
@@ -274,6 +296,14 @@ class Config:
                      f"128 pitches x data.crop_width={d.crop_width} must be whole {m.patch_h}x{m.patch_w} patches; "
                      f"change model.patch_h / model.patch_w or data.crop_width")
         dc = self.decoder
+        if m.encoder == "swin" and dc.num_heads is not None:
+            for i, h in enumerate(dc.num_heads):  # the decoder's stage i has the encoder's width there
+                _require((m.embed_dim * 2**i) % h == 0, f"decoder stage {i} has width model.embed_dim * 2**{i} = "
+                         f"{m.embed_dim * 2**i}, not divisible by decoder.num_heads[{i}] = {h}; change one of them")
+        if m.encoder == "vit":
+            _require(dc.decoder_dim % dc.vit_heads == 0 and (dc.decoder_dim // dc.vit_heads) % 4 == 0,
+                     f"the ViT decoder needs decoder.decoder_dim / decoder.vit_heads = {dc.decoder_dim}/{dc.vit_heads} "
+                     f"to be a whole multiple of 4 (2D RoPE); change decoder_dim or vit_heads")
         if dc.depths is not None:
             _require(len(dc.depths) == m.num_stages, f"decoder.depths needs {m.num_stages} entries (one per encoder "
                      f"stage), got {dc.depths}; or set it to null to mirror the encoder")
@@ -413,7 +443,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.exists():
             presets = ", ".join(p.stem for p in sorted(preset_dir().glob("*.yaml")))
             raise ConfigError(f"config file {str(given)!r} not found; give a path or a preset name ({presets})")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # safe_load refuses tags like !!python/object
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(f"config file {str(path)!r} is not plain YAML{where}: {problem}; fix it, or start "
+                              f"from a preset (midi-rae train --print-config)") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")

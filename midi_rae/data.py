@@ -92,7 +92,11 @@ def _key_name(sharps: int, minor: bool | None) -> str:
 
 
 def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings()) -> np.ndarray:
-    """Merge all (non-drum) tracks of a symusic score into a `(C, 128, T)` uint8 roll."""
+    """Merge all (non-drum) tracks of a symusic score into a `(C, 128, T)` uint8 roll.
+
+    The tracks' notes are merged into one track before rendering, so memory follows the roll's
+    size, not tracks x steps (a small file with 1000 tracks would otherwise ask for tens of GB).
+    Where notes of one pitch overlap, the pixel holds the highest velocity."""
     tracks = [t for t in score.tracks if settings.drums or not t.is_drum]
     if not any(t.note_num() for t in tracks):
         has_drums = any(t.is_drum and t.note_num() for t in score.tracks)
@@ -102,15 +106,20 @@ def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings())
         merged.tracks.append(t)
     # min_dur=1: a note shorter than a step still sounds for one step instead of vanishing.
     merged = merged.resample(tpq=settings.steps_per_beat, min_dur=1)
-    ends = [t.notes.numpy() for t in merged.tracks]
-    steps = max(int((n["time"] + n["duration"]).max()) for n in ends if len(n["time"]))
+    parts = [t.notes.numpy() for t in merged.tracks]
+    notes = {k: np.concatenate([n[k] for n in parts]) for k in ("time", "duration", "pitch", "velocity")}
+    steps = int((notes["time"] + notes["duration"]).max())
     if steps > MAX_STEPS:
         raise BadInput(f"too long: {steps} steps at {settings.steps_per_beat} per beat (limit {MAX_STEPS})")
+    # A later note overwrites an earlier one where they overlap: ascending velocity makes that the maximum.
+    order = np.argsort(notes["velocity"], kind="stable")
+    one = symusic.Track("merged", 0, False)
+    one.notes = symusic.Note.from_numpy(*(notes[k][order] for k in ("time", "duration", "pitch", "velocity")))
     modes = ["frame", "onset"] if settings.onset else ["frame"]
-    pr = merged.pianoroll(modes=modes, pitch_range=(0, 128), encode_velocity=settings.velocity)  # (C, tracks, 128, T')
+    pr = one.pianoroll(modes=modes, pitch_range=(0, 128), encode_velocity=settings.velocity)  # (C, 128, T')
     roll = np.zeros((len(modes), 128, steps), dtype=np.uint8)
     t = min(steps, pr.shape[-1])
-    roll[..., :t] = pr.max(axis=1)[..., :t]
+    roll[..., :t] = pr[..., :t]
     return roll
 
 

@@ -41,7 +41,7 @@ from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config
 from midi_rae.core import LevelInfo
 from midi_rae.data import RollSettings, load_index, load_roll, load_settings, read_pieces
-from midi_rae.utils import atomic_write
+from midi_rae.utils import atomic_write, resolve_device
 
 FORMAT = "midi-rae-embeddings/1"
 
@@ -302,7 +302,7 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     def run(args: argparse.Namespace) -> int:
-        encoder, cfg = load_encoder(args.checkpoint, args.device)
+        encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device))
         pieces = read_inputs(args.inputs, args.cache_dir)
         out = Path(args.out)
         single = out.suffix == ".safetensors"

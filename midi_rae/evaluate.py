@@ -33,7 +33,7 @@ from midi_rae.masking import note_mask
 from midi_rae.metrics import (best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
 from midi_rae.reconstruct import load_autoencoder
-from midi_rae.utils import atomic_write_text
+from midi_rae.utils import atomic_write_text, resolve_device
 
 THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
 MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
@@ -214,7 +214,7 @@ def add_eval(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], 
 
     def run(args: argparse.Namespace) -> int:
         r = evaluate(args.checkpoint, args.out, args.cache_dir, args.threshold, args.split, args.max_items,
-                     args.examples, device=args.device)
+                     args.examples, device=resolve_device(args.device))
         print(markdown(r))
         print(f"\nwritten: {Path(r['figures']['recon']).parent}/metrics.json, metrics.md and figures")
         return 0

@@ -11,12 +11,16 @@ Cache layout (`cache_dir/`):
 
 `<key>` hashes the source id, the file's content and the settings, so an edited file or changed
 settings never reuse a stale roll. Every file is written to a temporary name, then renamed.
+A file that cannot even be hashed (a name that is not UTF-8, no read permission, over the size
+limit) gets a report line and no `done` record, so that it is looked at again once fixed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -86,9 +90,33 @@ def collect_sources(paths: Iterable[str | os.PathLike]) -> list[Source]:
     return [sources[k] for k in sorted(sources)]
 
 
-def _key(source: Source, settings: RollSettings) -> str:
-    h = hashlib.sha1(source.source_id.encode() + b"\0" + settings.to_json().encode() + b"\0")
-    h.update(source.path.read_bytes())
+# Far above any real MIDI, ABC or MusicXML file (the bundled corpus's largest is about 1.3 MB); a
+# bigger one is a mistake or hostile, and its parse alone could exhaust a worker's memory.
+MAX_FILE_MB = 64
+
+
+def _display_name(source_id: str) -> str:
+    """The source id as printable text: bytes of a non-UTF-8 file name shown as \\xNN escapes."""
+    return os.fsencode(source_id).decode("utf-8", "backslashreplace")
+
+
+def _key(source: Source, settings: RollSettings, max_bytes: int) -> str:
+    """The cache key, hashing the file in chunks; BadInput (the report's reason) if it cannot be read."""
+    try:
+        sid = source.source_id.encode()
+    except UnicodeEncodeError:  # a name decoded with surrogate escapes
+        raise BadInput("the file name is not valid UTF-8; rename the file") from None
+    h = hashlib.sha1(sid + b"\0" + settings.to_json().encode() + b"\0")
+    try:
+        size = source.path.stat().st_size
+        if size > max_bytes:
+            raise BadInput(f"too large: {size / 2**20:.0f} MB (limit {max_bytes / 2**20:g} MB; raise it with --max-file-mb)")
+        with source.path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        hint = "; check its permissions" if isinstance(e, PermissionError) else ""
+        raise BadInput(f"cannot read the file ({e.strerror or e}){hint}") from None
     return h.hexdigest()[:20]
 
 
@@ -134,6 +162,17 @@ def _convert(source: Source, key: str, settings: RollSettings, cache_dir: Path) 
     return record
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker once the prepare process is gone (even killed by
+    SIGKILL, which it cannot catch), rather than converting on as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _crashed(source: Source, key: str, cache_dir: Path) -> None:
     record = {"source": source.source_id, "pieces": [], "skipped": [], "error": "the reader crashed (worker process died)"}
     _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
@@ -150,7 +189,7 @@ def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path
         if not solo:
             queue = []
         broken = []
-        with ProcessPoolExecutor(1 if solo else workers) as pool:
+        with ProcessPoolExecutor(1 if solo else workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in batch}
             for f in as_completed(futures):
                 try:
@@ -177,10 +216,12 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
     collections: list[str] | None = None,
+    max_file_mb: float = MAX_FILE_MB,
 ) -> Summary:
     """Convert the given files/folders (or, with no paths, the bundled music21 corpus) into a
     roll cache. Resumable and idempotent: sources already done (same content and settings)
-    are not read again. `collections` restricts the bundled corpus to some of its folders."""
+    are not read again. `collections` restricts the bundled corpus to some of its folders;
+    files over `max_file_mb` megabytes are skipped with a report line."""
     if paths:
         sources = collect_sources(paths)
     else:
@@ -191,14 +232,23 @@ def prepare(
     # Leftovers of a run that was killed: in-flight markers and half-written temporary files.
     for stale in [*(cache / "inflight").iterdir(), *cache.glob("*/.*.tmp"), *cache.glob(".*.tmp")]:
         stale.unlink()
-    keys = [_key(s, settings) for s in sources]
-    todo = [(s, k) for s, k in zip(sources, keys) if not (cache / "done" / f"{k}.json").exists()]
+    keys: list[str | None] = []
+    unreadable: dict[int, dict[str, Any]] = {}  # source index -> its error record (never written to done/)
+    for i, s in enumerate(sources):
+        try:
+            keys.append(_key(s, settings, int(max_file_mb * 2**20)))
+        except BadInput as e:
+            keys.append(None)
+            unreadable[i] = {"source": _display_name(s.source_id), "pieces": [], "skipped": [], "error": str(e)}
+    todo = [(s, k) for s, k in zip(sources, keys) if k is not None and not (cache / "done" / f"{k}.json").exists()]
     # Largest files first, so that a long score does not start last and keep one core busy alone.
     todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
     with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress or not todo) as bar:
         _run(todo, settings, cache, workers, bar)
-    summary = _write_index(cache, [json.loads((cache / "done" / f"{k}.json").read_text()) for k in keys], settings)
+    records = [unreadable[i] if k is None else json.loads((cache / "done" / f"{k}.json").read_text())
+               for i, k in enumerate(keys)]
+    summary = _write_index(cache, records, settings)
     summary.processed = len(todo)
     return summary
 

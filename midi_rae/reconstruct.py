@@ -26,12 +26,14 @@ from midi_rae.config import Config
 from midi_rae.data import MIDI_SUFFIXES, TPQ, roll_to_score
 from midi_rae.encode import Checkpoint, read_inputs, resolve_checkpoint, windows
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
-from midi_rae.utils import atomic_write
+from midi_rae.utils import atomic_write, check_output, resolve_device
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
               "/usr/share/soundfonts/FluidR3_GM.sf2", "/usr/share/soundfonts/default.sf2",
               "/usr/share/sounds/sf2/TimGM6mb.sf2", "/usr/local/share/soundfonts/default.sf2",
               "/opt/homebrew/share/soundfonts/default.sf2")
+# 16 rows of 256 steps: about 8 minutes of music at 120 bpm and 4 steps per beat.
+PNG_MAX_STEPS = 4096
 INSTALL_HINT = ("install fluidsynth and a General MIDI soundfont, e.g. `apt-get install fluidsynth fluid-soundfont-gm` "
                 "(macOS: `brew install fluid-synth` and pass --soundfont PATH.sf2)")
 
@@ -107,11 +109,17 @@ def render_wav(midi: str | os.PathLike, wav: str | os.PathLike, soundfont: str |
 
 
 def comparison_png(target: np.ndarray, probs: np.ndarray, path: str | os.PathLike, threshold: float, title: str,
-                   chunk: int = 256) -> Path:
-    """Frame channel of a whole piece as rows of `chunk` steps: ground truth / reconstruction / errors."""
+                   chunk: int = 256, max_steps: int = PNG_MAX_STEPS) -> Path:
+    """Frame channel of a piece as rows of `chunk` steps: ground truth / reconstruction / errors.
+    Only the first `max_steps` steps are drawn (the title says so): the figure of a whole long
+    piece took over 10 minutes and 4 GB for 7 hours of music."""
     from midi_rae.plots import recon_figure
 
     T = target.shape[-1]
+    if T > max_steps:
+        target, probs = target[:, :max_steps], probs[:, :max_steps]  # (128, max_steps)
+        title = f"{title} (first {max_steps} of {T} steps)"
+        T = max_steps
     n = max(1, -(-T // chunk))
     pad = n * chunk - T
     t = np.pad(target, ((0, 0), (0, pad))).reshape(128, n, chunk).transpose(1, 0, 2)  # (n, 128, chunk)
@@ -129,12 +137,23 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
     p.add_argument("--piece", type=int, default=0, help="which piece of a multi-piece file (default 0)")
     p.add_argument("--threshold", type=float, help="note probability threshold (default: the run's decoder.threshold)")
     p.add_argument("--png", metavar="PATH", help="also write a roll comparison figure")
+    p.add_argument("--png-steps", type=int, default=PNG_MAX_STEPS, metavar="N",
+                   help=f"the figure shows the first N time steps (default {PNG_MAX_STEPS})")
     p.add_argument("--wav", metavar="PATH", help="also render audio with fluidsynth (needs a GM soundfont)")
     p.add_argument("--soundfont", metavar="SF2", help="soundfont for --wav (default: common system paths, $SOUNDFONT)")
     p.add_argument("--device", default="cpu")
 
     def run(args: argparse.Namespace) -> int:
-        model, cfg = load_autoencoder(args.checkpoint, args.device)
+        if args.png_steps < 1:
+            raise ValueError(f"--png-steps must be positive, got {args.png_steps}")
+        # Outputs are checked before the model runs, which can take minutes on a long piece.
+        # (A missing folder for OUT.mid is fine: write_midi makes it.)
+        for out in (args.png, args.wav):
+            if out:
+                check_output(out)
+        if Path(args.out).is_dir():
+            check_output(args.out)
+        model, cfg = load_autoencoder(args.checkpoint, resolve_device(args.device))
         pieces = read_inputs([args.input])
         if not 0 <= args.piece < len(pieces):
             raise ValueError(f"{args.input} holds {len(pieces)} piece(s); --piece must be in 0..{len(pieces) - 1}")
@@ -145,7 +164,8 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
         print(f"{out}: {probs.shape[-1]} steps, {int((probs[0] > thr).sum())} note pixels "
               f"(input {int((pc.roll[0] > 0).sum())}), threshold {thr:g}")
         if args.png:
-            print(comparison_png(pc.roll[0], probs[0].numpy(), args.png, thr, f"{pc.name}: input vs reconstruction"))
+            print(comparison_png(pc.roll[0], probs[0].numpy(), args.png, thr, f"{pc.name}: input vs reconstruction",
+                                 max_steps=args.png_steps))
         if args.wav:
             try:
                 print(render_wav(out, args.wav, args.soundfont))

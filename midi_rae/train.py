@@ -546,6 +546,9 @@ def run_all(cfg: Config, resume: bool = False, workers: int | None = None) -> di
         summary = prepare(cfg.data.paths or None, cache, RollSettings(),
                           workers=workers, progress=sys.stderr.isatty(), collections=cfg.data.collections)
         print(f"[prepare] {summary.line()} -> {cache} ({time.time() - t0:.0f} s)", flush=True)
+        if summary.pieces == 0:
+            raise ValueError(f"none of the {summary.files} input files gave a usable piece (reasons in "
+                             f"{cache / 'report.txt'}); set data.paths to MIDI, ABC or MusicXML files with notes")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         setup(cfg.train)
         dist.barrier()

@@ -1,20 +1,37 @@
 """Small helpers used across the package."""
+import errno
 import os
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or an OSError naming it when no file can be written there: a folder is
+    in the way, or its parent folder does not exist. Commands call it before long work."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Write `path` by calling `write(tmp)` on a temporary name beside it, then renaming: a crash
     never leaves a half-written file, and a file already there stays whole until the rename.
     The temporary name `.<name>.<pid>.tmp` is unique per process, and removed if `write` fails."""
-    path = Path(path)
+    path = check_output(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == str(tmp):  # name the file the caller asked for (disk full, ...), not ours
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -28,6 +45,19 @@ def submodule_no_weight_decay(module: nn.Module) -> set[str]:
         if prefix and hasattr(m, "no_weight_decay"):
             names |= {f"{prefix}.{n}" for n in m.no_weight_decay()}
     return names
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a `--device` option, or a ValueError saying what to use instead."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; use --device cuda:0")
+    return device
 
 
 def init_linears(model: nn.Module, kinds: tuple[type[nn.Module], ...] = (nn.Linear,), std: float = 0.02) -> None:

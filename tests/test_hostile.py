@@ -1,0 +1,299 @@
+"""Hostile inputs and user errors: each bad file becomes one report line while the rest convert,
+and each user error becomes one `midi-rae CMD: error: ...` line (no traceback) that says what to change.
+Every input is made here, by the test."""
+import errno
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+import torch
+from tiny_runs import trained_run
+
+from midi_rae import plots, utils
+from midi_rae.cli import main
+from midi_rae.data import RollSettings, score_to_roll
+from midi_rae.prepare import prepare
+from midi_rae.reconstruct import comparison_png
+
+
+def midi(path: Path, pitches: list[int]) -> Path:
+    score = symusic.Score(480)
+    track = symusic.Track("t", 0, False)
+    for i, p in enumerate(pitches):
+        track.notes.append(symusic.Note(i * 480, 480, p, 90))
+    score.tracks.append(track)
+    score.dump_midi(str(path))
+    return path
+
+
+def error_line(capsys: pytest.CaptureFixture, command: str) -> str:
+    """The one line a failed command wrote to stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"midi-rae {command}: error: "), err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- prepare: files that cannot be read
+
+
+def test_non_utf8_file_name_is_one_report_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    midi(src / "good.mid", [60, 62])
+    midi(Path(os.fsdecode(bytes(src) + b"/bad\xff.mid")), [64])
+    assert main(["prepare", str(src), "--cache-dir", str(tmp_path / "c"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "SKIP in/bad\\xff.mid: the file name is not valid UTF-8; rename the file" in out
+    assert "1 pieces good, 1 skipped (1/2 files readable)" in out
+
+
+def test_unreadable_file_is_one_report_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    midi(src / "good.mid", [60, 62])
+    locked = midi(src / "locked.mid", [64])
+    # Tests run as root, which chmod cannot lock out: refuse the file as the kernel would.
+    real_open = pathlib.Path.open
+
+    def refusing_open(self: Path, *args, **kwargs):
+        if self.name == locked.name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refusing_open)
+    summary = prepare([src], tmp_path / "c", workers=1, progress=False)
+    assert summary.report == ["SKIP in/locked.mid: cannot read the file (Permission denied); check its permissions"]
+    assert summary.pieces == 1
+
+
+def test_huge_file_is_refused_and_hashed_in_chunks(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    midi(src / "good.mid", [60, 62])
+    huge = src / "huge.mid"
+    with huge.open("wb") as f:
+        f.truncate(100 * 2**20)  # sparse: costs no disk
+    summary = prepare([src], tmp_path / "c", workers=1, progress=False)
+    assert summary.report == ["SKIP in/huge.mid: too large: 100 MB (limit 64 MB; raise it with --max-file-mb)"]
+    assert summary.pieces == 1
+    # Allowed in, it is hashed in chunks: memory stays far below the file's size.
+    tracemalloc.start()
+    try:
+        summary = prepare([src], tmp_path / "c2", workers=1, progress=False, max_file_mb=200)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+    assert summary.report[0].startswith("SKIP in/huge.mid: not a readable MIDI file")
+
+
+def test_prepare_with_no_good_piece_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "text.mid").write_text("not a MIDI file\n")
+    assert main(["prepare", str(tmp_path / "text.mid"), "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 1
+    assert "none of the 1 files gave a usable piece" in error_line(capsys, "prepare")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # a subprocess importing torch: about 5 s on 2 busy cores
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_prepare_worker_dies_with_its_parent(tmp_path: Path) -> None:
+    midi(tmp_path / "slow.mid", [60])
+    pid_file = tmp_path / "worker.pid"
+    script = textwrap.dedent("""
+        import os, sys, time
+        from midi_rae import prepare as prepare_module
+        def slow(path, settings):  # a conversion that takes a minute
+            open(sys.argv[2], "w").write(str(os.getpid()))
+            time.sleep(60)
+        prepare_module.read_pieces = slow
+        prepare_module.prepare([sys.argv[1]], sys.argv[3], workers=1, progress=False)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "slow.mid"), str(pid_file), str(tmp_path / "c")],
+                              start_new_session=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 5
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    orphaned = _alive(worker)
+    if orphaned:
+        os.kill(worker, signal.SIGKILL)
+    assert not orphaned
+
+
+
+def test_run_with_no_good_piece_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "text.mid").write_text("not a MIDI file\n")
+    assert main(["run", f"data.paths=[{tmp_path / 'text.mid'}]", f"data.cache_dir={tmp_path / 'c'}",
+                 f"out_dir={tmp_path / 'runs'}", "train.progress=false"]) == 2
+    assert "none of the 1 input files gave a usable piece" in error_line(capsys, "run")
+
+# ----------------------------------------------------------------------------- rolls: memory follows the roll
+
+
+@pytest.mark.slow  # a subprocess importing torch: about 6 s on 2 busy cores
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
+def test_many_tracks_convert_in_bounded_memory() -> None:
+    """A 34 KB MIDI with 1000 tracks and 188k steps (under the step limit): rendering every track
+    apart would ask for 48 GB; the merged roll is 48 MB. Run under a 1 GB address-space cap."""
+    script = textwrap.dedent("""
+        import resource
+        import symusic
+        from midi_rae.data import midi_to_roll
+        score = symusic.Score(480)
+        for i in range(1000):
+            track = symusic.Track(f"t{i}", 0, False)
+            track.notes.append(symusic.Note(i * 480, 480, 40 + i % 60, 90))
+            score.tracks.append(track)
+        score.tracks[-1].notes.append(symusic.Note(47_000 * 480, 480, 60, 90))
+        vsz = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vsz + 2**30, vsz + 2**30))
+        print(midi_to_roll(score.dumps_midi()).shape)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "(2, 128, 188004)"
+
+
+@pytest.mark.parametrize("velocity", [False, True])
+def test_merged_roll_is_the_union_of_track_rolls(velocity: bool) -> None:
+    rng = np.random.default_rng(0)
+    score = symusic.Score(480)
+    for i in range(5):
+        track = symusic.Track(f"t{i}", 0, False)
+        for _ in range(40):  # overlapping notes across tracks, odd durations, velocities 1..127
+            track.notes.append(symusic.Note(int(rng.integers(0, 40 * 480)), int(rng.integers(30, 4 * 480)),
+                                            int(rng.integers(55, 70)), int(rng.integers(1, 128))))
+        track.notes.sort()
+        score.tracks.append(track)
+    settings = RollSettings(velocity=velocity)
+    roll = score_to_roll(score, settings)
+    expected = np.zeros_like(roll)
+    for track in score.tracks:
+        alone = symusic.Score(480)
+        alone.tracks.append(track)
+        part = score_to_roll(alone, settings)
+        expected[..., : part.shape[-1]] = np.maximum(expected[..., : part.shape[-1]], part)
+    np.testing.assert_array_equal(roll, expected)
+
+
+# ----------------------------------------------------------------------------- user errors: one line each
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_run("swin", tiny_cache, tmp_path_factory)
+
+
+@pytest.fixture
+def piece(tmp_path: Path) -> Path:
+    return midi(tmp_path / "piece.mid", [60, 62, 64, 65, 67])
+
+
+def test_weights_file_that_is_not_safetensors(tmp_path: Path, piece: Path, capsys: pytest.CaptureFixture) -> None:
+    fake = tmp_path / "encoder.safetensors"
+    fake.write_text("not weights")
+    assert main(["encode", str(fake), str(piece), "-o", str(tmp_path / "out")]) == 2
+    assert "is not a safetensors weights file" in error_line(capsys, "encode")
+
+
+@pytest.mark.parametrize("text, problem", [("train: {lr: [1\n", "not plain YAML at line 2"),
+                                           ("train: !!python/object:os.system {}\n", "could not determine a constructor")])
+def test_malformed_yaml(tmp_path: Path, text: str, problem: str, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+    assert main(["train", "-c", str(tmp_path / "bad.yaml")]) == 2
+    assert problem in error_line(capsys, "train")
+
+
+def test_folder_given_as_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "-c", str(tmp_path)]) == 2
+    assert error_line(capsys, "train").endswith("Is a directory; it is a folder: give a file name")
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("model.window_size=0", "model.window_size must be positive"),
+    ("model.drop_path_rate=2", "model.drop_path_rate must be in [0, 1)"),
+    ("model.num_heads=[1,0,2,4]", "model.num_heads must be positive"),
+    ("model.mae_decoder_heads=0", "must be positive"),
+    ("decoder.num_heads=[1,3,4,8] decoder.depths=[1,1,1,1]", "not divisible by decoder.num_heads[1] = 3"),
+    ("name=..", "name must be a plain folder name"),
+])
+def test_config_refused_before_data_loading(tmp_path: Path, override: str, problem: str,
+                                            capsys: pytest.CaptureFixture) -> None:
+    # The cache does not exist: an error about the config must come first.
+    assert main(["train", *override.split(), f"data.cache_dir={tmp_path / 'none'}",
+                 f"out_dir={tmp_path}"]) == 2
+    assert problem in error_line(capsys, "train")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(run_dir: Path, piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "o.mid"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible here; use --device cpu" in error_line(capsys, "reconstruct")
+
+
+def test_out_is_an_existing_folder(run_dir: Path, piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "o.mid").mkdir()
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "o.mid")]) == 2
+    assert error_line(capsys, "reconstruct").endswith(f"{tmp_path / 'o.mid'}: Is a directory; it is a folder: give a file name")
+
+
+def test_png_in_missing_folder(run_dir: Path, piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "o.mid"),
+                 "--png", str(tmp_path / "nowhere" / "x.png")]) == 2
+    line = error_line(capsys, "reconstruct")
+    assert f"{tmp_path / 'nowhere'}: no such folder" in line and ".tmp" not in line
+    assert not (tmp_path / "o.mid").exists()  # checked before any work
+
+
+@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "free some disk space"), (errno.EACCES, "check its permissions")])
+def test_write_failure_keeps_the_old_file(run_dir: Path, piece: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          code: int, hint: str, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o.mid"
+    out.write_bytes(b"previous result")
+
+    def failing_replace(src: str, dst: str) -> None:  # the disk fills up (or refuses) as the file is committed
+        raise OSError(code, os.strerror(code), str(src))
+
+    monkeypatch.setattr(utils.os, "replace", failing_replace)
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(out)]) == 2
+    line = error_line(capsys, "reconstruct")
+    assert line.startswith(f"midi-rae reconstruct: error: {out}: {os.strerror(code)}; {hint}")
+    assert out.read_bytes() == b"previous result" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_reconstruct_figure_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 7-hour piece (200k steps, within the step limit) drew 782 rows: over 10 minutes and 4 GB."""
+    drawn = {}
+
+    def record(target: np.ndarray, probs: np.ndarray, path: Path, threshold: float, title: str, labels: list[str]) -> Path:
+        drawn.update(rows=target.shape[0], title=title, last=labels[-1])
+        return Path(path)
+
+    monkeypatch.setattr(plots, "recon_figure", record)
+    roll = np.zeros((128, 200_000), dtype=np.float32)
+    comparison_png(roll, roll, tmp_path / "x.png", 0.5, "piece: input vs reconstruction")
+    assert drawn == {"rows": 16, "title": "piece: input vs reconstruction (first 4096 of 200000 steps)",
+                     "last": "steps 3840-4096"}
