@@ -76,7 +76,7 @@ def _add_from(module: str, name: str) -> Callable[[argparse._SubParsersAction], 
 COMMANDS = {"prepare": _add_prepare, "train": _add_training("train"), "train-decoder": _add_training("train-decoder"),
             "run": _add_training("run"), "encode": _add_from("encode", "add_encode"),
             "reconstruct": _add_from("reconstruct", "add_reconstruct"), "eval": _add_from("evaluate", "add_eval"),
-            "probe": _add_from("probe", "add_probe")}
+            "probe": _add_from("probe", "add_probe"), "levels": _add_from("levels", "add_levels")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,3 +120,24 @@ def projection_figure(xy: np.ndarray, labels: list[str], path: str | Path, title
     ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", title=title or f"global token, {method}")
     ax.legend(fontsize=8, title="collection", title_fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def rate_distortion_figure(curves: dict[str, list[tuple[int, float | None, float | None]]], path: str | Path,
+                           title: str = "") -> Path:
+    """Pixel F1 (left) and note-onset F1 (right) against floats per crop (log x), one line per
+    encoder; `curves[name]` holds (floats, pixel F1, onset F1) points, undefined F1 as None."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True, sharex=True)
+    for name, pts in curves.items():
+        pts = sorted(pts)
+        for ax, j in zip(axes, (1, 2)):
+            xy = [(p[0], p[j]) for p in pts if p[j] is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=name)
+    for ax, what in zip(axes, ("pixel F1", "note-onset F1")):
+        ax.set_xscale("log")
+        ax.set(xlabel="floats per crop (levels read, coarsest first)", ylabel=what, title=what, ylim=(0, 1.02))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, title="encoder", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

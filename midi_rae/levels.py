@@ -1,0 +1,330 @@
+"""`midi-rae levels`: a rate-distortion report of an encoder's hierarchy.
+
+For the run's pretrained encoder and for its random twin (the same config's encoder at
+initialisation, seeded with `train.seed`: the weights pretraining started from), one decoder
+per coarsest-first subset of levels (k = 1: the coarsest only, k = 2: the two coarsest, ...,
+k = L: all) is trained on the frozen encoder with `decoder.skip_levels = [0..k-1]` and the same
+step budget, by the ordinary decoder training (`train.train_decoder`). Each (encoder, k) row
+gives:
+
+- the rate: floats per crop, the sum over the levels read of tokens x dim (from the encoder's
+  `feature_info`), and that as a fraction of the crop's pixels (128 x W x channels);
+- the distortion: pixel F1 (frame channel, columns inside the piece) and note-onset F1 on the
+  validation crops, at the threshold in 0.05..0.95 with the best pixel F1 on training crops
+  (never on the validation crops).
+
+Layout of OUT (default `<run>/levels/`): `<encoder>/<k>/decoder/` (a decoder stage folder:
+config, metrics, checkpoints, `decoder.safetensors`), `<encoder>/<k>/result.json` (that row),
+`random/encoder.safetensors`, and the report: `levels.json`, `levels.md`, `levels.png`. A rerun
+skips finished rows and resumes interrupted decoders; rows made with other settings are an
+error unless `--overwrite`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from midi_rae.checkpoint import load_weights, save_weights
+from midi_rae.config import PITCHES, Config, from_dict
+from midi_rae.data import PianoRollDataset
+from midi_rae.metrics import best_f1, onset_confusion, onset_ratios, ratios, threshold_sweep
+from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
+from midi_rae.utils import atomic_write_text
+
+THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
+ENCODERS = ("trained", "random")
+SETTINGS = ("steps", "batch_size", "encoder_sha1")  # a finished row is reused only when these match
+
+
+# ----------------------------------------------------------------------------- rate
+
+
+def floats_per_crop(encoder: nn.Module, k: int) -> int:
+    """Floats the k coarsest levels hold for one crop: sum of rows x cols x dim."""
+    return sum(info.grid_size[0] * info.grid_size[1] * info.dim for info in encoder.feature_info[:k])
+
+
+def crop_pixels(cfg: Config) -> int:
+    return PITCHES * cfg.data.crop_width * cfg.data.channels
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def resolve_encoder(run: str | os.PathLike) -> tuple[Path, Path]:
+    """(encoder.safetensors, run folder) of RUN: a run folder, its `pretrain/` folder or the file."""
+    p = Path(run)
+    if not p.exists():
+        raise FileNotFoundError(f"run {p} not found: give a run folder (runs/<name>) or an encoder.safetensors")
+    enc = p
+    if p.is_dir():
+        enc = next((c for c in (p / "pretrain" / "encoder.safetensors", p / "encoder.safetensors") if c.exists()), None)
+        if enc is None:
+            raise FileNotFoundError(f"no pretrain/encoder.safetensors under {p}: train the encoder first (`midi-rae run`)")
+    return enc, enc.parent.parent if enc.parent.name == "pretrain" else enc.parent
+
+
+def random_encoder(cfg: Config) -> nn.Module:
+    """The encoder of `cfg` at initialisation, as pretraining builds it (`train.seed`); global RNGs untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_encoder(cfg)
+
+
+def weights_sha1(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- distortion
+
+
+@dataclass
+class Predictions:
+    """Probabilities, targets and inside-the-piece masks of the frame channel and, if any, onsets."""
+
+    split: str
+    probs: Tensor  # (N, C, 128, W)
+    x: Tensor  # (N, C, 128, W)
+    inside: Tensor  # (N, 1, 128, W) bool: columns that lie inside the crop's piece
+
+
+@torch.no_grad()
+def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_size: int) -> Predictions:
+    ds: PianoRollDataset = data.dataset
+    model.eval()
+    probs, xs, inside = [], [], []
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x = batch["x"]  # (B, C, 128, W)
+        probs.append(model.logits(x.to(device)).sigmoid().float().cpu())
+        steps = torch.tensor([ds.pieces[int(i)]["steps"] for i in batch["piece"]])
+        cols = torch.arange(x.shape[-1])[None] < (steps - batch["start"])[:, None]  # (B, W)
+        inside.append(cols[:, None, None, :].expand(-1, 1, x.shape[2], -1))
+        xs.append(x)
+    return Predictions(ds.split, torch.cat(probs), torch.cat(xs), torch.cat(inside))
+
+
+def choose_threshold(pred: Predictions) -> float:
+    """The threshold with the best pixel F1 of the frame channel on `pred` (training crops)."""
+    thr, _ = best_f1(threshold_sweep(pred.probs[:, :1], pred.x[:, :1], THRESHOLDS, pred.inside), THRESHOLDS)
+    return thr
+
+
+def scores(pred: Predictions, threshold: float) -> dict[str, dict[str, float | None]]:
+    """Pixel and note-onset precision / recall / F1 at `threshold` (None where undefined)."""
+    px = ratios(threshold_sweep(pred.probs[:, :1], pred.x[:, :1], torch.tensor([threshold]), pred.inside)[0])
+    on = onset_ratios(onset_confusion(pred.probs > threshold, pred.x > 0.5, pred.inside).sum(0))
+    clean = lambda d: {k: (None if v != v else round(float(v), 6)) for k, v in d.items() if k != "specificity"}  # noqa: E731
+    return {"pixel": clean(px), "onset": clean(on)}
+
+
+def spread(n: int, total: int) -> list[int]:
+    """`n` item indices spread evenly over `total` (so that many pieces are seen)."""
+    return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+def subset_config(cfg: Config, k: int, out_dir: Path, steps: int, batch_size: int | None,
+                  cache_dir: str | None, device: str | None) -> Config:
+    """The run's config for the decoder of the k coarsest levels, in `out_dir/<k>/decoder/`."""
+    d = cfg.to_dict()
+    d.update(name=str(k), out_dir=str(out_dir))
+    d["decoder"].update(skip_levels=list(range(k)), finetune_encoder=False)
+    d["decoder_train"].update(max_steps=steps, eval_every=0, progress=False, tensorboard=False, wandb=False,
+                              ckpt_every=min(d["decoder_train"]["ckpt_every"], steps))
+    if batch_size:
+        d["decoder_train"]["batch_size"] = batch_size
+    if device:
+        d["decoder_train"]["device"] = device
+    if cache_dir:
+        d["data"]["cache_dir"] = str(cache_dir)
+    return from_dict(Config, d)
+
+
+def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset, val: Subset) -> dict[str, Any]:
+    from midi_rae.train import setup
+
+    device = setup(cfg.decoder_train).device
+    encoder, decoder = build_encoder(cfg), build_decoder(cfg)
+    load_weights(encoder, enc_path)
+    load_weights(decoder, dec_path)
+    model = DecoderTrainer(encoder, decoder).to(device)
+    bs = cfg.decoder_train.batch_size
+    thr = choose_threshold(predict(model, train_data, device, bs))
+    return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)",
+            "val": scores(predict(model, val, device, bs), thr)}
+
+
+def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settings: dict[str, Any],
+            overwrite: bool, data: Callable[[], tuple[Subset, Subset]]) -> dict[str, Any]:
+    """Train (or resume) and evaluate the decoder of row (encoder, k); reuse a finished one."""
+    from midi_rae.train import train_decoder
+
+    row_dir = out / encoder / str(k)
+    done = row_dir / "result.json"
+    if done.exists():
+        row = json.loads(done.read_text())
+        changed = [f"{s}: {row.get(s)!r} there, {settings[s]!r} now" for s in SETTINGS if row.get(s) != settings[s]]
+        if not changed:
+            print(f"[levels] {encoder} k={k}: done before ({done})", flush=True)
+            return row
+        if not overwrite:
+            raise ValueError(f"{row_dir} was made with other settings ({'; '.join(changed)}): pass the same "
+                             f"settings, another output folder (-o), or --overwrite to train it again")
+    if overwrite and row_dir.exists():
+        shutil.rmtree(row_dir)
+    print(f"[levels] {encoder} encoder, levels 0..{k - 1}: training a decoder for {settings['steps']} steps", flush=True)
+    final = train_decoder(cfg, enc_path, resume=True)  # resume: continues an interrupted row
+    train_data, val = data()
+    row = {"encoder": encoder, "k": k, "levels": list(range(k)), **settings, "train_seconds": final["seconds"],
+           **evaluate_row(cfg, enc_path, row_dir / "decoder" / "decoder.safetensors", train_data, val)}
+    atomic_write_text(done, json.dumps(row, indent=1) + "\n")
+    return row
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def finished(enc_dir: Path, settings: dict[str, Any]) -> list[int]:
+    """Subsets of `enc_dir` with a result made with these settings (weights, steps, batch size)."""
+    ks = []
+    for f in sorted(enc_dir.glob("*/result.json")):
+        row = json.loads(f.read_text())
+        if all(row.get(s) == settings[s] for s in SETTINGS):
+            ks.append(int(row["k"]))
+    return sorted(ks)
+
+
+def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = None, steps: int = 1000,
+                  batch_size: int | None = None, subsets: list[int] | None = None, random: bool = True,
+                  overwrite: bool = False, cache_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
+    """Train the decoders of every (encoder, coarsest-first subset) and write the report;
+    returns it as a dict (`rows`: one per (encoder, k))."""
+    from midi_rae.train import datasets, encoder_config
+
+    t0 = time.time()
+    enc_path, run_dir = resolve_encoder(run)
+    cfg = encoder_config(enc_path)
+    if cfg.model.encoder != "swin":
+        raise ValueError(f"{enc_path} is a {cfg.model.encoder} encoder; the levels report needs a Swin encoder "
+                         f"(decoder.skip_levels reads Swin levels)")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    trained = build_encoder(cfg)
+    L = len(trained.feature_info)
+    ks = sorted(set(subsets or range(1, L + 1)))
+    bad = [k for k in ks if not 1 <= k <= L]
+    if bad:
+        raise ValueError(f"subsets {bad} are impossible: the encoder has {L} levels, so k (the number of coarsest "
+                         f"levels read) must be in 1..{L}")
+    out = Path(out_dir) if out_dir else run_dir / "levels"
+    out.mkdir(parents=True, exist_ok=True)
+    encoders = {"trained": enc_path}
+    if random:
+        rand_path = out / "random" / "encoder.safetensors"
+        if not rand_path.exists():
+            rand_path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(random_encoder(cfg).state_dict(), rand_path,
+                         {"config": cfg.to_yaml(), "kind": "encoder", "step": "0", "init_seed": str(cfg.train.seed)})
+        encoders["random"] = rand_path
+
+    cached: dict[str, tuple[Subset, Subset]] = {}
+
+    def data(row_cfg: Config) -> Callable[[], tuple[Subset, Subset]]:
+        def get() -> tuple[Subset, Subset]:  # built once, when the first row is evaluated
+            if "d" not in cached:
+                _, val = datasets(row_cfg, row_cfg.decoder_train.seed, False)
+                dc = row_cfg.data
+                train = PianoRollDataset(val.dataset.cache_dir, "train", crop_width=dc.crop_width, pair=False,
+                                         val_fraction=dc.val_fraction, channels=dc.channels, seed=row_cfg.decoder_train.seed)
+                cached["d"] = (Subset(train, spread(len(val), len(train))), val)
+            return cached["d"]
+        return get
+
+    rows = []
+    for name, path in encoders.items():
+        settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
+                    "encoder_sha1": weights_sha1(path)}
+        for k in ks + [k for k in finished(out / name, settings) if k not in ks]:  # earlier rows stay in the report
+            row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device)
+            row = run_row(row_cfg, name, k, path, out, settings, overwrite, data(row_cfg))
+            floats = floats_per_crop(trained, k)
+            rows.append({**row, "floats_per_crop": floats, "fraction_of_pixels": floats / crop_pixels(cfg)})
+    rows.sort(key=lambda r: (ENCODERS.index(r["encoder"]), r["k"]))
+    report = {"run": str(run_dir), "out": str(out), "encoder_weights": str(enc_path), "crop_pixels": crop_pixels(cfg),
+              "crop": [PITCHES, cfg.data.crop_width, cfg.data.channels], "steps": steps,
+              "levels": [{"grid": list(i.grid_size), "dim": i.dim, "name": i.name} for i in trained.feature_info],
+              "random_init_seed": cfg.train.seed if random else None,
+              "threshold_from": "train", "metric_split": "val", "rows": rows, "seconds": round(time.time() - t0, 1)}
+    write_report(report, out)
+    return report
+
+
+def markdown(r: dict[str, Any]) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"# Rate-distortion report of {r['run']}", "",
+             f"One decoder per (encoder, k coarsest levels), {r['steps']} steps each on the frozen encoder. Floats "
+             f"per crop: tokens x dim summed over the levels read; a crop has {r['crop_pixels']:,} pixels "
+             f"({' x '.join(map(str, r['crop']))}). F1 on validation crops (frame channel inside the piece; onsets: "
+             f"same pitch and step) at the threshold with the best pixel F1 on training crops.", "",
+             "| encoder | levels read | floats / crop | floats / pixels | threshold (train) | pixel F1 | onset F1 |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lv = "0" if row["k"] == 1 else f"0..{row['k'] - 1}"
+        lines.append(f"| {row['encoder']} | {lv} | {row['floats_per_crop']:,} | {row['fraction_of_pixels']:.3f} | "
+                     f"{row['threshold']:g} | {fmt(row['val']['pixel']['f1'])} | {fmt(row['val']['onset']['f1'])} |")
+    return "\n".join(lines + ["", "![F1 against floats per crop](levels.png)"])
+
+
+def write_report(r: dict[str, Any], out: Path) -> None:
+    from midi_rae.plots import rate_distortion_figure
+
+    curves: dict[str, list[tuple[int, float | None, float | None]]] = {}
+    for row in r["rows"]:
+        curves.setdefault(row["encoder"], []).append(
+            (row["floats_per_crop"], row["val"]["pixel"]["f1"], row["val"]["onset"]["f1"]))
+    rate_distortion_figure(curves, out / "levels.png", f"F1 on validation crops against floats per crop "
+                                                       f"({r['crop_pixels']:,} pixels), {r['steps']} decoder steps")
+    atomic_write_text(out / "levels.json", json.dumps(r, indent=1) + "\n")
+    atomic_write_text(out / "levels.md", markdown(r) + "\n")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_levels(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    p = sub.add_parser("levels", help="rate-distortion report: decoders on the k coarsest levels, trained vs random encoder",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="run folder (runs/<name>) or encoder.safetensors")
+    p.add_argument("--steps", type=int, default=1000, help="decoder training steps per row (default 1000)")
+    p.add_argument("--batch-size", type=int, help="decoder batch size (default: the run's decoder_train.batch_size)")
+    p.add_argument("--subsets", type=int, nargs="+", metavar="K",
+                   help="numbers of coarsest levels to read (default: 1..L, every subset)")
+    p.add_argument("--no-random", action="store_true", help="skip the random-encoder rows")
+    p.add_argument("-o", "--out", help="output folder (default: <run>/levels)")
+    p.add_argument("--overwrite", action="store_true", help="train again rows made with other settings")
+    p.add_argument("--cache-dir", help="roll cache (default: the run's own data)")
+    p.add_argument("--device", help="cpu or cuda (default: the run's decoder_train.device)")
+
+    def run(args: argparse.Namespace) -> int:
+        r = levels_report(args.run, args.out, args.steps, args.batch_size, args.subsets, not args.no_random,
+                          args.overwrite, args.cache_dir, args.device)
+        print(markdown(r))
+        print(f"\nwritten: {r['out']}/levels.json, levels.md, levels.png ({r['seconds']:.0f} s)")
+        return 0
+
+    return run

@@ -1,0 +1,90 @@
+"""`midi-rae levels`: rate arithmetic, one row per (encoder, subset), the random twin, the
+threshold's source, and reruns that reuse finished rows."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_runs import isolated, trained_run
+
+from midi_rae import levels
+from midi_rae.cli import main
+from midi_rae.models import build_encoder
+from midi_rae.train import encoder_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread_own_rng():
+    with isolated():
+        yield
+
+
+@pytest.fixture(scope="module")
+def report(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, list[str]]:
+    """The tiny Swin run (2 levels) with a 2-step decoder per row; records which split picked each threshold."""
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    splits: list[str] = []
+    original = levels.choose_threshold
+    levels.choose_threshold = lambda pred: (splits.append(pred.split), original(pred))[1]
+    try:
+        with isolated():
+            r = levels.levels_report(run, tmp_path_factory.mktemp("levels"), steps=2, batch_size=4)
+    finally:
+        levels.choose_threshold = original
+    return r, run, splits
+
+
+def test_floats_per_crop_by_hand(report) -> None:
+    r, _, _ = report
+    # 128 x 32 crop, 4 x 4 patches, embed_dim 8, two stages: level 1 is 32 x 8 tokens of 8, level 0 16 x 4 of 16.
+    coarse, fine = 16 * 4 * 16, 32 * 8 * 8
+    assert r["crop_pixels"] == 128 * 32 * 1
+    assert {(row["k"], row["floats_per_crop"]) for row in r["rows"]} == {(1, coarse), (2, coarse + fine)}
+    assert all(row["fraction_of_pixels"] == row["floats_per_crop"] / (128 * 32) for row in r["rows"])
+
+
+def test_one_row_per_encoder_and_subset(report) -> None:
+    r, _, _ = report
+    assert [(row["encoder"], row["k"], row["levels"]) for row in r["rows"]] == [
+        ("trained", 1, [0]), ("trained", 2, [0, 1]), ("random", 1, [0]), ("random", 2, [0, 1])]
+    for row in r["rows"]:
+        assert 0 <= row["val"]["pixel"]["f1"] <= 1 and row["steps"] == 2
+    out = Path(r["out"])
+    assert (out / "levels.md").read_text().count("| trained |") == 2 and (out / "levels.png").stat().st_size > 0
+    assert not list(out.rglob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_random_encoder_is_the_seeded_init(report) -> None:
+    r, run, _ = report
+    cfg = encoder_config(run / "pretrain" / "encoder.safetensors")
+    rand = load_file(str(Path(r["out"]) / "random" / "encoder.safetensors"))
+    trained = load_file(str(run / "pretrain" / "encoder.safetensors"))
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_encoder(cfg).state_dict()
+    assert all(torch.equal(rand[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(rand[k], trained[k]) for k in fresh)
+
+
+def test_threshold_is_chosen_on_training_crops(report) -> None:
+    r, _, splits = report
+    assert splits == ["train"] * 4 and r["threshold_from"] == "train"
+    assert all(row["threshold_from"].startswith("train") for row in r["rows"])
+
+
+def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> None:
+    r, run, _ = report
+    out = Path(r["out"])
+    monkeypatch.setattr("midi_rae.train.train_decoder", lambda *a, **k: pytest.fail("a finished row was trained again"))
+    again = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
+    assert again["rows"] == r["rows"]  # finished rows stay in the report
+    with pytest.raises(ValueError, match="other settings"):
+        levels.levels_report(run, out, steps=3, batch_size=4, subsets=[1])
+
+
+def test_cli_errors(report, capsys, tmp_path: Path) -> None:
+    _, run, _ = report
+    assert main(["levels", str(tmp_path / "missing")]) == 2
+    assert main(["levels", str(run), "--subsets", "3", "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("midi-rae levels: error:") for line in err)
+    assert "1..2" in err[1]
