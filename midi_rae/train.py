@@ -534,8 +534,36 @@ def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
     return summary
 
 
-def run_all(cfg: Config, resume: bool = False, workers: int | None = None) -> dict[str, Any]:
-    """prepare -> pretrain -> decoder -> report: the package's main job."""
+def probe_summary(cfg: Config) -> dict[str, Any] | None:
+    """The probe suite's headline for a finished run (all levels, 2 crops per piece), written to
+    `probe.json` / `probe.md` / `probe.png` in the run folder; None when the run's data carries no
+    label with two classes to probe."""
+    from midi_rae.probe import figure, headline, probe, table
+
+    run_dir = stage_dirs(cfg)[0]
+    try:
+        result = probe([run_dir], resolve_cache_dir(cfg), level="all", crops_per_piece=2)
+    except ValueError as e:  # no task in this corpus's metadata
+        print(f"[probe] skipped: {e}", flush=True)
+        return None
+    atomic_write_text(run_dir / "probe.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(run_dir / "probe.md", table(result) + "\n")
+    figure(result, run_dir / "probe.png")
+    return {"models": result["models"], "headline": headline(result)}
+
+
+def _probe_markdown(p: dict[str, Any]) -> list[str]:
+    names = ["majority class", "raw pixels", "descriptors", *p["models"]]
+    md = ["", "## Linear probes (balanced accuracy on held-out pieces; all levels pooled; details in probe.md)", "",
+          "| task | classes | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    md += [f"| {h['task']} | {h['classes']} | " + " | ".join(f"{h.get(n, float('nan')):.3f}" for n in names) + " |"
+           for h in p["headline"]]
+    return md + ["", "The random-initialisation twin has the trained encoder's shape: what pretraining added is the "
+                 "difference; the descriptors are hand-crafted music statistics (midi_rae.descriptors)."]
+
+
+def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe: bool = True) -> dict[str, Any]:
+    """prepare -> pretrain -> decoder -> report -> probe suite: the package's main job."""
     from midi_rae.data import RollSettings
     from midi_rae.prepare import prepare
 
@@ -557,8 +585,12 @@ def run_all(cfg: Config, resume: bool = False, workers: int | None = None) -> di
     out = {}
     if rank == 0:
         out = report(cfg)
-        out["wall_seconds"] = round(time.time() - t0, 1)
         run_dir = stage_dirs(cfg)[0]
+        if probe and (p := probe_summary(cfg)) is not None:
+            out["probe"] = p
+            md = (run_dir / "summary.md").read_text().rstrip("\n").split("\n") + _probe_markdown(p)
+            atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
+        out["wall_seconds"] = round(time.time() - t0, 1)
         atomic_write_text(run_dir / "summary.json", json.dumps(out, indent=1) + "\n")
         print(f"[run] done in {out['wall_seconds']:.0f} s: {run_dir}/summary.md, {out['figure']}", flush=True)
         print(json.dumps({"pretrain": out["pretrain"], "decoder": out["decoder"]}), flush=True)
@@ -636,11 +668,12 @@ def add_run(sub) -> Callable:
                                    "validation summary (summary.md / summary.json) and a reconstruction figure (recon.png).")
     _common(p, "run")
     p.add_argument("--workers", type=int, help="processes for the prepare step (default: all cores)")
+    p.add_argument("--no-probe", action="store_true", help="leave out the probe suite at the end (see `midi-rae probe`)")
 
     def run(args) -> int:
         cfg = _config(args)
         if cfg is not None:
-            run_all(cfg, args.resume, args.workers)
+            run_all(cfg, args.resume, args.workers, probe=not args.no_probe)
         return 0
 
     return run

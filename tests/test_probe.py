@@ -55,7 +55,8 @@ def test_logistic_regression_separates_and_scores() -> None:
 
 def test_split_is_grouped_by_piece(labelled_cache: Path) -> None:
     tasks = find_tasks(load_index(labelled_cache), 0.3, min_train_pieces=5, min_test_pieces=2)
-    assert [t.name for t in tasks] == ["collection"] and tasks[0].classes == ["chords", "melody"]
+    # The file names (chords00.mid, melody00.mid) make a second task, the source set.
+    assert [t.name for t in tasks] == ["collection", "source_set"] and tasks[0].classes == ["chords", "melody"]
     train, test = {p["piece_id"] for p in tasks[0].train}, {p["piece_id"] for p in tasks[0].test}
     assert train and test and not train & test
 
@@ -75,7 +76,7 @@ def test_random_twin_is_untrained(tiny_cache: Path, tmp_path_factory) -> None:
 def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
                                   tmp_path: Path, capsys) -> None:
     runs = [trained_run("swin", tiny_cache, tmp_path_factory), trained_run("vit", tiny_cache, tmp_path_factory)]
-    r = probe(runs, labelled_cache, test_fraction=0.3, min_pieces=5)
+    r = probe(runs, labelled_cache, tasks=["collection"], test_fraction=0.3, min_pieces=5)
     (task,) = r["tasks"]
     assert task["task"] == "collection" and task["classes"] == ["chords", "melody"]
     assert r["models"] == ["swin (swin)", "swin (swin) at random init", "vit (vit)", "vit (vit) at random init"]
@@ -90,7 +91,7 @@ def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_pa
         assert sum(bool(row.get("headline")) for row in rows if row["model"] == model) == 1
     assert all(row["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0) for row in rows if "l2" in row)
     assert main(["probe", *map(str, runs), "--cache-dir", str(labelled_cache), "--level", "0", "--test-fraction", "0.3",
-                 "--min-pieces", "5", "--no-random", "-o", str(tmp_path / "probe.json")]) == 0
+                 "--label", "collection", "--min-pieces", "5", "--no-random", "-o", str(tmp_path / "probe.json")]) == 0
     out = capsys.readouterr().out
     assert "| swin (swin) | L0 mean" in out and "| vit (vit) | L0 non-empty" in out and "random init" not in out
     assert all((tmp_path / f"probe.{ext}").stat().st_size > 0 for ext in ("json", "md", "png"))
