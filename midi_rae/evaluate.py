@@ -30,12 +30,11 @@ from torch.utils.data import DataLoader, Subset
 from midi_rae.data import PianoRollDataset
 from midi_rae.encode import resolve_checkpoint
 from midi_rae.masking import note_mask
-from midi_rae.metrics import (best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
+from midi_rae.metrics import (THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
 from midi_rae.reconstruct import load_autoencoder
 from midi_rae.utils import atomic_write_text, resolve_device
 
-THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
 MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
 
 

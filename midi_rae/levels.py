@@ -38,11 +38,11 @@ from torch.utils.data import DataLoader, Subset
 from midi_rae.checkpoint import load_weights, save_weights
 from midi_rae.config import PITCHES, Config, from_dict
 from midi_rae.data import PianoRollDataset
-from midi_rae.metrics import best_f1, onset_confusion, onset_ratios, ratios, threshold_sweep
+from midi_rae.masking import note_mask
+from midi_rae.metrics import THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
 from midi_rae.utils import atomic_write_text
 
-THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
 ENCODERS = ("trained", "random")
 SETTINGS = ("steps", "batch_size", "encoder_sha1")  # a finished row is reused only when these match
 
@@ -109,9 +109,7 @@ def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_siz
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
         x = batch["x"]  # (B, C, 128, W)
         probs.append(model.logits(x.to(device)).sigmoid().float().cpu())
-        steps = torch.tensor([ds.pieces[int(i)]["steps"] for i in batch["piece"]])
-        cols = torch.arange(x.shape[-1])[None] < (steps - batch["start"])[:, None]  # (B, W)
-        inside.append(cols[:, None, None, :].expand(-1, 1, x.shape[2], -1))
+        inside.append(inside_piece(batch["start"], batch["steps"], x.shape[-1]).expand(-1, 1, x.shape[2], -1))
         xs.append(x)
     return Predictions(ds.split, torch.cat(probs), torch.cat(xs), torch.cat(inside))
 
@@ -125,7 +123,7 @@ def choose_threshold(pred: Predictions) -> float:
 def scores(pred: Predictions, threshold: float) -> dict[str, dict[str, float | None]]:
     """Pixel and note-onset precision / recall / F1 at `threshold` (None where undefined)."""
     px = ratios(threshold_sweep(pred.probs[:, :1], pred.x[:, :1], torch.tensor([threshold]), pred.inside)[0])
-    on = onset_ratios(onset_confusion(pred.probs > threshold, pred.x > 0.5, pred.inside).sum(0))
+    on = onset_ratios(onset_confusion(pred.probs > threshold, note_mask(pred.x), pred.inside).sum(0))
     clean = lambda d: {k: (None if v != v else round(float(v), 6)) for k, v in d.items() if k != "specificity"}  # noqa: E731
     return {"pixel": clean(px), "onset": clean(on)}
 

@@ -32,6 +32,10 @@ def ratios(counts: Tensor) -> dict[str, Tensor]:
             "specificity": div(tn, tn + fp), "f1": div(2 * tp, 2 * tp + fp + fn)}
 
 
+# The thresholds swept when one is chosen (on training crops) for the pixel metrics.
+THRESHOLDS = torch.round(torch.arange(0.05, 0.951, 0.05) * 100) / 100
+
+
 def inside_piece(start: Tensor, steps: Tensor, width: int) -> Tensor:
     """(B,) first column and length of each crop's piece -> (B, 1, 1, W) bool, True on the
     columns inside the piece: the zero padding past a piece's end is not scored."""

@@ -23,16 +23,7 @@ from midi_rae.cli import main
 from midi_rae.data import RollSettings, score_to_roll
 from midi_rae.prepare import prepare
 from midi_rae.reconstruct import comparison_png
-
-
-def midi(path: Path, pitches: list[int]) -> Path:
-    score = symusic.Score(480)
-    track = symusic.Track("t", 0, False)
-    for i, p in enumerate(pitches):
-        track.notes.append(symusic.Note(i * 480, 480, p, 90))
-    score.tracks.append(track)
-    score.dump_midi(str(path))
-    return path
+from test_prepare import midi
 
 
 def error_line(capsys: pytest.CaptureFixture, command: str) -> str:
