@@ -69,7 +69,7 @@ def bench_throughput(repeats: int) -> None:
 
 
 def bench_prepare(workers: int | None) -> None:
-    from midi_rae.prepare import prepare
+    from midi_rae.cache import prepare
 
     cache = Path(tempfile.mkdtemp(prefix="midi-rae-bench-"))
     try:

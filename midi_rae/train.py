@@ -92,7 +92,7 @@ def barrier(d: Dist) -> None:
 def resolve_cache_dir(cfg: Config) -> Path:
     """`data.cache_dir`, else the cache `midi-rae prepare` makes of `data.paths` (or of the
     bundled corpus, restricted to `data.collections`)."""
-    from midi_rae.prepare import default_cache_dir
+    from midi_rae.cache import default_cache_dir
 
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser()
@@ -565,7 +565,7 @@ def _probe_markdown(p: dict[str, Any]) -> list[str]:
 def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe: bool = True) -> dict[str, Any]:
     """prepare -> pretrain -> decoder -> report -> probe suite: the package's main job."""
     from midi_rae.data import RollSettings
-    from midi_rae.prepare import prepare
+    from midi_rae.cache import prepare
 
     t0 = time.time()
     rank = int(os.environ.get("RANK", "0"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import symusic
 
-from midi_rae.prepare import prepare
+from midi_rae.cache import prepare
 
 
 @pytest.fixture(scope="session")

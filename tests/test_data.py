@@ -11,7 +11,7 @@ from midi_rae.data import (
     BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, load_settings, midi_to_roll,
     roll_to_midi, split_abc, split_of,
 )
-from midi_rae.prepare import prepare
+from midi_rae.cache import prepare
 
 WHEEL_MIDI = sorted(Path(music21.__file__).parent.rglob("*.mid"))
 

@@ -21,7 +21,7 @@ from tiny_runs import trained_run
 from midi_rae import plots, utils
 from midi_rae.cli import main
 from midi_rae.data import RollSettings, score_to_roll
-from midi_rae.prepare import prepare
+from midi_rae.cache import prepare
 from midi_rae.reconstruct import comparison_png
 from test_prepare import midi
 
@@ -110,7 +110,7 @@ def test_prepare_worker_dies_with_its_parent(tmp_path: Path) -> None:
     pid_file = tmp_path / "worker.pid"
     script = textwrap.dedent("""
         import os, sys, time
-        from midi_rae import prepare as prepare_module
+        from midi_rae import cache as prepare_module
         def slow(path, settings):  # a conversion that takes a minute
             open(sys.argv[2], "w").write(str(os.getpid()))
             time.sleep(60)

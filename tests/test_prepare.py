@@ -12,11 +12,11 @@ import music21
 import pytest
 import symusic
 
-from midi_rae import prepare as prepare_module
+from midi_rae import cache as prepare_module
 from midi_rae.cli import main
 from midi_rae.corpus import corpus_root
 from midi_rae.data import load_index, load_roll
-from midi_rae.prepare import prepare
+from midi_rae.cache import prepare
 
 WHEEL_MIDI = Path(music21.__file__).parent / "midi" / "testPrimitive"
 

@@ -9,7 +9,7 @@ import torch
 from tiny_runs import isolated, trained_run
 
 from midi_rae.cli import main
-from midi_rae.prepare import prepare
+from midi_rae.cache import prepare
 from midi_rae.data import load_index
 from midi_rae.encode import load_encoder
 from midi_rae.models import build_encoder
