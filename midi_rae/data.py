@@ -1,4 +1,5 @@
-"""Symbolic music <-> piano roll, the roll cache reader, and the datasets that feed training.
+"""Symbolic music <-> piano roll, the roll cache reader, the datasets that feed training, and
+whole pieces (files or cache ids) cut into model-width windows for inference.
 
 A roll is a `(C, 128, T)` uint8 array: row index = MIDI pitch, one column per time step at
 `steps_per_beat` steps per quarter note. Channel 0 is the frame (note sounding), the optional
@@ -11,6 +12,7 @@ through music21 and are converted to a symusic `Score`, so that one function mak
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -25,6 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 import symusic
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset
 
 MIDI_SUFFIXES = (".mid", ".midi", ".kar")
@@ -553,3 +557,55 @@ class PianoRollDataset(Dataset):
         item["shift1"] = torch.tensor(shifts[0])
         item["shift2"] = torch.tensor(shifts[1])
         return item
+
+
+# ----------------------------------------------------------------------------- whole pieces, for inference
+
+
+@dataclass
+class PieceRoll:
+    name: str  # file stem for outputs
+    roll: np.ndarray  # (C, 128, T) float32 in [0, 1]
+    meta: dict[str, Any]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "piece"
+
+
+def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
+                settings: RollSettings = RollSettings()) -> list[PieceRoll]:
+    """Pieces from files (every format `prepare` reads; a multi-piece file gives several) and,
+    with `cache_dir`, from a prepared cache by piece id or shell pattern (`music21/bach/*`)."""
+    index = load_index(cache_dir) if cache_dir else None
+    pieces: list[PieceRoll] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found, _ = read_pieces(path, settings)
+            for pc in found:
+                name = path.stem if len(found) == 1 else f"{path.stem}-{pc.index}"
+                meta = {"source": str(path), "index": pc.index, "steps_per_beat": settings.steps_per_beat, **pc.meta}
+                pieces.append(PieceRoll(name, pc.roll.astype(np.float32) / (127.0 if settings.velocity else 1.0), meta))
+            continue
+        if index is None:
+            raise FileNotFoundError(f"{item} is not a file (to encode pieces of a prepared cache by id, pass --cache-dir)")
+        matches = [p for p in index if p["piece_id"] == item or fnmatch.fnmatchcase(p["piece_id"], item)]
+        if not matches:
+            raise FileNotFoundError(f"no piece id matches {item!r} in {cache_dir}")
+        cache_settings = load_settings(cache_dir)
+        for p in matches:
+            roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / (127.0 if cache_settings.velocity else 1.0)
+            pieces.append(PieceRoll(_safe_name(p["piece_id"]), roll,
+                                    {**p, "steps_per_beat": cache_settings.steps_per_beat}))
+    return pieces
+
+
+def windows(roll: Tensor, width: int, hop: int) -> tuple[Tensor, Tensor]:
+    """(C, H, T) -> windows (K, C, H, width) starting at 0, hop, ..., zero-padded past T, and
+    their starts (K,) long. K is the fewest windows that reach the piece end."""
+    T = roll.shape[-1]
+    K = max(1, -(-(T - width) // hop) + 1)
+    padded = F.pad(roll, (0, (K - 1) * hop + width - T))
+    starts = torch.arange(K) * hop
+    return padded.unfold(-1, width, hop).permute(2, 0, 1, 3).contiguous(), starts  # (K, C, H, width)

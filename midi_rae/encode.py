@@ -22,100 +22,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fnmatch
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
-from midi_rae.config import Config
 from midi_rae.core import LevelInfo
-from midi_rae.data import RollSettings, load_index, load_roll, load_settings, read_pieces
+from midi_rae.data import read_inputs, windows
+from midi_rae.runs import load_encoder
 from midi_rae.utils import atomic_write, resolve_device
 
 FORMAT = "midi-rae-embeddings/1"
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class Weights:
-    path: Path
-    prefix: str = ""  # 'encoder.' / 'decoder.' inside a training checkpoint's model.safetensors
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What a CHECKPOINT argument names: the encoder (and decoder, if trained) and their config."""
-
-    config: Config
-    encoder: Weights
-    decoder: Weights | None
-    run_dir: Path | None  # the run folder, when one was given
-
-
-def _has_prefix(path: Path, prefix: str) -> bool:
-    with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith(prefix) for k in f.keys())
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """A run folder (`runs/<name>`), a stage folder (`pretrain/`, `decoder/`), a training
-    checkpoint folder (`step_*/`) or a weights file (`encoder.safetensors`,
-    `decoder.safetensors`, `model.safetensors`). The fine-tuned encoder of a decoder stage wins
-    over the pretrained one, and a decoder always gets the encoder it was trained on
-    (`checkpoint.decoder_encoder`), wherever that lies."""
-    from midi_rae.train import encoder_config
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} not found: give a run folder (runs/<name>) or a .safetensors file")
-    run_dir = None
-    if p.is_dir():
-        if (p / "pretrain").is_dir() or (p / "decoder").is_dir():
-            run_dir = p
-            candidates = [p / "decoder", p / "pretrain"]
-        else:
-            candidates = [p]
-        dec = next((d / "decoder.safetensors" for d in candidates if (d / "decoder.safetensors").exists()), None)
-        enc = decoder_encoder(dec) if dec is not None else next(
-            (d / "encoder.safetensors" for d in candidates if (d / "encoder.safetensors").exists()), None)
-        if enc is None and (p / "model.safetensors").exists():
-            return resolve_checkpoint(p / "model.safetensors")
-        if enc is None:
-            raise FileNotFoundError(f"no encoder.safetensors under {p}: train first (`midi-rae train` / `midi-rae run`)")
-        cfg = encoder_config(dec if dec is not None else enc)
-        return Checkpoint(cfg, Weights(enc), Weights(dec) if dec is not None else None, run_dir)
-    meta = read_metadata(p)
-    cfg = encoder_config(p)
-    if meta.get("kind") == "encoder":
-        return Checkpoint(cfg, Weights(p), None, None)
-    if meta.get("kind") == "decoder":
-        return Checkpoint(cfg, Weights(decoder_encoder(p)), Weights(p), None)
-    # A training checkpoint: the whole Pretrainer or DecoderTrainer under one file.
-    dec = Weights(p, "decoder.") if _has_prefix(p, "decoder.") else None
-    return Checkpoint(cfg, Weights(p, "encoder."), dec, None)
-
-
-def load_encoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """The trained encoder (eval mode) and its config."""
-    from midi_rae.models import build_encoder
-
-    ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
-    encoder = build_encoder(ck.config)
-    load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
-    return encoder.to(device).eval(), ck.config
-
 
 # ----------------------------------------------------------------------------- embeddings
 
@@ -177,16 +101,6 @@ def check_hop(encoder: nn.Module, hop: int) -> None:
                          f"between {step} and the window {W}; got {hop}")
 
 
-def windows(roll: Tensor, width: int, hop: int) -> tuple[Tensor, Tensor]:
-    """(C, H, T) -> windows (K, C, H, width) starting at 0, hop, ..., zero-padded past T, and
-    their starts (K,) long. K is the fewest windows that reach the piece end."""
-    T = roll.shape[-1]
-    K = max(1, -(-(T - width) // hop) + 1)
-    padded = F.pad(roll, (0, (K - 1) * hop + width - T))
-    starts = torch.arange(K) * hop
-    return padded.unfold(-1, width, hop).permute(2, 0, 1, 3).contiguous(), starts  # (K, C, H, width)
-
-
 def stitch(emb: Tensor, non_empty: Tensor, pos: Tensor, info: LevelInfo, starts: Tensor, width: int,
            steps: int) -> LevelEmbedding:
     """The tokens of K windows (emb (K, N, D), non_empty (K, N), grid pos (N, 2)) as one
@@ -232,48 +146,6 @@ def encode_roll(encoder: nn.Module, roll: Tensor | np.ndarray, hop: int | None =
         ne = torch.cat([o[li].non_empty for o in outs]).cpu()  # (K, N)
         levels.append(stitch(emb, ne, outs[0][li].pos.cpu(), info, starts, W, x.shape[-1]))
     return Embeddings(levels, x.shape[-1], W, hop, dict(meta or {}))
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class PieceRoll:
-    name: str  # file stem for outputs
-    roll: np.ndarray  # (C, 128, T) float32 in [0, 1]
-    meta: dict[str, Any]
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "piece"
-
-
-def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
-                settings: RollSettings = RollSettings()) -> list[PieceRoll]:
-    """Pieces from files (every format `prepare` reads; a multi-piece file gives several) and,
-    with `cache_dir`, from a prepared cache by piece id or shell pattern (`music21/bach/*`)."""
-    index = load_index(cache_dir) if cache_dir else None
-    pieces: list[PieceRoll] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            found, _ = read_pieces(path, settings)
-            for pc in found:
-                name = path.stem if len(found) == 1 else f"{path.stem}-{pc.index}"
-                meta = {"source": str(path), "index": pc.index, "steps_per_beat": settings.steps_per_beat, **pc.meta}
-                pieces.append(PieceRoll(name, pc.roll.astype(np.float32) / (127.0 if settings.velocity else 1.0), meta))
-            continue
-        if index is None:
-            raise FileNotFoundError(f"{item} is not a file (to encode pieces of a prepared cache by id, pass --cache-dir)")
-        matches = [p for p in index if p["piece_id"] == item or fnmatch.fnmatchcase(p["piece_id"], item)]
-        if not matches:
-            raise FileNotFoundError(f"no piece id matches {item!r} in {cache_dir}")
-        cache_settings = load_settings(cache_dir)
-        for p in matches:
-            roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / (127.0 if cache_settings.velocity else 1.0)
-            pieces.append(PieceRoll(_safe_name(p["piece_id"]), roll,
-                                    {**p, "steps_per_beat": cache_settings.steps_per_beat}))
-    return pieces
 
 
 def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os.PathLike | nn.Module,

@@ -28,11 +28,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from midi_rae.data import PianoRollDataset
-from midi_rae.encode import resolve_checkpoint
 from midi_rae.masking import note_mask
 from midi_rae.metrics import (THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
-from midi_rae.reconstruct import load_autoencoder
+from midi_rae.runs import load_autoencoder, resolve_cache_dir, resolve_checkpoint
 from midi_rae.utils import atomic_write_text, resolve_device
 
 MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
@@ -98,7 +97,6 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
              device: str = "cpu") -> dict[str, Any]:
     """Metrics (returned, and written as JSON + Markdown) and figures of a trained run."""
     from midi_rae.plots import level_pca_figure, projection_figure, recon_figure, spectrum_figure
-    from midi_rae.train import resolve_cache_dir
 
     ck = resolve_checkpoint(checkpoint)
     model, cfg = load_autoencoder(ck, device)

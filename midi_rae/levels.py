@@ -4,7 +4,7 @@ For the run's pretrained encoder and for its random twin (the same config's enco
 initialisation, seeded with `train.seed`: the weights pretraining started from), one decoder
 per coarsest-first subset of levels (k = 1: the coarsest only, k = 2: the two coarsest, ...,
 k = L: all) is trained on the frozen encoder with `decoder.skip_levels = [0..k-1]` and the same
-step budget, by the ordinary decoder training (`train.train_decoder`). Each (encoder, k) row
+step budget, by the ordinary decoder training (`stages.train_decoder`). Each (encoder, k) row
 gives:
 
 - the rate: floats per crop, the sum over the levels read of tokens x dim (from the encoder's
@@ -35,12 +35,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from midi_rae.checkpoint import load_weights, save_weights
+from midi_rae.checkpoint import save_weights
 from midi_rae.config import PITCHES, Config, from_dict
 from midi_rae.data import PianoRollDataset
 from midi_rae.masking import note_mask
 from midi_rae.metrics import THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
-from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
+from midi_rae.models import DecoderTrainer, build_encoder
+from midi_rae.runs import Checkpoint, Weights, encoder_config, load_autoencoder
+from midi_rae.stages import datasets, setup, train_decoder
 from midi_rae.utils import atomic_write_text
 
 ENCODERS = ("trained", "random")
@@ -154,13 +156,8 @@ def subset_config(cfg: Config, k: int, out_dir: Path, steps: int, batch_size: in
 
 
 def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset, val: Subset) -> dict[str, Any]:
-    from midi_rae.train import setup
-
     device = setup(cfg.decoder_train).device
-    encoder, decoder = build_encoder(cfg), build_decoder(cfg)
-    load_weights(encoder, enc_path)
-    load_weights(decoder, dec_path)
-    model = DecoderTrainer(encoder, decoder).to(device)
+    model, _ = load_autoencoder(Checkpoint(cfg, Weights(enc_path), Weights(dec_path), None), device)
     bs = cfg.decoder_train.batch_size
     thr = choose_threshold(predict(model, train_data, device, bs))
     return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)",
@@ -170,8 +167,6 @@ def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset
 def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settings: dict[str, Any],
             overwrite: bool, data: Callable[[], tuple[Subset, Subset]]) -> dict[str, Any]:
     """Train (or resume) and evaluate the decoder of row (encoder, k); reuse a finished one."""
-    from midi_rae.train import train_decoder
-
     row_dir = out / encoder / str(k)
     done = row_dir / "result.json"
     if done.exists():
@@ -212,8 +207,6 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
                   overwrite: bool = False, cache_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Train the decoders of every (encoder, coarsest-first subset) and write the report;
     returns it as a dict (`rows`: one per (encoder, k))."""
-    from midi_rae.train import datasets, encoder_config
-
     t0 = time.time()
     enc_path, run_dir = resolve_encoder(run)
     cfg = encoder_config(enc_path)

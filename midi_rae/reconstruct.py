@@ -21,11 +21,9 @@ import symusic
 import torch
 from torch import Tensor
 
-from midi_rae.checkpoint import load_weights
-from midi_rae.config import Config
-from midi_rae.data import MIDI_SUFFIXES, TPQ, roll_to_score
-from midi_rae.encode import Checkpoint, read_inputs, resolve_checkpoint, windows
-from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
+from midi_rae.data import MIDI_SUFFIXES, TPQ, read_inputs, roll_to_score, windows
+from midi_rae.models import DecoderTrainer
+from midi_rae.runs import load_autoencoder
 from midi_rae.utils import atomic_write, check_output, resolve_device
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
@@ -36,18 +34,6 @@ SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/def
 PNG_MAX_STEPS = 4096
 INSTALL_HINT = ("install fluidsynth and a General MIDI soundfont, e.g. `apt-get install fluidsynth fluid-soundfont-gm` "
                 "(macOS: `brew install fluid-synth` and pass --soundfont PATH.sf2)")
-
-
-def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[DecoderTrainer, Config]:
-    """The trained encoder + decoder (eval mode) and their config."""
-    ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
-    if ck.decoder is None:
-        raise FileNotFoundError(f"{checkpoint} has no decoder: run `midi-rae train-decoder` on it (or `midi-rae run`), "
-                                f"then pass the run folder")
-    encoder, decoder = build_encoder(ck.config), build_decoder(ck.config)
-    load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
-    load_weights(decoder, ck.decoder.path, ck.decoder.prefix)
-    return DecoderTrainer(encoder, decoder).to(device).eval(), ck.config
 
 
 @torch.no_grad()

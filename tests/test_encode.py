@@ -10,10 +10,11 @@ from tiny_runs import isolated, trained_run
 from midi_rae.cli import main
 from midi_rae.config import load_config
 from midi_rae.data import midi_to_roll
-from midi_rae.encode import Embeddings, encode, encode_roll, load_encoder, resolve_checkpoint
+from midi_rae.encode import Embeddings, encode, encode_roll
 from midi_rae.models import build_encoder
 from midi_rae.metrics import note_onsets
-from midi_rae.reconstruct import load_autoencoder, reconstruct_roll, render_wav
+from midi_rae.reconstruct import reconstruct_roll, render_wav
+from midi_rae.runs import load_autoencoder, load_encoder, resolve_checkpoint, stage_dirs
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +153,7 @@ def test_reconstruct_keeps_tempo_and_meter(tmp_path: Path) -> None:
 
 def test_decoder_trained_into_another_run_finds_its_encoder(tiny_cache: Path, tmp_path_factory, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from midi_rae.train import load_trained, train_decoder
+    from midi_rae.stages import train_decoder
 
     run = trained_run("swin", tiny_cache, tmp_path_factory)
     cfg = load_config(None, [
@@ -166,5 +167,6 @@ def test_decoder_trained_into_another_run_finds_its_encoder(tiny_cache: Path, tm
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # the encoder is found from any working folder
     ck = resolve_checkpoint(other)
     assert ck.encoder.path.resolve() == (run / "pretrain" / "encoder.safetensors").resolve()
-    assert load_trained(cfg).encoder.state_dict().keys() == load_autoencoder(ck)[0].encoder.state_dict().keys()
+    assert (load_autoencoder(stage_dirs(cfg)[2] / "decoder.safetensors")[0].encoder.state_dict().keys()
+            == load_autoencoder(ck)[0].encoder.state_dict().keys())
     assert main(["eval", str(other), "-o", str(tmp_path / "eval"), "--max-items", "4", "--examples", "1"]) == 0

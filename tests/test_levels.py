@@ -10,7 +10,7 @@ from tiny_runs import isolated, trained_run
 from midi_rae import levels
 from midi_rae.cli import main
 from midi_rae.models import build_encoder
-from midi_rae.train import encoder_config
+from midi_rae.runs import encoder_config
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_threshold_is_chosen_on_training_crops(report) -> None:
 def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> None:
     r, run, _ = report
     out = Path(r["out"])
-    monkeypatch.setattr("midi_rae.train.train_decoder", lambda *a, **k: pytest.fail("a finished row was trained again"))
+    monkeypatch.setattr("midi_rae.levels.train_decoder", lambda *a, **k: pytest.fail("a finished row was trained again"))
     again = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
     assert again["rows"] == r["rows"]  # finished rows stay in the report
     with pytest.raises(ValueError, match="other settings"):

@@ -142,7 +142,7 @@ def test_cli(hostile: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 def test_prepare_and_train_agree_on_the_cache_of_some_collections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from midi_rae.config import load_config
-    from midi_rae.train import resolve_cache_dir
+    from midi_rae.runs import resolve_cache_dir
 
     monkeypatch.setenv("MIDI_RAE_CACHE", str(tmp_path))
     monkeypatch.setattr(prepare_module, "corpus_files", lambda collections=None: [])  # only the folder matters here

@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae import train as train_module
+from midi_rae import stages
 from midi_rae.config import ConfigError, load_config, resolve_config_path
 from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
-from midi_rae.train import Logger, datasets, pretrain, report, train_decoder, val_loader
+from midi_rae.stages import Logger, datasets, pretrain, train_decoder, val_loader
+from midi_rae.train import report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,7 +148,7 @@ def test_validation_leaves_the_training_stream_alone(device: str, tiny_cache: Pa
 def test_best_checkpoint_agrees_with_the_log(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every validation beats the one before, so the last step (saved every 2, validated every 3) is the best.
     better = iter(range(1, 100))
-    monkeypatch.setattr(train_module, "evaluate_pretrain", lambda *a, **k: {"loss": 1.0, "masked_f1": next(better) / 100})
+    monkeypatch.setattr(stages, "evaluate_pretrain", lambda *a, **k: {"loss": 1.0, "masked_f1": next(better) / 100})
     cfg = load_config(None, tiny(tiny_cache, tmp_path, "name=b", "train.max_steps=4", "train.ckpt_every=2",
                                  "train.eval_every=3"))
     final = pretrain(cfg)
@@ -216,7 +217,7 @@ def test_resume_may_change_the_learning_rate(tiny_cache: Path, tmp_path: Path, c
     def diverge(*args, **kwargs):
         raise NonFiniteLoss("loss is nan at step 5 (epoch 0); stopping")
 
-    monkeypatch.setattr(train_module, "train_one_epoch", diverge)
+    monkeypatch.setattr(stages, "train_one_epoch", diverge)
     with pytest.raises(SystemExit, match=r"Lower train.lr .* --resume and, e.g., train.lr=0.0001"):
         pretrain(load_config(None, [*overrides, "name=d", "train.lr=1e-3"]))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from midi_rae.config import load_config
-from midi_rae.train import pretrain, train_decoder
+from midi_rae.stages import pretrain, train_decoder
 
 ENCODERS = {
     "swin": ["model.embed_dim=8", "model.depths=[1,1]", "model.num_heads=[1,2]", "model.window_size=4"],

@@ -1,0 +1,362 @@
+"""The probe suite (run by `midi-rae probe` and at the end of `midi-rae run`). Linear probes on frozen embeddings for every label of the
+corpus metadata, against the baselines an embedding has to beat to be worth using.
+
+Tasks: `collection`, `composer`, `time_signature`, `mode` (major / minor, from the key) and
+`source_set` (the source file's name without its number: the Essen folk songs' regions),
+each with the classes that have enough pieces on both sides of the split (at most
+`--max-classes`, the most frequent). Split grouped by piece, by a hash of the piece id
+(`data.split_of`) at the run's `data.val_fraction`: the test pieces are the run's validation
+pieces, which the encoder never trained on. Crops: each piece is cut into non-overlapping
+windows of the encoder's width from its start (at most `crops_per_piece`, windows with fewer
+than W/8 sounding columns skipped); every piece counts at most `max_pieces_per_class` (train)
+or a quarter of that (test), picked by a salted hash of its id, the same every run.
+
+Rows, on the same crops: the majority class; raw pixels (frame channel average-pooled 4 x 4);
+hand-crafted music descriptors (`midi_rae.descriptors`); the same encoder at random
+initialisation; the trained encoder. Encoder features: every level (0 = coarsest) pooled by
+the mean over all tokens or over the non-empty tokens only, and all levels concatenated.
+The probe is multinomial logistic regression on standardized features, fitted full-batch with
+L-BFGS; its L2 penalty is chosen on a grouped hold-out of the training pieces, never on the
+test pieces, and so is each encoder's headline feature set. Reported: balanced accuracy
+(mean per-class recall) and accuracy on the test side.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from midi_rae.config import PITCHES, Config
+from midi_rae.data import load_index, load_roll, load_settings, split_of
+from midi_rae.descriptors import descriptors
+from midi_rae.models import build_encoder
+from midi_rae.runs import load_encoder
+from midi_rae.utils import atomic_write
+
+BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
+TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def label_of(piece: dict[str, Any], task: str) -> str | None:
+    """The value of `task` for one piece of the index: a metadata key; `mode` from a key name that
+    states it ('G major'; an ABC key field names only the signature); `source_set`, the source
+    file's name without its trailing number (the Essen collection's files are regions and sources,
+    e.g. han = Chinese Han songs, erk = Erk's German songs)."""
+    if task == "mode":
+        key = piece.get("key") or ""
+        return next((m for m in ("major", "minor") if key.endswith(m)), None)
+    if task == "time_signature":  # kern's and MusicXML's symbols for common and cut time
+        value = {"C": "4/4", "C|": "2/2"}.get(piece.get(task) or "", piece.get(task))
+        return str(value) if value else None
+    if task == "source_set":
+        return re.sub(r"\d+$", "", Path(piece.get("source") or "").stem) or None
+    value = piece.get(task)
+    return None if value in (None, "") else str(value)
+
+
+def _pick_key(piece_id: str, salt: str) -> bytes:
+    return hashlib.sha1(f"{salt}:{piece_id}".encode()).digest()
+
+
+def pick_pieces(members: list[dict[str, Any]], n: int, salt: str = "probe-pick") -> list[dict[str, Any]]:
+    """The same n pieces every run, by a salted hash of the piece id. The salt matters: the
+    train/test split hashes the bare id (`data.split_of`), and picking the n smallest of that
+    same hash would put nearly every picked piece on one side."""
+    return sorted(members, key=lambda p: _pick_key(p["piece_id"], salt))[:n]
+
+
+@dataclass
+class Task:
+    """One label to predict: its classes and the pieces of each side of the split."""
+
+    name: str
+    classes: list[str]
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+
+
+def find_tasks(index: list[dict[str, Any]], test_fraction: float, tasks: list[str] | None = None,
+               classes: list[str] | None = None, min_train_pieces: int = 20, min_test_pieces: int = 4,
+               max_classes: int = 8, max_pieces_per_class: int = 150) -> list[Task]:
+    """The tasks the metadata supports: classes with at least `min_train_pieces` training and
+    `min_test_pieces` test pieces (the `max_classes` most frequent), tasks with at least two."""
+    found = []
+    for name in tasks or TASKS:
+        sides: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for p in index:
+            value = label_of(p, name)
+            if value is not None and (classes is None or value in classes):
+                side = "test" if split_of(p["piece_id"], test_fraction) == "val" else "train"
+                sides.setdefault(value, {"train": [], "test": []})[side].append(p)
+        ok = [v for v, s in sides.items() if len(s["train"]) >= min_train_pieces and len(s["test"]) >= min_test_pieces]
+        ok = sorted(sorted(ok), key=lambda v: -len(sides[v]["train"]))[:max_classes]
+        if len(ok) >= 2:
+            names = sorted(ok)
+            found.append(Task(name, names,
+                              [p for v in names for p in pick_pieces(sides[v]["train"], max_pieces_per_class)],
+                              [p for v in names for p in pick_pieces(sides[v]["test"], max(max_pieces_per_class // 4, 1))]))
+    return found
+
+
+@dataclass
+class Crops:
+    """Crops of a set of pieces, rendered once and shared by every task."""
+
+    x: Tensor  # (N, C, 128, W) float in [0, 1], every channel of the cache
+    pieces: list[str]  # piece id of each crop: the groups of the split
+    by_piece: dict[str, list[int]] = field(default_factory=dict)  # piece id -> crop rows
+
+
+def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], width: int,
+                crops_per_piece: int = 4) -> Crops:
+    """Non-overlapping windows from each piece's start, skipping (nearly) silent ones."""
+    settings = load_settings(cache_dir)
+    scale = 127.0 if settings.velocity else 1.0
+    xs, ids, by_piece = [], [], {}
+    for p in pieces:
+        if p["piece_id"] in by_piece:
+            continue
+        roll = load_roll(cache_dir, p)
+        rows = by_piece.setdefault(p["piece_id"], [])
+        for start in range(0, max(roll.shape[-1], 1), width):
+            if len(rows) == crops_per_piece:
+                break
+            window = np.zeros((roll.shape[0], PITCHES, width), dtype=np.float32)
+            part = roll[:, :, start:start + width]
+            window[:, :, : part.shape[-1]] = part
+            if (window[0] > 0).any(axis=0).sum() < width // 8:  # (nearly) silent: nothing to classify
+                continue
+            rows.append(len(xs))
+            xs.append(torch.from_numpy(window / scale))
+            ids.append(p["piece_id"])
+    if not xs:
+        raise ValueError(f"no crop of {width} steps with notes in {cache_dir}; prepare more or longer pieces")
+    return Crops(torch.stack(xs), ids, by_piece)
+
+
+@torch.inference_mode()
+def level_features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> dict[str, Tensor]:
+    """(N, C, 128, W) crops -> {feature set name: (N, F)}: each level pooled by the mean over all
+    tokens ('L{i} mean') and over its non-empty tokens ('L{i} non-empty'), and both poolings of
+    all levels concatenated ('all mean', 'all non-empty'). Level 0 is the coarsest."""
+    chunks: dict[str, list[Tensor]] = {}
+    for i in range(0, len(x), batch_size):
+        for j, lvl in enumerate(encoder(x[i:i + batch_size]).patches):
+            chunks.setdefault(f"L{j} mean", []).append(lvl.pooled(non_empty_only=False).float())
+            chunks.setdefault(f"L{j} non-empty", []).append(lvl.pooled().float())
+    feats = {k: torch.cat(v) for k, v in chunks.items()}
+    n = len([k for k in feats if k.endswith(" mean")])
+    for pool in ("mean", "non-empty"):
+        feats[f"all {pool}"] = torch.cat([feats[f"L{j} {pool}"] for j in range(n)], dim=1)
+    return feats
+
+
+def pixel_features(x: Tensor, pool: tuple[int, int] = (4, 4)) -> Tensor:
+    """The raw-pixel baseline's input: the frame channel average-pooled, flattened: (N, 128*W / (ph*pw))."""
+    return F.avg_pool2d(x[:, :1], pool).flatten(1)
+
+
+def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, max_iter: int = 200) -> Callable[[Tensor], Tensor]:
+    """Multinomial logistic regression on standardized features; returns a predict function."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    zd = ((x - mean) / std).double()
+    lin = nn.Linear(x.shape[1], n_classes).double()
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(zd), y) + l2 * lin.weight.square().sum() / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda new: lin(((new - mean) / std).double()).argmax(1)
+
+
+def scores(pred: Tensor, true: Tensor) -> dict[str, float]:
+    """accuracy and balanced accuracy (mean recall over the classes present in `true`)."""
+    recalls = [float((pred[true == c] == c).float().mean()) for c in true.unique()]
+    return {"accuracy": float((pred == true).float().mean()), "balanced_accuracy": float(np.mean(recalls))}
+
+
+def grouped_split(pieces: list[str], test_fraction: float, salt: str = "") -> Tensor:
+    """(N,) bool, True for crops on the test side; decided per piece id (salted for an inner split)."""
+    return torch.tensor([split_of(salt + p, test_fraction) == "val" for p in pieces])
+
+
+def select_and_fit(x: Tensor, y: Tensor, groups: list[str], n_classes: int,
+                   l2_grid: tuple[float, ...] = L2_GRID) -> tuple[Callable[[Tensor], Tensor], float, float]:
+    """The L2 penalty with the best balanced accuracy on a grouped hold-out of a quarter of the
+    training pieces, then a fit on all of them. Returns (predict, chosen l2, its hold-out score)."""
+    hold = grouped_split(groups, 0.25, salt="probe-inner:")
+    fit_side = ~hold
+    if hold.all() or not hold.any() or len(y[fit_side].unique()) < 2 or len(l2_grid) == 1:
+        return fit_logistic(x, y, n_classes, l2_grid[0]), l2_grid[0], float("nan")
+    inner = [scores(fit_logistic(x[fit_side], y[fit_side], n_classes, l2)(x[hold]), y[hold])["balanced_accuracy"]
+             for l2 in l2_grid]
+    best = int(np.argmax(inner))
+    return fit_logistic(x, y, n_classes, l2_grid[best]), l2_grid[best], inner[best]
+
+
+@dataclass
+class Model:
+    """An encoder row of the table: a trained encoder or its random-initialisation twin."""
+
+    name: str
+    encoder: nn.Module
+    config: Config
+
+
+def random_twin(cfg: Config, seed: int = 0) -> nn.Module:
+    """The configured encoder at initialisation (seeded): the baseline that shows what training added."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_encoder(cfg).eval()
+
+
+def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = True) -> list[Model]:
+    models = []
+    for ck in checkpoints:
+        encoder, cfg = load_encoder(ck)
+        models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg))
+        if random_baseline:
+            models.append(Model(f"{cfg.name} ({cfg.model.encoder}) at random init", random_twin(cfg), cfg))
+    return models
+
+
+def probe_task(task: Task, crops: Crops, feature_sets: dict[str, dict[str, Tensor]], l2_grid: tuple[float, ...]) -> dict[str, Any]:
+    """Every feature set of `feature_sets` ({row name: {feature name: (N_crops, F)}}) on one task."""
+    rows_of = lambda pieces: [i for p in pieces for i in crops.by_piece.get(p["piece_id"], [])]  # noqa: E731
+    train_rows, test_rows = rows_of(task.train), rows_of(task.test)
+    label = {p["piece_id"]: label_of(p, task.name) for p in task.train + task.test}
+    y_all = torch.tensor([task.classes.index(label[pid]) if pid in label else -1 for pid in crops.pieces])  # (N,)
+    tr, te = torch.tensor(train_rows), torch.tensor(test_rows)
+    y_tr, y_te = y_all[tr], y_all[te]
+    groups = [crops.pieces[i] for i in train_rows]
+    majority = int(torch.bincount(y_tr, minlength=len(task.classes)).argmax())
+    rows = [{"model": "majority class", "features": f"always {task.classes[majority]!r}", "dim": 0,
+             **scores(torch.full_like(y_te, majority), y_te)}]
+    for model, sets in feature_sets.items():
+        model_rows = []
+        for name, f in sets.items():
+            predict, l2, inner = select_and_fit(f[tr], y_tr, groups, len(task.classes), l2_grid)
+            model_rows.append({"model": model, "features": name, "dim": f.shape[1], "l2": l2, "holdout_bacc": inner,
+                               **scores(predict(f[te]), y_te)})
+        # The headline: the feature set the training side's hold-out prefers (never the test side).
+        best = max(model_rows, key=lambda r: -1.0 if np.isnan(r["holdout_bacc"]) else r["holdout_bacc"])
+        best["headline"] = True
+        rows += model_rows
+    return {"task": task.name, "classes": task.classes, "train_crops": len(train_rows), "test_crops": len(test_rows),
+            "train_pieces": len({crops.pieces[i] for i in train_rows}),
+            "test_pieces": len({crops.pieces[i] for i in test_rows}), "rows": rows}
+
+
+def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, tasks: list[str] | None = None,
+          classes: list[str] | None = None, level: int | str | None = None, test_fraction: float | None = None,
+          crops_per_piece: int = 4, max_pieces_per_class: int = 150, max_classes: int = 8,
+          l2: float | None = None, random_baseline: bool = True, min_pieces: int = 20) -> dict[str, Any]:
+    """The probe suite of every checkpoint (and its random twin) on the same crops and split,
+    with the majority, raw-pixel and descriptor baselines. `level`: only that level's features
+    (an index, 0 = coarsest, or 'all' for the concatenation); `l2`: a fixed penalty instead of
+    the hold-out choice; `test_fraction`: default the first run's `data.val_fraction`; a class
+    needs `min_pieces` training pieces and a fifth of that (at least 2) test pieces."""
+    models = load_models(checkpoints, random_baseline)
+    widths = {m.encoder.img_size[1] for m in models}
+    if len(widths) > 1:
+        raise ValueError(f"the runs read crops of different widths {sorted(widths)}; probe them separately")
+    width = widths.pop()
+    test_fraction = test_fraction if test_fraction is not None else models[0].config.data.val_fraction
+    found = find_tasks(load_index(cache_dir), test_fraction, tasks, classes, min_pieces, max(min_pieces // 5, 2),
+                       max_classes, max_pieces_per_class)
+    if not found:
+        raise ValueError(f"no task in {cache_dir} has two classes with enough pieces on both sides of the split "
+                         f"(tasks tried: {', '.join(tasks or TASKS)}); prepare a labelled corpus, e.g. "
+                         f"`midi-rae prepare --collections {' '.join(BUNDLED_TASK)} --cache-dir DIR`, "
+                         f"or raise --test-fraction")
+    crops = piece_crops(cache_dir, [p for t in found for p in t.train + t.test], width, crops_per_piece)
+    feature_sets: dict[str, dict[str, Tensor]] = {
+        "raw pixels": {"4x4 avg-pooled": pixel_features(crops.x)},
+        "descriptors": {"hand-crafted": descriptors(crops.x)},
+    }
+    for m in models:
+        x = crops.x[:, : m.encoder.in_chans]
+        if x.shape[1] < m.encoder.in_chans:
+            raise ValueError(f"{m.name} reads {m.encoder.in_chans} channels, the cache {cache_dir} holds {x.shape[1]}")
+        feats = level_features(m.encoder, x)
+        if level is not None:
+            want = "all" if str(level) == "all" else f"L{int(level)}"
+            feats = {k: v for k, v in feats.items() if k.split()[0] == want}
+        feature_sets[m.name] = feats
+    grid = (l2,) if l2 is not None else L2_GRID
+    return {"cache": str(cache_dir), "width": width, "test_fraction": test_fraction,
+            "models": [m.name for m in models],
+            "tasks": [probe_task(t, crops, feature_sets, grid) for t in found]}
+
+
+def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task: the balanced accuracy of each baseline and of each model's headline feature set."""
+    out = []
+    for t in result["tasks"]:
+        row: dict[str, Any] = {"task": t["task"], "classes": len(t["classes"])}
+        for r in t["rows"]:
+            if r["model"] in ("majority class", "raw pixels", "descriptors") or r.get("headline"):
+                row[r["model"]] = r["balanced_accuracy"]
+        out.append(row)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """The headline table, then one table per task with every row."""
+    names = ["majority class", "raw pixels", "descriptors"] + result["models"]
+    lines = [f"Probe suite on {result['cache']} ({result['width']}-step crops, test = the pieces hashed into the "
+             f"{result['test_fraction']:g} held-out share). Balanced accuracy on the test pieces; each encoder's "
+             "feature set chosen on a hold-out of the training pieces.", "",
+             "| task | classes | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for h in headline(result):
+        lines.append(f"| {h['task']} | {h['classes']} | " + " | ".join(f"{h.get(n, float('nan')):.3f}" for n in names) + " |")
+    for t in result["tasks"]:
+        lines += ["", f"### {t['task']} ({', '.join(t['classes'])}): {t['train_crops']} training crops from "
+                  f"{t['train_pieces']} pieces, {t['test_crops']} test crops from {t['test_pieces']} other pieces", "",
+                  "| model | features | dim | L2 | hold-out bal. acc. | accuracy | balanced accuracy |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            star = " **(headline)**" if r.get("headline") else ""
+            l2 = f"{r['l2']:g}" if "l2" in r else "-"
+            inner = f"{r['holdout_bacc']:.3f}" if "holdout_bacc" in r and not np.isnan(r["holdout_bacc"]) else "-"
+            lines.append(f"| {r['model']} | {r['features']}{star} | {r['dim']} | {l2} | {inner} | "
+                         f"{r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def figure(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Grouped bars: balanced accuracy per task for the baselines and each model's headline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = headline(result)
+    names = ["majority class", "raw pixels", "descriptors"] + result["models"]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(heads), 3.6))
+    w = 0.8 / len(names)
+    for k, n in enumerate(names):
+        ax.bar([i + k * w for i in range(len(heads))], [h.get(n, np.nan) for h in heads], w, label=n)
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(heads))], [f"{h['task']}\n({h['classes']} classes)" for h in heads])
+    ax.set_ylabel("balanced accuracy (test pieces)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

@@ -1,0 +1,142 @@
+"""What a run is on disk, for every command that reads one.
+
+A run folder `<out_dir>/<name>/` holds `pretrain/` (`encoder.safetensors`) and `decoder/`
+(`decoder.safetensors`, and `encoder.safetensors` when the encoder was fine-tuned); each
+weights file carries the resolved config in its metadata, so a run is loaded from its files
+alone. Commands (`train`, `encode`, `reconstruct`, `eval`, `probe`, `levels`) share these
+helpers instead of importing each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from torch import nn
+
+from midi_rae.cache import default_cache_dir
+from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
+from midi_rae.config import Config, from_dict
+from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
+
+# ----------------------------------------------------------------------------- folders and data
+
+
+def stage_dirs(cfg: Config) -> tuple[Path, Path, Path]:
+    """(run folder, its `pretrain/`, its `decoder/`) of the run `cfg` names."""
+    run = Path(cfg.out_dir) / cfg.name
+    return run, run / "pretrain", run / "decoder"
+
+
+def resolve_cache_dir(cfg: Config) -> Path:
+    """`data.cache_dir`, else the cache `midi-rae prepare` makes of `data.paths` (or of the
+    bundled corpus, restricted to `data.collections`)."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser()
+    return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def encoder_config(path: Path) -> Config:
+    """The config an exported encoder (or checkpoint) was trained with, from its metadata."""
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise ValueError(f"{path} carries no config in its metadata; use an encoder.safetensors written by `midi-rae train`")
+    return from_dict(Config, yaml.safe_load(meta["config"]))
+
+
+def with_encoder_config(cfg: Config, enc_cfg: Config) -> Config:
+    """`cfg` with the model (and the crop geometry it needs) of the encoder's own config: a
+    decoder must be built for the encoder it reads, whatever the config at hand says."""
+    return dataclasses.replace(cfg, model=enc_cfg.model, data=dataclasses.replace(
+        cfg.data, crop_width=enc_cfg.data.crop_width, channels=enc_cfg.data.channels))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Weights:
+    path: Path
+    prefix: str = ""  # 'encoder.' / 'decoder.' inside a training checkpoint's model.safetensors
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a CHECKPOINT argument names: the encoder (and decoder, if trained) and their config."""
+
+    config: Config
+    encoder: Weights
+    decoder: Weights | None
+    run_dir: Path | None  # the run folder, when one was given
+
+
+def _has_prefix(path: Path, prefix: str) -> bool:
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(prefix) for k in f.keys())
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A run folder (`runs/<name>`), a stage folder (`pretrain/`, `decoder/`), a training
+    checkpoint folder (`step_*/`) or a weights file (`encoder.safetensors`,
+    `decoder.safetensors`, `model.safetensors`). The fine-tuned encoder of a decoder stage wins
+    over the pretrained one, and a decoder always gets the encoder it was trained on
+    (`checkpoint.decoder_encoder`), wherever that lies."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} not found: give a run folder (runs/<name>) or a .safetensors file")
+    run_dir = None
+    if p.is_dir():
+        if (p / "pretrain").is_dir() or (p / "decoder").is_dir():
+            run_dir = p
+            candidates = [p / "decoder", p / "pretrain"]
+        else:
+            candidates = [p]
+        dec = next((d / "decoder.safetensors" for d in candidates if (d / "decoder.safetensors").exists()), None)
+        enc = decoder_encoder(dec) if dec is not None else next(
+            (d / "encoder.safetensors" for d in candidates if (d / "encoder.safetensors").exists()), None)
+        if enc is None and (p / "model.safetensors").exists():
+            return resolve_checkpoint(p / "model.safetensors")
+        if enc is None:
+            raise FileNotFoundError(f"no encoder.safetensors under {p}: train first (`midi-rae train` / `midi-rae run`)")
+        cfg = encoder_config(dec if dec is not None else enc)
+        return Checkpoint(cfg, Weights(enc), Weights(dec) if dec is not None else None, run_dir)
+    meta = read_metadata(p)
+    cfg = encoder_config(p)
+    if meta.get("kind") == "encoder":
+        return Checkpoint(cfg, Weights(p), None, None)
+    if meta.get("kind") == "decoder":
+        return Checkpoint(cfg, Weights(decoder_encoder(p)), Weights(p), None)
+    # A training checkpoint: the whole Pretrainer or DecoderTrainer under one file.
+    dec = Weights(p, "decoder.") if _has_prefix(p, "decoder.") else None
+    return Checkpoint(cfg, Weights(p, "encoder."), dec, None)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def load_encoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """The trained encoder (eval mode) and its config."""
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
+    encoder = build_encoder(ck.config)
+    load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
+    return encoder.to(device).eval(), ck.config
+
+
+def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[DecoderTrainer, Config]:
+    """The trained encoder + decoder (eval mode) and their config: the decoder with the encoder it
+    was trained on (fine-tuned, if it was)."""
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
+    if ck.decoder is None:
+        raise FileNotFoundError(f"{checkpoint} has no decoder: run `midi-rae train-decoder` on it (or `midi-rae run`), "
+                                f"then pass the run folder")
+    encoder, decoder = build_encoder(ck.config), build_decoder(ck.config)
+    load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
+    load_weights(decoder, ck.decoder.path, ck.decoder.prefix)
+    return DecoderTrainer(encoder, decoder).to(device).eval(), ck.config
