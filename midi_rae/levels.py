@@ -41,7 +41,7 @@ from midi_rae.data import PianoRollDataset
 from midi_rae.masking import note_mask
 from midi_rae.metrics import THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_encoder
-from midi_rae.runs import Checkpoint, Weights, encoder_config, load_autoencoder
+from midi_rae.runs import Checkpoint, Weights, encoder_config, initial_encoder, load_autoencoder
 from midi_rae.stages import datasets, setup, train_decoder
 from midi_rae.utils import atomic_write_text
 
@@ -75,13 +75,6 @@ def resolve_encoder(run: str | os.PathLike) -> tuple[Path, Path]:
         if enc is None:
             raise FileNotFoundError(f"no pretrain/encoder.safetensors under {p}: train the encoder first (`midi-rae run`)")
     return enc, enc.parent.parent if enc.parent.name == "pretrain" else enc.parent
-
-
-def random_encoder(cfg: Config) -> nn.Module:
-    """The encoder of `cfg` at initialisation, as pretraining builds it (`train.seed`); global RNGs untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        return build_encoder(cfg)
 
 
 def weights_sha1(path: Path) -> str:
@@ -229,7 +222,7 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
         rand_path = out / "random" / "encoder.safetensors"
         if not rand_path.exists():
             rand_path.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(random_encoder(cfg).state_dict(), rand_path,
+            save_weights(initial_encoder(cfg).state_dict(), rand_path,
                          {"config": cfg.to_yaml(), "kind": "encoder", "step": "0", "init_seed": str(cfg.train.seed)})
         encoders["random"] = rand_path
 

@@ -37,8 +37,7 @@ from torch import Tensor, nn
 from midi_rae.config import PITCHES, Config
 from midi_rae.data import load_index, load_roll, load_settings, split_of
 from midi_rae.descriptors import descriptors
-from midi_rae.models import build_encoder
-from midi_rae.runs import load_encoder
+from midi_rae.runs import initial_encoder, load_encoder
 from midi_rae.utils import atomic_write
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
@@ -219,20 +218,13 @@ class Model:
     config: Config
 
 
-def random_twin(cfg: Config, seed: int = 0) -> nn.Module:
-    """The configured encoder at initialisation (seeded): the baseline that shows what training added."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_encoder(cfg).eval()
-
-
 def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = True) -> list[Model]:
     models = []
     for ck in checkpoints:
         encoder, cfg = load_encoder(ck)
         models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg))
         if random_baseline:
-            models.append(Model(f"{cfg.name} ({cfg.model.encoder}) at random init", random_twin(cfg), cfg))
+            models.append(Model(f"{cfg.name} ({cfg.model.encoder}) at random init", initial_encoder(cfg), cfg))
     return models
 
 

@@ -140,3 +140,12 @@ def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.d
     load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
     load_weights(decoder, ck.decoder.path, ck.decoder.prefix)
     return DecoderTrainer(encoder, decoder).to(device).eval(), ck.config
+
+
+def initial_encoder(cfg: Config) -> nn.Module:
+    """The encoder of `cfg` as pretraining built it before its first step (seeded by
+    `train.seed`), in eval mode: the random-initialisation baseline of probes and levels.
+    The global RNGs are left as they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_encoder(cfg).eval()
