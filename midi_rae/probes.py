@@ -341,14 +341,14 @@ def figure(result: dict[str, Any], path: str | os.PathLike) -> None:
 
     heads = headline(result)
     names = ["majority class", "raw pixels", "descriptors"] + result["models"]
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(heads), 3.6))
+    fig, ax = plt.subplots(figsize=(4.2 + 1.6 * len(heads), 3.6))
     w = 0.8 / len(names)
     for k, n in enumerate(names):
         ax.bar([i + k * w for i in range(len(heads))], [h.get(n, np.nan) for h in heads], w, label=n)
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(heads))], [f"{h['task']}\n({h['classes']} classes)" for h in heads])
     ax.set_ylabel("balanced accuracy (test pieces)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
