@@ -33,13 +33,17 @@ def add_probe(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace],
     p.add_argument("-o", "--out", help="write the result as JSON here (and the table beside it as .md, the figure as .png)")
 
     def run(args: argparse.Namespace) -> int:
+        if args.out:  # before minutes of probing, not after: its folder is made, a folder in its place refused
+            out = Path(args.out)
+            if out.is_dir():
+                raise ValueError(f"-o {out} is a folder; give a file name such as {out / 'probe.json'}")
+            out.parent.mkdir(parents=True, exist_ok=True)
         cache = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(resolve_checkpoint(args.checkpoints[0]).config)
         level = None if args.level is None else (args.level if args.level == "all" else int(args.level))
         result = probes.probe(args.checkpoints, cache, args.label, args.classes, level, args.test_fraction,
                               args.crops_per_piece, args.max_pieces_per_class, args.max_classes, args.l2, not args.no_random, args.min_pieces)
         print(probes.table(result))
         if args.out:
-            out = Path(args.out)
             atomic_write_text(out, json.dumps(result, indent=1) + "\n")
             atomic_write_text(out.with_suffix(".md"), probes.table(result) + "\n")
             probes.figure(result, out.with_suffix(".png"))

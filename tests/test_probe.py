@@ -92,10 +92,12 @@ def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_pa
         assert sum(bool(row.get("headline")) for row in rows if row["model"] == model) == 1
     assert all(row["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0) for row in rows if "l2" in row)
     assert main(["probe", *map(str, runs), "--cache-dir", str(labelled_cache), "--level", "0", "--test-fraction", "0.3",
-                 "--label", "collection", "--min-pieces", "5", "--no-random", "-o", str(tmp_path / "probe.json")]) == 0
+                 "--label", "collection", "--min-pieces", "5", "--no-random", "-o", str(tmp_path / "new" / "probe.json")]) == 0
     out = capsys.readouterr().out
     assert "| swin (swin) | L0 mean" in out and "| vit (vit) | L0 non-empty" in out and "random init" not in out
-    assert all((tmp_path / f"probe.{ext}").stat().st_size > 0 for ext in ("json", "md", "png"))
+    assert all((tmp_path / "new" / f"probe.{ext}").stat().st_size > 0 for ext in ("json", "md", "png"))  # folder made
+    assert main(["probe", str(runs[0]), "-o", str(tmp_path)]) == 2  # a folder, refused before any probing
+    assert "is a folder; give a file name" in capsys.readouterr().err
 
 
 def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory, capsys) -> None:
