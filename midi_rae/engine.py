@@ -19,7 +19,7 @@ from tqdm import tqdm
 from midi_rae.config import TrainConfig
 from midi_rae.losses import masked_recon_loss, recon_bce
 from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
-from midi_rae.metrics import MaskedPatchMeter, PixelMeter, inside_piece
+from midi_rae.metrics import THRESHOLDS, MaskedPatchMeter, PixelMeter, best_f1, inside_piece, threshold_sweep
 from midi_rae.utils import submodule_no_weight_decay
 
 class NonFiniteLoss(RuntimeError):
@@ -186,6 +186,20 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def best_threshold(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
+    """The threshold of `THRESHOLDS` with the best frame-channel pixel F1 (columns inside the
+    piece) of a `DecoderTrainer` over `loader`: give it training crops, so that the threshold
+    reported with a validation metric was not fitted to the validation set."""
+    sweep = torch.zeros(len(THRESHOLDS), 4, dtype=torch.float64)
+    for batch in loader:
+        x = batch["x"].to(device)  # (B, C, 128, W)
+        probs = model.logits(x).sigmoid().float()
+        inside = inside_piece(batch["start"], batch["steps"], x.shape[-1]).to(device)  # (B, 1, 1, W)
+        sweep += threshold_sweep(probs[:, :1], x[:, :1], THRESHOLDS, inside).cpu()
+    return best_f1(sweep, THRESHOLDS)[0]
+
+
 def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      amp: bool = False) -> dict[str, float]:
     """Validation of a `DecoderTrainer`: BCE (every channel and column) and pixel precision /

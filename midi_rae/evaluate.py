@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Subset
 
 from midi_rae.data import PianoRollDataset
 from midi_rae.masking import note_mask
-from midi_rae.metrics import (THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
+from midi_rae.engine import best_threshold
+from midi_rae.metrics import (inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
 from midi_rae.runs import load_autoencoder, resolve_cache_dir, resolve_checkpoint
 from midi_rae.utils import atomic_write_text, resolve_device
@@ -77,20 +78,6 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def training_threshold(model: torch.nn.Module, ds: PianoRollDataset, max_items: int, batch_size: int,
-                       device: str) -> float:
-    """The threshold of `THRESHOLDS` with the best frame-channel pixel F1 (inside the piece) on
-    up to `max_items` crops of `ds` (training crops, so the threshold reported is not fitted to
-    the evaluated set)."""
-    sweep = torch.zeros(len(THRESHOLDS), 4, dtype=torch.float64)
-    for batch in DataLoader(Subset(ds, range(min(len(ds), max_items))), batch_size=batch_size, shuffle=False):
-        x = batch["x"].to(device)  # (B, C, 128, W)
-        p = model.decoder(model.encoder(x)).sigmoid().float()
-        sweep += threshold_sweep(p[:, :1], x[:, :1], THRESHOLDS, inside_piece(batch["start"], batch["steps"], x.shape[-1]).to(device)).cpu()
-    return best_f1(sweep, THRESHOLDS)[0]
-
-
-@torch.no_grad()
 def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None,
              cache_dir: str | os.PathLike | None = None, threshold: float | None = None, split: str = "val",
              max_items: int | None = None, n_examples: int = 4, batch_size: int = 16,
@@ -111,7 +98,8 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
     data = Subset(ds, range(min(len(ds), limit)))
     train_ds = PianoRollDataset(cache, "train", crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
                                 channels=d.channels, seed=cfg.decoder_train.seed)
-    best_thr = training_threshold(model, train_ds, limit, batch_size, device)
+    train_data = Subset(train_ds, range(min(len(train_ds), limit)))
+    best_thr = best_threshold(model, DataLoader(train_data, batch_size=batch_size, shuffle=False), device)
     xs, probs_all, masks, coll, names_at = [], [], [], [], []
     tokens: list[list[Tensor]] = [[] for _ in model.encoder.feature_info]
     pooled = []

@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader, Subset
 from midi_rae.checkpoint import save_weights
 from midi_rae.config import PITCHES, Config, from_dict
 from midi_rae.data import PianoRollDataset
+from midi_rae.engine import best_threshold
 from midi_rae.masking import note_mask
-from midi_rae.metrics import THRESHOLDS, best_f1, inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
+from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_encoder
 from midi_rae.runs import Checkpoint, Weights, encoder_config, initial_encoder, load_autoencoder
 from midi_rae.stages import datasets, setup, train_decoder
@@ -90,7 +91,6 @@ def weights_sha1(path: Path) -> str:
 class Predictions:
     """Probabilities, targets and inside-the-piece masks of the frame channel and, if any, onsets."""
 
-    split: str
     probs: Tensor  # (N, C, 128, W)
     x: Tensor  # (N, C, 128, W)
     inside: Tensor  # (N, 1, 128, W) bool: columns that lie inside the crop's piece
@@ -98,7 +98,6 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_size: int) -> Predictions:
-    ds: PianoRollDataset = data.dataset
     model.eval()
     probs, xs, inside = [], [], []
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
@@ -106,13 +105,7 @@ def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_siz
         probs.append(model.logits(x.to(device)).sigmoid().float().cpu())
         inside.append(inside_piece(batch["start"], batch["steps"], x.shape[-1]).expand(-1, 1, x.shape[2], -1))
         xs.append(x)
-    return Predictions(ds.split, torch.cat(probs), torch.cat(xs), torch.cat(inside))
-
-
-def choose_threshold(pred: Predictions) -> float:
-    """The threshold with the best pixel F1 of the frame channel on `pred` (training crops)."""
-    thr, _ = best_f1(threshold_sweep(pred.probs[:, :1], pred.x[:, :1], THRESHOLDS, pred.inside), THRESHOLDS)
-    return thr
+    return Predictions(torch.cat(probs), torch.cat(xs), torch.cat(inside))
 
 
 def scores(pred: Predictions, threshold: float) -> dict[str, dict[str, float | None]]:
@@ -152,7 +145,7 @@ def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset
     device = setup(cfg.decoder_train).device
     model, _ = load_autoencoder(Checkpoint(cfg, Weights(enc_path), Weights(dec_path), None), device)
     bs = cfg.decoder_train.batch_size
-    thr = choose_threshold(predict(model, train_data, device, bs))
+    thr = best_threshold(model, DataLoader(train_data, batch_size=bs, shuffle=False), device)
     return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)",
             "val": scores(predict(model, val, device, bs), thr)}
 

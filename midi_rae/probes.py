@@ -43,6 +43,7 @@ from midi_rae.utils import atomic_write
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
 TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+BASELINES = ("majority class", "raw pixels", "descriptors")  # the rows every encoder is read against
 
 
 def label_of(piece: dict[str, Any], task: str) -> str | None:
@@ -303,21 +304,26 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
     for t in result["tasks"]:
         row: dict[str, Any] = {"task": t["task"], "classes": len(t["classes"])}
         for r in t["rows"]:
-            if r["model"] in ("majority class", "raw pixels", "descriptors") or r.get("headline"):
+            if r["model"] in BASELINES or r.get("headline"):
                 row[r["model"]] = r["balanced_accuracy"]
         out.append(row)
     return out
 
 
+def headline_table(models: list[str], heads: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of `headline`'s rows: a task per row, the baselines and `models` as columns."""
+    names = [*BASELINES, *models]
+    lines = ["| task | classes | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    return lines + [f"| {h['task']} | {h['classes']} | " + " | ".join(f"{h.get(n, float('nan')):.3f}" for n in names)
+                    + " |" for h in heads]
+
+
 def table(result: dict[str, Any]) -> str:
     """The headline table, then one table per task with every row."""
-    names = ["majority class", "raw pixels", "descriptors"] + result["models"]
     lines = [f"Probe suite on {result['cache']} ({result['width']}-step crops, test = the pieces hashed into the "
              f"{result['test_fraction']:g} held-out share). Balanced accuracy on the test pieces; each encoder's "
              "feature set chosen on a hold-out of the training pieces.", "",
-             "| task | classes | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-    for h in headline(result):
-        lines.append(f"| {h['task']} | {h['classes']} | " + " | ".join(f"{h.get(n, float('nan')):.3f}" for n in names) + " |")
+             *headline_table(result["models"], headline(result))]
     for t in result["tasks"]:
         lines += ["", f"### {t['task']} ({', '.join(t['classes'])}): {t['train_crops']} training crops from "
                   f"{t['train_pieces']} pieces, {t['test_crops']} test crops from {t['test_pieces']} other pieces", "",
@@ -340,7 +346,7 @@ def figure(result: dict[str, Any], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     heads = headline(result)
-    names = ["majority class", "raw pixels", "descriptors"] + result["models"]
+    names = [*BASELINES, *result["models"]]
     fig, ax = plt.subplots(figsize=(4.2 + 1.6 * len(heads), 3.6))
     w = 0.8 / len(names)
     for k, n in enumerate(names):

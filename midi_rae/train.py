@@ -98,11 +98,8 @@ def probe_summary(cfg: Config) -> dict[str, Any] | None:
 
 
 def _probe_markdown(p: dict[str, Any]) -> list[str]:
-    names = ["majority class", "raw pixels", "descriptors", *p["models"]]
     md = ["", "## Linear probes (balanced accuracy on held-out pieces; all levels pooled; details in probe.md)", "",
-          "| task | classes | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-    md += [f"| {h['task']} | {h['classes']} | " + " | ".join(f"{h.get(n, float('nan')):.3f}" for n in names) + " |"
-           for h in p["headline"]]
+          *probes.headline_table(p["models"], p["headline"])]
     return md + ["", "The random-initialisation twin has the trained encoder's shape: what pretraining added is the "
                  "difference; the descriptors are hand-crafted music statistics (midi_rae.descriptors)."]
 

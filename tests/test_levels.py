@@ -24,13 +24,14 @@ def report(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """The tiny Swin run (2 levels) with a 2-step decoder per row; records which split picked each threshold."""
     run = trained_run("swin", tiny_cache, tmp_path_factory)
     splits: list[str] = []
-    original = levels.choose_threshold
-    levels.choose_threshold = lambda pred: (splits.append(pred.split), original(pred))[1]
+    original = levels.best_threshold
+    levels.best_threshold = lambda model, loader, device: (splits.append(loader.dataset.dataset.split),
+                                                           original(model, loader, device))[1]
     try:
         with isolated():
             r = levels.levels_report(run, tmp_path_factory.mktemp("levels"), steps=2, batch_size=4)
     finally:
-        levels.choose_threshold = original
+        levels.best_threshold = original
     return r, run, splits
 
 
