@@ -186,7 +186,6 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def best_threshold(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
     """The threshold of `THRESHOLDS` with the best frame-channel pixel F1 (columns inside the
     piece) of a `DecoderTrainer` over `loader`: give it training crops, so that the threshold
@@ -200,6 +199,7 @@ def best_threshold(model: nn.Module, loader: Iterable, device: torch.device | st
     return best_f1(sweep, THRESHOLDS)[0]
 
 
+@torch.no_grad()
 def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, threshold: float,
                      amp: bool = False) -> dict[str, float]:
     """Validation of a `DecoderTrainer`: BCE (every channel and column) and pixel precision /
