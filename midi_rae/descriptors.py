@@ -47,24 +47,25 @@ def crop_descriptors(frame: np.ndarray, onset: np.ndarray) -> np.ndarray:
     """(128, W) bool frame and onset maps of one crop -> (len(NAMES),) float64."""
     w = frame.shape[1]
     pitches = np.arange(128)
-    pc = np.bincount(pitches % 12, weights=frame.sum(1), minlength=12).astype(np.float64)
+    weights = frame.sum(1)  # (128,) sounding steps per pitch
+    pc = np.bincount(pitches % 12, weights=weights, minlength=12).astype(np.float64)
     major, minor = _profile_corr(pc, KK_MAJOR), _profile_corr(pc, KK_MINOR)
     tonic = int(np.argmax(np.maximum(major, minor)))
     pc_rel = np.roll(pc, -tonic) / max(pc.sum(), 1.0)
 
-    cols = np.flatnonzero(onset.any(0))  # onset columns, in time order
+    o = onset.any(0)  # (W,) onset-column indicator
+    cols = np.flatnonzero(o)  # onset columns, in time order
     top = np.array([pitches[onset[:, c]].max() for c in cols], dtype=np.int64)  # top voice at each onset
-    intervals = _histogram(np.diff(top), -MAX_INTERVAL, MAX_INTERVAL) if len(top) > 1 else np.zeros(2 * MAX_INTERVAL + 1)
-    iois = _histogram(np.diff(cols), 1, MAX_IOI) if len(cols) > 1 else np.zeros(MAX_IOI)
+    intervals = _histogram(np.diff(top), -MAX_INTERVAL, MAX_INTERVAL)  # all zeros for fewer than 2 onsets
+    iois = _histogram(np.diff(cols), 1, MAX_IOI)
 
-    o = onset.any(0).astype(np.float64)  # (W,) onset-column indicator
+    o = o.astype(np.float64)
     energy = max(o @ o, 1.0)
     autocorr = np.array([o[:-k] @ o[k:] / energy if k < w else 0.0 for k in range(1, MAX_LAG + 1)])
 
     poly = frame.sum(0)  # (W,) notes sounding per column
     sounding = poly > 0
-    rows = np.flatnonzero(frame.any(1))
-    weights = frame.sum(1)
+    rows = np.flatnonzero(weights)
     centroid = float(pitches @ weights / max(weights.sum(), 1))
     spread = float(np.sqrt(((pitches - centroid) ** 2) @ weights / max(weights.sum(), 1)))
     low, high = (rows.min(), rows.max()) if len(rows) else (0, 0)

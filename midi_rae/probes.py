@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,15 +63,11 @@ def label_of(piece: dict[str, Any], task: str) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def _pick_key(piece_id: str, salt: str) -> bytes:
-    return hashlib.sha1(f"{salt}:{piece_id}".encode()).digest()
-
-
-def pick_pieces(members: list[dict[str, Any]], n: int, salt: str = "probe-pick") -> list[dict[str, Any]]:
+def pick_pieces(members: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The same n pieces every run, by a salted hash of the piece id. The salt matters: the
-    train/test split hashes the bare id (`data.split_of`), and picking the n smallest of that
+    train/test split hashes the work key (`data.split_of`), and picking the n smallest of that
     same hash would put nearly every picked piece on one side."""
-    return sorted(members, key=lambda p: _pick_key(p["piece_id"], salt))[:n]
+    return sorted(members, key=lambda p: hashlib.sha1(f"probe-pick:{p['piece_id']}".encode()).digest())[:n]
 
 
 @dataclass
@@ -113,7 +109,7 @@ class Crops:
 
     x: Tensor  # (N, C, 128, W) float in [0, 1], every channel of the cache
     pieces: list[str]  # piece id of each crop: the groups of the split
-    by_piece: dict[str, list[int]] = field(default_factory=dict)  # piece id -> crop rows
+    by_piece: dict[str, list[int]]  # piece id -> crop rows
 
 
 def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], width: int,
