@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from midi_rae.config import TrainConfig
 from midi_rae.losses import masked_recon_loss, recon_bce
-from midi_rae.masking import mae_mask, patch_non_empty, simmim_mask
+from midi_rae.masking import patch_non_empty
 from midi_rae.metrics import THRESHOLDS, MaskedPatchMeter, PixelMeter, best_f1, inside_piece, threshold_sweep
 from midi_rae.utils import submodule_no_weight_decay
 
@@ -143,10 +143,9 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def draw_eval_mask(encoder: nn.Module, x: Tensor, mask_ratio: float, generator: torch.Generator) -> Tensor:
-    """A fixed-seed mask per sample for validation: SimMIM for Swin, MAE (equal counts) for ViT."""
+    """A fixed-seed mask per sample for validation, of the encoder's own kind (`draw_mask`)."""
     non_empty = patch_non_empty(x, encoder.patch_size).flatten(1).cpu()
-    draw = mae_mask if type(encoder).__name__ == "ViTEncoder" else simmim_mask
-    return draw(non_empty, mask_ratio, encoder.empty_mask_ratio, generator=generator).to(x.device)
+    return encoder.draw_mask(non_empty, mask_ratio, generator).to(x.device)
 
 
 @torch.no_grad()

@@ -115,8 +115,13 @@ class SwinEncoder(nn.Module):
         if mae_mask is not None:
             return check_mask(mae_mask, B, gh * gw, non_empty.device).view(B, gh, gw)
         if mask_ratio > 0:
-            return simmim_mask(non_empty.flatten(1), mask_ratio, self.empty_mask_ratio).view(B, gh, gw)
+            return self.draw_mask(non_empty.flatten(1), mask_ratio).view(B, gh, gw)
         return torch.ones_like(non_empty)
+
+    def draw_mask(self, non_empty: Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+        """(B, N) bool over the patch grid, True = visible: this encoder's kind of mask (SimMIM,
+        per sample, empty patches masked `empty_mask_ratio` as often), for callers that fix it."""
+        return simmim_mask(non_empty, mask_ratio, self.empty_mask_ratio, generator=generator)
 
     def run_stages(self, x: Tensor, non_empty: Tensor, visible: Tensor,
                    stage_masking: bool) -> tuple[list[Tensor], list[Tensor]]:

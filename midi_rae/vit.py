@@ -156,8 +156,13 @@ class ViTEncoder(nn.Module):
         if mae_mask is not None:
             return check_mask(mae_mask, *non_empty.shape, non_empty.device)
         if mask_ratio != 0:  # a negative ratio reaches masking's range check
-            return draw_mae_mask(non_empty, mask_ratio, self.empty_mask_ratio)
+            return self.draw_mask(non_empty, mask_ratio)
         return torch.ones_like(non_empty)
+
+    def draw_mask(self, non_empty: Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+        """(B, N) bool, True = visible: this encoder's kind of mask (MAE: the same count per sample,
+        since masked tokens are dropped), for callers that fix it."""
+        return draw_mae_mask(non_empty, mask_ratio, self.empty_mask_ratio, generator=generator)
 
     def _encode(self, tokens: Tensor, pos: Tensor, visible: Tensor) -> Tensor:
         """Visible tokens + CLS through the blocks: (B, N, D) -> (B, 1 + N_vis, D)."""

@@ -43,3 +43,28 @@ def test_layers_below_the_commands_never_import_one(path: Path) -> None:
 
 def test_every_command_module_exists() -> None:
     assert COMMANDS <= {p.stem for p in PACKAGE.glob("*.py")}
+
+
+def test_the_engine_names_no_model() -> None:
+    """The engine asks models for what it needs (`draw_mask`, `no_weight_decay()`): it never
+    tests a class or a parameter name, so a new encoder needs no engine change."""
+    source = (PACKAGE / "engine.py").read_text()
+    for name in ("SwinEncoder", "ViTEncoder", "__name__", "isinstance(encoder"):
+        assert name not in source, f"engine.py mentions {name!r}"
+
+
+def test_each_encoder_draws_its_own_mask() -> None:
+    import torch
+
+    from midi_rae.swin import SwinEncoder
+    from midi_rae.vit import ViTEncoder
+
+    non_empty = torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) > 0.5
+    swin = SwinEncoder(img_height=32, img_width=32, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    vit = ViTEncoder(img_height=32, img_width=32, patch_h=4, patch_w=4, embed_dim=16, depth=1, num_heads=2)
+    per_sample = swin.draw_mask(non_empty, 0.5, torch.Generator().manual_seed(1))
+    equal_counts = vit.draw_mask(non_empty, 0.5, torch.Generator().manual_seed(1))
+    assert per_sample.shape == equal_counts.shape == (3, 64)
+    assert (~per_sample & non_empty).sum(1).tolist() == [round(0.5 * int(n)) for n in non_empty.sum(1)]  # SimMIM: per sample
+    assert len(set((~equal_counts).sum(1).tolist())) == 1  # MAE: the same count in every sample
+    assert torch.equal(per_sample, swin.draw_mask(non_empty, 0.5, torch.Generator().manual_seed(1)))  # the generator fixes it
