@@ -167,9 +167,12 @@ class ObjectiveConfig:
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
-        _require(self.recon_weight == 0 or self.mask_ratio > 0,
+        # mask_ratio 0 with recon_visible_weight > 0 is a plain autoencoder (through the levels
+        # the MAE decoder reads, see recon_levels); with both 0 there is nothing to reconstruct.
+        _require(self.recon_weight == 0 or self.mask_ratio > 0 or self.recon_visible_weight > 0,
                  "objective.recon_weight > 0 reconstructs masked patches, but objective.mask_ratio is 0; "
-                 "set objective.mask_ratio=0.5 (or objective.recon_weight=0)")
+                 "set objective.mask_ratio=0.5 (or objective.recon_visible_weight=1 for a plain autoencoder, "
+                 "or objective.recon_weight=0)")
         _require(self.mep_weight == 0 or 0 < self.mep_mask_ratio < 1,
                  f"objective.mep_mask_ratio must be in (0, 1), got {self.mep_mask_ratio}")
         _require(0.0 <= self.ema_momentum <= self.ema_momentum_end <= 1.0,

@@ -6,7 +6,7 @@ import torch
 
 from midi_rae.config import ConfigError, load_config
 from midi_rae.data import PianoRollDataset
-from midi_rae.losses import info_nce, lejepa_global
+from midi_rae.losses import info_nce, lejepa_global, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinEncoder, SwinMAEDecoder
 
@@ -65,6 +65,20 @@ def test_piece_views_come_from_other_passages(tiny_cache: Path) -> None:
     assert all(torch.equal(same[i]["x"], same[i]["x2"]) for i in range(10))
     assert sum(not torch.equal(other[i]["x"], other[i]["x2"]) for i in range(10)) >= 5
     assert all(same[i]["piece_id"] == other[i]["piece_id"] for i in range(10))
+
+
+def test_mask_ratio_zero_is_a_plain_coarse_autoencoder(tiny_cache: Path) -> None:
+    """mask_ratio 0 with recon_visible_weight 1: nothing masked, and the loss is the BCE over
+    every pixel of the roll decoded from the coarsest level alone."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.mask_ratio=0",
+                             "objective.recon_visible_weight=1", "objective.recon_levels=1", "objective.pos_weight=4"])
+    model = Pretrainer(cfg).eval()
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(4)])
+    loss, parts = model({"x": x})
+    out = model.encoder(x)
+    assert out.mae_mask.all()
+    assert torch.allclose(loss, recon_bce(model.mae_decoder(out), x, 4.0), atol=1e-6)
 
 
 def test_impossible_objective_configs_are_refused() -> None:
