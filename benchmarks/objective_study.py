@@ -8,7 +8,10 @@ same minutes (not steps: a second view or a teacher costs time), then goes throu
    `--threads` cores, so every job runs under the load it will train under.
 2. Training: each job gets `budget / its step time` steps (the schedule spans them), all at once.
 3. Probes: `midi-rae probe RUN --level all` for every job, plus one random-initialisation twin
-   of the preset's encoder. Results: `study.json` and `study.md` in `--out`.
+   of the preset's encoder.
+4. With `--levels-subsets K ...`: the rate-distortion rows (`midi-rae levels`) of every job, and
+   of the random twin once. Results: `study.json` in `--out`.
+Jobs run as many at once as the machine has `--threads`-core slots (the rest wait their turn).
 Rows are dotted overrides of the preset (see ROWS); the commands run are written beside them.
 """
 from __future__ import annotations
@@ -35,6 +38,8 @@ ROWS: dict[str, list[str]] = {
     "inter_stage": SIMMIM + ["model.inter_stage_mask_ratio=0.3"],
     "lejepa_shift": OFF + ["objective.recon_weight=0", "objective.lejepa_weight=1"],  # per-token LeJEPA, aligned views
     "coarse_ae": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1"],  # decoder reads 2 coarsest levels
+    "coarse_ae_m0": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                              "objective.mask_ratio=0"],  # nothing masked: a plain autoencoder through the 2 coarsest
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
     "lejepa_global": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "objective.global_loss=lejepa",
                             "data.view_mode=piece"],
@@ -46,22 +51,29 @@ ROWS: dict[str, list[str]] = {
 
 
 def run_jobs(cmds: list[tuple[str, list[str]]], threads: int, logs: Path, timeout: float) -> dict[str, int]:
-    """Run every (name, argv) at once, job k pinned to cores [k*threads, (k+1)*threads)."""
+    """Run every (name, argv), as many at once as the machine has `threads`-core slots, each job
+    pinned to its slot's cores; a job past `timeout` seconds is killed (code -9)."""
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    procs = {}
-    for k, (name, argv) in enumerate(cmds):
-        cores = ",".join(str(k * threads + i) for i in range(threads))
-        with open(logs / f"{name}.log", "w") as log:
-            procs[name] = subprocess.Popen(["taskset", "-c", cores, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
-    end = time.time() + timeout
-    codes = {}
-    for name, p in procs.items():
-        try:
-            codes[name] = p.wait(timeout=max(end - time.time(), 1))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes[name] = -9
+    free = list(range(max((os.cpu_count() or 1) // threads, 1)))
+    waiting, running, codes = list(cmds), {}, {}
+    while waiting or running:
+        while waiting and free:
+            name, argv = waiting.pop(0)
+            slot = free.pop(0)
+            cores = ",".join(str(slot * threads + i) for i in range(threads))
+            with open(logs / f"{name}.log", "w") as log:
+                proc = subprocess.Popen(["taskset", "-c", cores, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[name] = (proc, slot, time.time())
+        time.sleep(1)
+        for name, (proc, slot, start) in list(running.items()):
+            if proc.poll() is None and time.time() - start > timeout:
+                proc.kill()
+                proc.wait()
+            if proc.poll() is not None:
+                codes[name] = proc.returncode
+                free.append(slot)
+                del running[name]
     return codes
 
 
@@ -86,6 +98,9 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--probe-timeout", type=float, default=900, help="seconds the probes may take")
     p.add_argument("--probe-args", default="--level all", help="extra arguments of `midi-rae probe`")
+    p.add_argument("--levels-subsets", type=int, nargs="*", default=[], metavar="K",
+                   help="also the rate-distortion rows (`midi-rae levels --subsets K ...`) of every job; none: skip")
+    p.add_argument("--levels-steps", type=int, default=1000, help="decoder steps per rate-distortion row")
     args = p.parse_args()
     out = Path(args.out)
     py = [sys.executable, "-m", "midi_rae"]
@@ -119,14 +134,27 @@ def main() -> int:
     t2 = time.time()
     pcodes = run_jobs(pcmds, args.threads, out / "logs" / "probe", args.probe_timeout)
     print(f"probes done in {time.time() - t2:.0f} s: {pcodes}", flush=True)
+    if args.levels_subsets and done:
+        levels = lambda run, extra: [*py, "levels", str(out / "runs" / run), "--cache-dir", args.cache_dir,  # noqa: E731
+                                     "--subsets", *map(str, args.levels_subsets), "--steps", str(args.levels_steps),
+                                     "--threads", str(args.threads), "--device", args.device, *extra]
+        # One random-encoder row set (the twin is the same for every job of one seed): with the first job.
+        lcmds = [(done[0], levels(done[0], []))] + [(n, levels(n, ["--no-random"])) for n in done[1:]]
+        t3 = time.time()
+        lcodes = run_jobs(lcmds, args.threads, out / "logs" / "levels", 6 * 3600)
+        print(f"rate-distortion done in {time.time() - t3:.0f} s: {lcodes}", flush=True)
     rows = []
     for n, r, s in jobs:
         pj = out / "probes" / f"{n}.json"
         res = json.loads(pj.read_text()) if pj.exists() else None
+        lj = out / "runs" / n / "levels" / "levels.json"
+        lv = json.loads(lj.read_text()) if lj.exists() else None
         rows.append({"job": n, "row": r, "seed": s, "steps": steps[n], "overrides": ROWS[r], "command": cmds.get(n),
                      "step_s": args.budget_min * 60 / steps[n] if steps[n] else None,
                      "probe": res and [{"task": t["task"], "rows": t["rows"], "classes": t["classes"],
-                                        "test_pieces": t["test_pieces"]} for t in res["tasks"]]})
+                                        "test_pieces": t["test_pieces"]} for t in res["tasks"]],
+                     "levels": lv and [{k: row[k] for k in ("encoder", "k", "floats_per_crop", "threshold", "val")}
+                                       for row in lv["rows"]]})
     (out / "study.json").write_text(json.dumps({"preset": args.preset, "budget_min": args.budget_min, "device": args.device,
                                                 "threads": args.threads, "rows": rows}, indent=1))
     print(f"all done in {time.time() - t0:.0f} s", flush=True)

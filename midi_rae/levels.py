@@ -125,7 +125,7 @@ def spread(n: int, total: int) -> list[int]:
 
 
 def subset_config(cfg: Config, k: int, out_dir: Path, steps: int, batch_size: int | None,
-                  cache_dir: str | None, device: str | None) -> Config:
+                  cache_dir: str | None, device: str | None, threads: int | None = None) -> Config:
     """The run's config for the decoder of the k coarsest levels, in `out_dir/<k>/decoder/`."""
     d = cfg.to_dict()
     d.update(name=str(k), out_dir=str(out_dir))
@@ -136,6 +136,8 @@ def subset_config(cfg: Config, k: int, out_dir: Path, steps: int, batch_size: in
         d["decoder_train"]["batch_size"] = batch_size
     if device:
         d["decoder_train"]["device"] = device
+    if threads:
+        d["decoder_train"]["threads"] = threads
     if cache_dir:
         d["data"]["cache_dir"] = str(cache_dir)
     return from_dict(Config, d)
@@ -190,7 +192,8 @@ def finished(enc_dir: Path, settings: dict[str, Any]) -> list[int]:
 
 def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = None, steps: int = 1000,
                   batch_size: int | None = None, subsets: list[int] | None = None, random: bool = True,
-                  overwrite: bool = False, cache_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, cache_dir: str | None = None, device: str | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
     """Train the decoders of every (encoder, coarsest-first subset) and write the report;
     returns it as a dict (`rows`: one per (encoder, k))."""
     t0 = time.time()
@@ -237,7 +240,7 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
                     "encoder_sha1": weights_sha1(path)}
         for k in ks + [k for k in finished(out / name, settings) if k not in ks]:  # earlier rows stay in the report
-            row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device)
+            row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device, threads)
             row = run_row(row_cfg, name, k, path, out, settings, overwrite, data(row_cfg))
             floats = floats_per_crop(trained, k)
             rows.append({**row, "floats_per_crop": floats, "fraction_of_pixels": floats / crop_pixels(cfg)})
@@ -296,10 +299,11 @@ def add_levels(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
     p.add_argument("--overwrite", action="store_true", help="train again rows made with other settings")
     p.add_argument("--cache-dir", help="roll cache (default: the run's own data)")
     p.add_argument("--device", help="cpu or cuda (default: the run's decoder_train.device)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the run's decoder_train.threads)")
 
     def run(args: argparse.Namespace) -> int:
         r = levels_report(args.run, args.out, args.steps, args.batch_size, args.subsets, not args.no_random,
-                          args.overwrite, args.cache_dir, args.device)
+                          args.overwrite, args.cache_dir, args.device, args.threads)
         print(markdown(r))
         print(f"\nwritten: {r['out']}/levels.json, levels.md, levels.png ({r['seconds']:.0f} s)")
         return 0
