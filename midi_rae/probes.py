@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from midi_rae.config import PITCHES, Config
+from midi_rae.core import PatchState
 from midi_rae.data import load_index, load_roll, load_settings, split_of
 from midi_rae.descriptors import descriptors
 from midi_rae.runs import initial_encoder, load_encoder
@@ -139,20 +140,54 @@ def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], widt
     return Crops(torch.stack(xs), ids, by_piece)
 
 
+def time_self_similarity(lvl: PatchState) -> Tensor | None:
+    """(B, cols // 2): for each time lag 1..cols // 2 of a level's grid, the mean cosine
+    similarity between its columns' embeddings (each the mean of the column's non-empty tokens)
+    that lie that lag apart; None for a level narrower than 4 columns (or without a grid, like
+    ViT's CLS token). A phase-free, second-order pooling: where the mean over tokens averages the
+    metre away, the similarity of the representation one bar apart keeps it (the learned
+    counterpart of the onset autocorrelation among the descriptors)."""
+    rows, cols = int(lvl.pos[:, 0].max()) + 1, int(lvl.pos[:, 1].max()) + 1
+    if cols < 4 or rows * cols != lvl.num_patches:
+        return None
+    B, _, D = lvl.emb.shape
+    emb = lvl.emb.float().reshape(B, rows, cols, D)
+    keep = lvl.non_empty.reshape(B, rows, cols, 1).float()
+    col = (emb * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, cols, D), zeros where a column is silent
+    col = F.normalize(col, dim=-1)
+    sounding = keep.amax(1)[..., 0]  # (B, cols)
+    out = []
+    for lag in range(1, cols // 2 + 1):
+        sim = (col[:, lag:] * col[:, :-lag]).sum(-1)  # (B, cols - lag)
+        both = sounding[:, lag:] * sounding[:, :-lag]
+        out.append((sim * both).sum(1) / both.sum(1).clamp_min(1))
+    return torch.stack(out, 1)  # (B, cols // 2)
+
+
 @torch.inference_mode()
 def level_features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> dict[str, Tensor]:
     """(N, C, 128, W) crops -> {feature set name: (N, F)}: each level pooled by the mean over all
-    tokens ('L{i} mean') and over its non-empty tokens ('L{i} non-empty'), and both poolings of
-    all levels concatenated ('all mean', 'all non-empty'). Level 0 is the coarsest."""
+    tokens ('L{i} mean') and over its non-empty tokens ('L{i} non-empty'), both poolings of all
+    levels concatenated ('all mean', 'all non-empty'), and the latter with every level's time
+    self-similarity appended ('all non-empty + self-sim', see `time_self_similarity`). Level 0 is
+    the coarsest."""
     chunks: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
+        sims = []
         for j, lvl in enumerate(encoder(x[i:i + batch_size]).patches):
             chunks.setdefault(f"L{j} mean", []).append(lvl.pooled(non_empty_only=False).float())
             chunks.setdefault(f"L{j} non-empty", []).append(lvl.pooled().float())
+            if (sim := time_self_similarity(lvl)) is not None:
+                sims.append(sim)
+        if sims:
+            chunks.setdefault("self-sim", []).append(torch.cat(sims, dim=1))  # (b, sum over levels of cols // 2)
     feats = {k: torch.cat(v) for k, v in chunks.items()}
+    sim = feats.pop("self-sim", None)
     n = len([k for k in feats if k.endswith(" mean")])
     for pool in ("mean", "non-empty"):
         feats[f"all {pool}"] = torch.cat([feats[f"L{j} {pool}"] for j in range(n)], dim=1)
+    if sim is not None:
+        feats["all non-empty + self-sim"] = torch.cat([feats["all non-empty"], sim], dim=1)
     return feats
 
 

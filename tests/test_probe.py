@@ -12,7 +12,8 @@ from midi_rae.cli import main
 from midi_rae.cache import prepare
 from midi_rae.data import load_index
 from midi_rae.models import build_encoder
-from midi_rae.probes import find_tasks, fit_logistic, probe, scores
+from midi_rae.core import PatchState, grid_positions
+from midi_rae.probes import find_tasks, fit_logistic, probe, scores, time_self_similarity
 from midi_rae.runs import initial_encoder
 from midi_rae.runs import load_encoder
 
@@ -54,6 +55,26 @@ def test_logistic_regression_separates_and_scores() -> None:
     assert scores(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 0, 1])) == {"accuracy": 0.75, "balanced_accuracy": 0.5}
 
 
+def test_time_self_similarity_finds_the_period() -> None:
+    """Columns that repeat every 3 steps: similarity 1 at lags 3 and 6, below 1 elsewhere; silent
+    columns (here every token of column 1 empty) leave the pairs they are part of out."""
+    rows, cols, D = 2, 12, 8
+    pattern = torch.randn(3, D)
+    emb = pattern[torch.arange(cols) % 3].expand(rows, cols, D).reshape(1, rows * cols, D)  # (1, N, D)
+    non_empty = torch.ones(1, rows * cols, dtype=torch.bool)
+    lvl = PatchState(emb, grid_positions(rows, cols), non_empty, non_empty.clone())
+    sim = time_self_similarity(lvl)
+    assert sim.shape == (1, cols // 2)
+    assert torch.allclose(sim[0, [2, 5]], torch.ones(2)) and (sim[0, [0, 1, 3, 4]] < 0.99).all()
+    silent = non_empty.reshape(rows, cols).clone()
+    silent[:, 1] = False
+    emb2 = emb.clone().reshape(rows, cols, D)
+    emb2[:, 1] = torch.randn(D)  # what a silent column holds must not matter
+    lvl2 = PatchState(emb2.reshape(1, rows * cols, D), grid_positions(rows, cols), silent.reshape(1, -1), non_empty)
+    assert torch.allclose(time_self_similarity(lvl2)[0, [2, 5]], torch.ones(2))
+    assert time_self_similarity(PatchState(emb[:, :6], grid_positions(2, 3), non_empty[:, :6], non_empty[:, :6])) is None
+
+
 def test_split_is_grouped_by_piece(labelled_cache: Path) -> None:
     tasks = find_tasks(load_index(labelled_cache), 0.3, min_train_pieces=5, min_test_pieces=2)
     # The file names (chords00.mid, melody00.mid) make a second task, the source set.
@@ -87,7 +108,8 @@ def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_pa
     assert by[("descriptors", "hand-crafted")]["balanced_accuracy"] > 0.9
     assert by[("raw pixels", "4x4 avg-pooled")]["balanced_accuracy"] > 0.8
     swin = {row["features"] for row in rows if row["model"] == "swin (swin)"}
-    assert swin == {"L0 mean", "L0 non-empty", "L1 mean", "L1 non-empty", "all mean", "all non-empty"}
+    assert swin == {"L0 mean", "L0 non-empty", "L1 mean", "L1 non-empty", "all mean", "all non-empty",
+                    "all non-empty + self-sim"}
     for model in r["models"]:  # one headline per encoder, chosen on the training side
         assert sum(bool(row.get("headline")) for row in rows if row["model"] == model) == 1
     assert all(row["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0) for row in rows if "l2" in row)
