@@ -132,24 +132,25 @@ def _sliced_epps_pulley(z: Tensor, a: Tensor, t_max: float = 5.0, num_points: in
 
 def lejepa_loss(levels_view1: Sequence[Tensor], levels_view2: Sequence[Tensor], lam: float = 0.05,
                 valid: Sequence[Tensor] | None = None, num_projections: int = 256,
-                generator: torch.Generator | None = None) -> Tensor:
-    """LeJEPA per level, averaged over levels: (1 - lam) * invariance + lam * SIGReg.
+                generator: torch.Generator | None = None, aligned: Sequence[Tensor] | None = None) -> Tensor:
+    """LeJEPA per level (https://arxiv.org/abs/2511.08544), averaged over levels:
+    (1 - lam) * invariance + lam * SIGReg.
 
-    levels_view*[i]: (B, N_i, D_i), the same level of two views. Positions are assumed to
-    correspond: z1[:, n] and z2[:, n] see the same content. For shifted crops re-index one
-    view onto the other's grid first and pass `valid[i]` (B, N_i) bool, True where both views
-    hold that position; only those enter the invariance MSE. SIGReg sees every token of both
-    views, flattened to (B * N_i, D_i) with the same directions for both; the 1 x 1 level
-    (B samples) is included like any other.
+    levels_view*[i]: (B, N_i, D_i), the same level of two views as the encoder gave them.
+    Invariance: the MSE between view 1 and `aligned[i]` (view 2 re-indexed onto view 1's grid;
+    default view 2 itself, for views whose positions correspond) over the positions where
+    `valid[i]` (B, N_i) is True (default all). SIGReg: every token of both views, flattened to
+    (2 * B * N_i, D_i), so re-indexing duplicates never count twice; the 1 x 1 level (B samples
+    a view) is included like any other.
     """
     if len(levels_view1) != len(levels_view2):
         raise ValueError(f"views have {len(levels_view1)} and {len(levels_view2)} levels; pass the same levels")
+    targets = levels_view2 if aligned is None else aligned
     total = 0.0
-    for i, (z1, z2) in enumerate(zip(levels_view1, levels_view2)):
-        err = (z1 - z2).square().mean(-1)  # (B, N_i)
+    for i, (z1, z2, t2) in enumerate(zip(levels_view1, levels_view2, targets)):
+        err = (z1 - t2).square().mean(-1)  # (B, N_i)
         inv = safe_mean(err if valid is None else err[valid[i]])
-        a = random_directions(z1.shape[-1], num_projections, generator, z1.device)
-        sig = (_sliced_epps_pulley(z1, a) + _sliced_epps_pulley(z2, a)) / 2
+        sig = sigreg(torch.cat([z1, z2]).flatten(0, 1), num_projections, generator)
         total = total + (1 - lam) * inv + lam * sig
     return total / len(levels_view1)
 

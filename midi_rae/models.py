@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from midi_rae.config import PITCHES, Config
 from midi_rae.core import EncoderOutput
-from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, masked_recon_loss, mep_loss, multiscale_recon_loss,
-                             recon_bce, safe_mean, sigreg)
+from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
+                             multiscale_recon_loss, recon_bce)
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
@@ -108,16 +108,10 @@ def align_levels(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shift
 
 def lejepa_shifted(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shift2: Tensor,
                    lam: float, num_projections: int) -> Tensor:
-    """LeJEPA (https://arxiv.org/abs/2511.08544) on two shifted views, averaged over levels:
-    (1 - lam) * invariance on positions both views hold + lam * SIGReg on every token of both
-    views (the clamped duplicates of `align_levels` are kept out of SIGReg)."""
+    """LeJEPA (`losses.lejepa_loss`) on two shifted views: invariance on the positions both views
+    hold once view 2 is re-indexed onto view 1's grid (`align_levels`), SIGReg on every token of both."""
     aligned, valid = align_levels(out1, out2, shift1, shift2)
-    total = 0.0
-    for lvl1, lvl2, z2, ok in zip(out1.patches, out2.patches, aligned, valid):
-        inv = safe_mean((lvl1.emb - z2).square().mean(-1)[ok])
-        sig = sigreg(torch.cat([lvl1.emb, lvl2.emb]).flatten(0, 1), num_projections)
-        total = total + (1 - lam) * inv + lam * sig
-    return total / len(valid)
+    return lejepa_loss(out1.patches.all_emb, out2.patches.all_emb, lam, valid, num_projections, aligned=aligned)
 
 
 class Projector(nn.Module):

@@ -161,8 +161,18 @@ def test_lejepa_identical_views_is_lam_sigreg() -> None:
     z = pyramid()
     got = lejepa_loss(z, z, lam=0.2, num_projections=32, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
-    expected = sum(sigreg(lvl.flatten(0, 1), 32, g) for lvl in z) / 3
+    expected = sum(sigreg(torch.cat([lvl, lvl]).flatten(0, 1), 32, g) for lvl in z) / 3  # both views' tokens
     assert torch.allclose(got, 0.2 * expected)
+
+
+def test_lejepa_sigreg_reads_the_views_not_their_alignment() -> None:
+    """With `aligned` (view 2 re-indexed onto view 1, as for shifted crops) the invariance term
+    compares against it, while SIGReg still sees every token of both views exactly once."""
+    z1, z2 = pyramid(seed=0), pyramid(seed=1)
+    got = lejepa_loss(z1, z2, lam=0.5, num_projections=16, generator=torch.Generator().manual_seed(3), aligned=z1)
+    g = torch.Generator().manual_seed(3)
+    expected = sum(sigreg(torch.cat([a, b]).flatten(0, 1), 16, g) for a, b in zip(z1, z2)) / 3  # invariance 0
+    assert torch.allclose(got, 0.5 * expected)
 
 
 def test_lejepa_invariance_term_and_valid_mask() -> None:
