@@ -6,11 +6,10 @@ import math
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState
-from .layers import Mlp
+from .layers import Block
 from .masking import apply_mask_token, check_mask, level_mask
 from .utils import init_linears
 
@@ -33,45 +32,6 @@ def grid_features(pos: Tensor, grid: tuple[int, int], num_freqs: int) -> Tensor:
     freqs = math.pi * 2.0 ** torch.arange(num_freqs, device=pos.device)  # (F,)
     angles = u[..., None] * freqs  # (N, 2, F)
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (N, 4F)
-
-
-class Attention(nn.Module):
-    """Multi-head attention of queries `x` over `ctx` (self-attention when ctx is x), via SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; choose heads dividing summary_dim")
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
-        B, Nq, C = x.shape
-        Nk, h = ctx.shape[1], self.num_heads
-        q = self.q(x).view(B, Nq, h, C // h).transpose(1, 2)  # (B, h, Nq, hd)
-        k, v = self.kv(ctx).view(B, Nk, 2, h, C // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Nk, hd)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Nq, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, Nq, C))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, or cross-attention to `ctx` when `cross`."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cross: bool = False,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.norm_ctx = norm_layer(dim) if cross else None
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
-        q = self.norm1(x)
-        x = x + self.attn(q, q if self.norm_ctx is None else self.norm_ctx(ctx))
-        return x + self.mlp(self.norm2(x))
 
 
 class SwinMaskedEmbeddingPredictor(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
-from .layers import Mlp, Unpatchify
+from .layers import Block, Unpatchify
 from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, patch_non_empty, scatter_visible
 from .utils import check_roll, init_linears
 
@@ -32,51 +32,6 @@ def rope_angles(pos: Tensor, freqs: Tensor) -> Tensor:
     row angles for the first half of the head's dim, column angles for the second."""
     pos = pos.to(freqs.dtype)
     return torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, nH, L, hd) by angles with cos, sin (B, 1, L, hd/2),
-    so q.k depends on the offset between positions (RoFormer, https://arxiv.org/abs/2104.09864)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, nH, L, hd/2) each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nH, L, hd/2, 2)
-    return out.flatten(-2).type_as(x)
-
-
-class Attention(nn.Module):
-    """Global multi-head self-attention with 2D RoPE on q and k, through SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (B, L, C), cos/sin (B, 1, L, hd/2) -> (B, L, C)."""
-        B, L, C = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, nH, L, hd) each
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, nH, L, hd)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, C)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """(B, L, C) -> (B, L, C)."""
-        x = x + self.attn(self.norm1(x), cos, sin)
-        return x + self.mlp(self.norm2(x))
 
 
 class ViTEncoder(nn.Module):
@@ -122,7 +77,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=(patch_h, patch_w), stride=(patch_h, patch_w))
         self.empty_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, norm_layer)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, norm_layer=norm_layer)
                                      for _ in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.register_buffer("rope_freqs", rope_freqs(embed_dim // num_heads), persistent=False)
@@ -173,7 +128,7 @@ class ViTEncoder(nn.Module):
         angles = F.pad(rope_angles(vis_pos, self.rope_freqs), (0, 0, 1, 0))  # (B, 1 + N_vis, hd/2), CLS angle 0
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, 1 + N_vis, hd/2), shared by heads
         for blk in self.blocks:
-            x = blk(x, cos, sin)
+            x = blk(x, rope=(cos, sin))
         return self.norm(x)
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
@@ -212,7 +167,7 @@ class ViTDecoder(nn.Module):
         self.embed = nn.Linear(embed_dim, decoder_dim)
         self.cls_proj = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
-        self.blocks = nn.ModuleList([Block(decoder_dim, num_heads, mlp_ratio, qkv_bias, 0.0, norm_layer)
+        self.blocks = nn.ModuleList([Block(decoder_dim, num_heads, mlp_ratio, qkv_bias, 0.0, norm_layer=norm_layer)
                                      for _ in range(depth)])
         self.norm = norm_layer(decoder_dim)
         self.head = Unpatchify(decoder_dim, out_channels, (patch_h, patch_w), head)
@@ -235,7 +190,7 @@ class ViTDecoder(nn.Module):
         angles = rope_angles(patches.pos.expand(B, -1, -1), self.rope_freqs)  # (B, N, hd/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
         for blk in self.blocks:
-            x = blk(x, cos, sin)
+            x = blk(x, rope=(cos, sin))
         return self.head(self.norm(x).view(B, *self.grid_size, -1))  # (B, C, H, W)
 
 

@@ -202,3 +202,27 @@ def test_multiscale_heads_token_layout() -> None:
                                              torch.ones(1, 6, dtype=torch.bool))])
     out = heads(EncoderOutput(hps, grid_positions(2, 3), hps[0].non_empty, hps[0].mae_mask))[0]
     assert out.shape == (1, 1, 2, 3) and out[0, 0].argmax().item() == 4
+
+
+def test_predictor_checkpoints_with_separate_q_and_kv_still_load(encoded: dict) -> None:
+    """Before the ViT and the predictor shared one `Attention`, the predictor's held `q` and `kv`
+    projections: such a state dict loads into the fused `qkv` and predicts the same."""
+    _, enc_out = encoded[128, 128]
+    torch.manual_seed(0)
+    mep = small_mep().eval()
+    old = {}
+    for k, v in mep.state_dict().items():
+        if ".attn.qkv." in k:
+            C = v.shape[0] // 3
+            old[k.replace(".qkv.", ".q.")], old[k.replace(".qkv.", ".kv.")] = v[:C], v[C:]
+        else:
+            old[k] = v
+    assert any(".attn.kv." in k for k in old)
+    loaded = small_mep().eval()
+    loaded.load_state_dict(old)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        want, _ = mep(enc_out)
+        torch.manual_seed(1)
+        got, _ = loaded(enc_out)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from midi_rae.core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
-from midi_rae.vit import ViTEncoder, apply_rope, rope_angles, rope_freqs
+from midi_rae.layers import apply_rope
+from midi_rae.vit import ViTEncoder, rope_angles, rope_freqs
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
 
