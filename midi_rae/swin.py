@@ -74,7 +74,8 @@ class SwinEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
 
         dims = [embed_dim * 2**i for i in range(self.num_stages)]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth rises over all blocks
+        # stochastic depth rises over all blocks (computed on the CPU, so the model also builds on torch.device("meta"))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         info = []
         grid = self.grid_size
