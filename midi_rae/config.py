@@ -81,6 +81,7 @@ class ModelConfig:
     empty_mask_ratio: float = 0.05  # empty patches are masked this much less often
     inter_stage_mask_ratio: float = 0.0  # swin: dropout-style masking between stages (ratio / 2**stage) of the masked pretraining forward only, not of LeJEPA views or decoder fine-tuning
     inter_stage_mask_all: bool = False  # swin: inter-stage masking in every training forward, LeJEPA views and decoder fine-tuning included
+    grad_checkpointing: bool = False  # swin: recompute every block in the backward pass (training only): far less activation memory for about one more forward pass
     # Lightweight decoder for masked reconstruction during pretraining.
     mae_decoder_dim: int = 64
     mae_decoder_depth: int = 2
@@ -117,6 +118,7 @@ class ModelConfig:
                      f"whole multiple of 4 (2D RoPE); change embed_dim or num_heads")
             _require(self.inter_stage_mask_ratio == 0, "model.inter_stage_mask_ratio applies to the Swin encoder only; set it to 0")
             _require(not self.inter_stage_mask_all, "model.inter_stage_mask_all applies to the Swin encoder only; set it to false")
+            _require(not self.grad_checkpointing, "model.grad_checkpointing applies to the Swin encoder only; set it to false")
         _require(self.mae_decoder_dim % self.mae_decoder_heads == 0,
                  f"model.mae_decoder_dim {self.mae_decoder_dim} must be divisible by model.mae_decoder_heads {self.mae_decoder_heads}")
         if self.encoder == "vit":  # the ViT MAE decoder rotates its heads with 2D RoPE too

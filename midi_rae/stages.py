@@ -39,7 +39,7 @@ SECTIONS = {"pretrain": "train", "decoder": "decoder_train"}
 
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "decoder_train.progress",
-                     "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers")
+                     "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers", "model.grad_checkpointing")
 # Fields that change the result from the resumed step on, and that the advice after a non-finite
 # loss asks for: allowed on resume, and named in the log.
 TUNABLE_ON_RESUME = ("lr", "min_lr", "warmup_steps", "clip_grad", "amp")

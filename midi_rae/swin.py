@@ -47,6 +47,8 @@ class SwinEncoder(nn.Module):
     stages in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
     is replaced by a learned token, so every scale must cope with missing detail; the levels
     returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
+    `grad_checkpointing` recomputes every block in the backward pass of a training forward
+    (`set_grad_checkpointing`), keeping only each block's input.
     """
 
     def __init__(self, img_height: int, img_width: int, patch_h: int = 4, patch_w: int = 4, in_chans: int = 1,
@@ -56,7 +58,7 @@ class SwinEncoder(nn.Module):
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
-                 inter_stage_mask_all: bool = False, version: int = 2) -> None:
+                 inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
@@ -93,6 +95,7 @@ class SwinEncoder(nn.Module):
         self.stage_mask_tokens = (nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims[:-1]])
                                   if inter_stage_mask_ratio > 0 else None)
         self.feature_info = info[::-1]  # coarsest first, like the output levels
+        self.set_grad_checkpointing(grad_checkpointing)
         init_weights(self, version)
         for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):
             nn.init.normal_(t, std=0.02)
@@ -103,6 +106,12 @@ class SwinEncoder(nn.Module):
         for name in ("level_empty_tokens", "stage_mask_tokens"):
             tokens |= {f"{name}.{i}" for i in range(len(getattr(self, name) or []))}
         return tokens | submodule_no_weight_decay(self)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every Swin block in the backward pass instead of keeping its activations
+        (training only): less memory for about one more forward pass of compute."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens with empty patches replaced: (B, gh, gw, D) and non_empty (B, gh, gw)."""

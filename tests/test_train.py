@@ -19,7 +19,7 @@ from midi_rae.config import ConfigError, load_config, resolve_config_path
 from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
-from midi_rae.stages import Logger, datasets, pretrain, train_decoder, val_loader
+from midi_rae.stages import Logger, config_diff, datasets, pretrain, train_decoder, val_loader
 from midi_rae.train import report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -356,3 +356,13 @@ def test_resume_after_sigkill_is_exact(tiny_cache: Path, tmp_path: Path) -> None
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # encoder, heads and EMA teacher
     steps = [l["step"] for l in lines(tmp_path / "b" / "r" / "pretrain" / "metrics.jsonl") if l["split"] == "train"]
     assert steps == list(range(1, 41))  # the log has every step once: lines after the checkpoint were dropped
+
+
+def test_grad_checkpointing_may_change_on_resume() -> None:
+    """It changes memory and time, not results: switching it (or a checkpoint from before the field
+    existed) does not block --resume."""
+    on = load_config("quickstart", ["model.grad_checkpointing=true"]).to_dict()
+    old = load_config("quickstart").to_dict()
+    del old["model"]["grad_checkpointing"]
+    assert config_diff(old, on) == []
+    assert config_diff(old, load_config("quickstart", ["model.embed_dim=32"]).to_dict()) == ["model.embed_dim: checkpoint 16, now 32"]
