@@ -201,6 +201,7 @@ class TrainConfig:
     min_lr: float = 1e-5  # end of the cosine decay
     warmup_steps: int = 100  # linear warm-up from 0
     weight_decay: float = 0.05  # not applied to norms, biases, tokens, logit scales, CPB MLPs
+    layer_decay: float | None = None  # layer-wise lr decay (BEiT), e.g. 0.9: each encoder block learns at this times the rate of the one above it, down to the patch embedding; heads and the final norm at lr; null: off
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float | None = 1.0  # max global gradient norm, None: no clipping
     seed: int = 0
@@ -227,6 +228,8 @@ class TrainConfig:
                  f"got lr={self.lr}, min_lr={self.min_lr}")
         _require(self.warmup_steps >= 0 and self.weight_decay >= 0, "train.warmup_steps and train.weight_decay must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.layer_decay is None or 0 < self.layer_decay <= 1,
+                 f"train.layer_decay must be in (0, 1] (e.g. 0.9) or null (off), got {self.layer_decay}")
         _require(self.clip_grad is None or self.clip_grad > 0, f"train.clip_grad must be positive or null, got {self.clip_grad}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")

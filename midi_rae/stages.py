@@ -236,7 +236,8 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
     spe = steps_per_epoch(train_ds, tcfg, d)
     total = tcfg.max_steps or tcfg.epochs * spe
     n_epochs = math.ceil(total / spe)
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay, lr_scales), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    groups = param_groups(model, tcfg.weight_decay, lr_scales, tcfg.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
     config_yaml = cfg.to_yaml()
 
     step, best, best_step = 0, None, None

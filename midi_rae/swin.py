@@ -107,6 +107,34 @@ class SwinEncoder(nn.Module):
             tokens |= {f"{name}.{i}" for i in range(len(getattr(self, name) or []))}
         return tokens | submodule_no_weight_decay(self)
 
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of every parameter for layer-wise learning-rate decay (BEiT, https://arxiv.org/abs/2106.08254;
+        timm's `group_matcher`): 0 = patch embedding and input tokens, then one id per block in order, a
+        stage's patch merging (and inter-stage mask token) with its first block, a level's empty token with
+        its last block, the final norm one past the last block, with the heads above the encoder (as in
+        BEiT; timm's Swin groups it with the last block)."""
+        first, last, n = [], [], 0
+        for stage in self.stages:
+            first.append(n + 1)
+            n += len(stage.blocks)
+            last.append(n)
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "stages" and parts[2] == "blocks":
+                ids[name] = first[int(parts[1])] + int(parts[3])
+            elif parts[0] == "stages":  # downsample
+                ids[name] = first[int(parts[1])]
+            elif parts[0] == "stage_mask_tokens":  # the input of stage i + 1
+                ids[name] = first[int(parts[1]) + 1]
+            elif parts[0] == "level_empty_tokens":
+                ids[name] = last[int(parts[1])]
+            elif parts[0] == "norm":
+                ids[name] = n + 1
+            else:  # patch_embed, empty_token, mask_token
+                ids[name] = 0
+        return ids
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every Swin block in the backward pass instead of keeping its activations
         (training only): less memory for about one more forward pass of compute."""

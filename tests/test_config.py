@@ -114,6 +114,7 @@ def test_overrides_are_typed() -> None:
     ("model.encoder=vit", r"model.num_heads must be one int for the ViT"),
     ("train.device=tpu", r"train.device must be"),
     ("decoder.skip_levels=[7]", r"decoder.skip_levels must name levels 0..3"),
+    ("train.layer_decay=1.5", r"train.layer_decay must be in \(0, 1\] \(e.g. 0.9\) or null"),
 ])
 def test_config_errors_name_the_fix(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
