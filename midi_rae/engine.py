@@ -31,7 +31,7 @@ def layer_decay_scales(model: nn.Module, layer_decay: float) -> dict[str, float]
     encoders): `layer_decay ** (top - id)`, where `top` is the id of the encoder's final norm, one
     past its last block. So the heads above the encoder (not named here: factor 1) and the final
     norm train at the full rate, and each block down to the patch embedding at `layer_decay` times
-    the rate of the one above it (BEiT, https://arxiv.org/abs/2106.08254, sec. 2.6)."""
+    the rate of the one above it (BEiT, https://arxiv.org/abs/2106.08254)."""
     scales = {}
     for prefix, m in model.named_modules():
         if hasattr(m, "layer_ids"):

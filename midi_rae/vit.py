@@ -151,7 +151,12 @@ class ViTEncoder(nn.Module):
         ids = {}
         for name, _ in self.named_parameters():
             parts = name.split(".")
-            ids[name] = int(parts[1]) + 1 if parts[0] == "blocks" else len(self.blocks) + 1 if parts[0] == "norm" else 0
+            if parts[0] == "blocks":
+                ids[name] = int(parts[1]) + 1
+            elif parts[0] == "norm":
+                ids[name] = len(self.blocks) + 1
+            else:  # patch_embed, empty_token, cls_token
+                ids[name] = 0
         return ids
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
