@@ -81,6 +81,7 @@ class ModelConfig:
     empty_mask_ratio: float = 0.05  # empty patches are masked this much less often
     inter_stage_mask_ratio: float = 0.0  # swin: dropout-style masking between stages (ratio / 2**stage) of the masked pretraining forward only, not of LeJEPA views or decoder fine-tuning
     inter_stage_mask_all: bool = False  # swin: inter-stage masking in every training forward, LeJEPA views and decoder fine-tuning included
+    grad_checkpointing: bool = False  # swin: recompute every block in the backward pass (training only): far less activation memory for about one more forward pass
     # Lightweight decoder for masked reconstruction during pretraining.
     mae_decoder_dim: int = 64
     mae_decoder_depth: int = 2
@@ -117,6 +118,7 @@ class ModelConfig:
                      f"whole multiple of 4 (2D RoPE); change embed_dim or num_heads")
             _require(self.inter_stage_mask_ratio == 0, "model.inter_stage_mask_ratio applies to the Swin encoder only; set it to 0")
             _require(not self.inter_stage_mask_all, "model.inter_stage_mask_all applies to the Swin encoder only; set it to false")
+            _require(not self.grad_checkpointing, "model.grad_checkpointing applies to the Swin encoder only; set it to false")
         _require(self.mae_decoder_dim % self.mae_decoder_heads == 0,
                  f"model.mae_decoder_dim {self.mae_decoder_dim} must be divisible by model.mae_decoder_heads {self.mae_decoder_heads}")
         if self.encoder == "vit":  # the ViT MAE decoder rotates its heads with 2D RoPE too
@@ -202,6 +204,7 @@ class TrainConfig:
     min_lr: float = 1e-5  # end of the cosine decay
     warmup_steps: int = 100  # linear warm-up from 0
     weight_decay: float = 0.05  # not applied to norms, biases, tokens, logit scales, CPB MLPs
+    layer_decay: float | None = None  # layer-wise lr decay (BEiT), e.g. 0.9: each encoder block learns at this times the rate of the one above it, down to the patch embedding; heads and the final norm at lr; null: off
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float | None = 1.0  # max global gradient norm, None: no clipping
     seed: int = 0
@@ -228,6 +231,8 @@ class TrainConfig:
                  f"got lr={self.lr}, min_lr={self.min_lr}")
         _require(self.warmup_steps >= 0 and self.weight_decay >= 0, "train.warmup_steps and train.weight_decay must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.layer_decay is None or 0 < self.layer_decay <= 1,
+                 f"train.layer_decay must be in (0, 1] (e.g. 0.9) or null (off), got {self.layer_decay}")
         _require(self.clip_grad is None or self.clip_grad > 0, f"train.clip_grad must be positive or null, got {self.clip_grad}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")

@@ -26,17 +26,36 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def layer_decay_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Learning-rate factor of every parameter of the submodules that declare `layer_ids()` (the
+    encoders): `layer_decay ** (top - id)`, where `top` is the id of the encoder's final norm, one
+    past its last block. So the heads above the encoder (not named here: factor 1) and the final
+    norm train at the full rate, and each block down to the patch embedding at `layer_decay` times
+    the rate of the one above it (BEiT, https://arxiv.org/abs/2106.08254)."""
+    scales = {}
+    for prefix, m in model.named_modules():
+        if hasattr(m, "layer_ids"):
+            ids = m.layer_ids()
+            top = max(ids.values())
+            scales.update({f"{prefix}.{name}" if prefix else name: layer_decay ** (top - i) for name, i in ids.items()})
+    return scales
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None,
+                 layer_decay: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: no decay on 1-D parameters (norms, biases) and on what the models name in
     their `no_weight_decay()` (timm's convention). `lr_scales` maps a name prefix (e.g. 'encoder.')
-    to a learning-rate factor; frozen parameters are left out."""
+    to a learning-rate factor; `layer_decay` multiplies it by `layer_decay_scales`. Each group's
+    factor is its `lr_scale`, which the schedule multiplies; frozen parameters are left out."""
     skip = submodule_no_weight_decay(model) | (model.no_weight_decay() if hasattr(model, "no_weight_decay") else set())
+    depth_scales = layer_decay_scales(model, layer_decay) if layer_decay is not None else {}
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and name not in skip
         scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+        scale *= depth_scales.get(name, 1.0)
         groups.setdefault((decay, scale), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
             for (decay, scale), ps in sorted(groups.items())]

@@ -39,7 +39,7 @@ SECTIONS = {"pretrain": "train", "decoder": "decoder_train"}
 
 # Fields that may differ between a run and its resumption: they do not change the result.
 RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "decoder_train.progress",
-                     "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers")
+                     "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers", "model.grad_checkpointing")
 # Fields that change the result from the resumed step on, and that the advice after a non-finite
 # loss asks for: allowed on resume, and named in the log.
 TUNABLE_ON_RESUME = ("lr", "min_lr", "warmup_steps", "clip_grad", "amp")
@@ -236,7 +236,8 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
     spe = steps_per_epoch(train_ds, tcfg, d)
     total = tcfg.max_steps or tcfg.epochs * spe
     n_epochs = math.ceil(total / spe)
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay, lr_scales), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    groups = param_groups(model, tcfg.weight_decay, lr_scales, tcfg.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
     config_yaml = cfg.to_yaml()
 
     step, best, best_step = 0, None, None

@@ -47,6 +47,8 @@ class SwinEncoder(nn.Module):
     stages in training mode: a fraction `inter_stage_mask_ratio / 2**i` of stage i's input tokens (i >= 1)
     is replaced by a learned token, so every scale must cope with missing detail; the levels
     returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
+    `grad_checkpointing` recomputes every block in the backward pass of a training forward
+    (`set_grad_checkpointing`), keeping only each block's input.
     """
 
     def __init__(self, img_height: int, img_width: int, patch_h: int = 4, patch_w: int = 4, in_chans: int = 1,
@@ -56,7 +58,7 @@ class SwinEncoder(nn.Module):
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
-                 inter_stage_mask_all: bool = False, version: int = 2) -> None:
+                 inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
@@ -74,7 +76,8 @@ class SwinEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
 
         dims = [embed_dim * 2**i for i in range(self.num_stages)]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth rises over all blocks
+        # stochastic depth rises over all blocks (computed on the CPU, so the model also builds on torch.device("meta"))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         info = []
         grid = self.grid_size
@@ -92,6 +95,7 @@ class SwinEncoder(nn.Module):
         self.stage_mask_tokens = (nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims[:-1]])
                                   if inter_stage_mask_ratio > 0 else None)
         self.feature_info = info[::-1]  # coarsest first, like the output levels
+        self.set_grad_checkpointing(grad_checkpointing)
         init_weights(self, version)
         for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):
             nn.init.normal_(t, std=0.02)
@@ -102,6 +106,40 @@ class SwinEncoder(nn.Module):
         for name in ("level_empty_tokens", "stage_mask_tokens"):
             tokens |= {f"{name}.{i}" for i in range(len(getattr(self, name) or []))}
         return tokens | submodule_no_weight_decay(self)
+
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of every parameter for layer-wise learning-rate decay (BEiT, https://arxiv.org/abs/2106.08254;
+        timm's `group_matcher`): 0 = patch embedding and input tokens, then one id per block in order, a
+        stage's patch merging (and inter-stage mask token) with its first block, a level's empty token with
+        its last block, the final norm one past the last block, with the heads above the encoder (as in
+        BEiT; timm's Swin groups it with the last block)."""
+        first, last, n = [], [], 0
+        for stage in self.stages:
+            first.append(n + 1)
+            n += len(stage.blocks)
+            last.append(n)
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "stages" and parts[2] == "blocks":
+                ids[name] = first[int(parts[1])] + int(parts[3])
+            elif parts[0] == "stages":  # downsample
+                ids[name] = first[int(parts[1])]
+            elif parts[0] == "stage_mask_tokens":  # the input of stage i + 1
+                ids[name] = first[int(parts[1]) + 1]
+            elif parts[0] == "level_empty_tokens":
+                ids[name] = last[int(parts[1])]
+            elif parts[0] == "norm":
+                ids[name] = n + 1
+            else:  # patch_embed, empty_token, mask_token
+                ids[name] = 0
+        return ids
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every Swin block in the backward pass instead of keeping its activations
+        (training only): less memory for about one more forward pass of compute."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Patch tokens with empty patches replaced: (B, gh, gw, D) and non_empty (B, gh, gw)."""

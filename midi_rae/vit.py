@@ -100,6 +100,20 @@ class ViTEncoder(nn.Module):
         """Learned tokens stand in for content or a summary; decay would only pull them toward zero."""
         return {"empty_token", "cls_token"}
 
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of every parameter for layer-wise learning-rate decay (BEiT, https://arxiv.org/abs/2106.08254):
+        0 = patch embedding and tokens, block i = i + 1, the final norm one past the last block."""
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "blocks":
+                ids[name] = int(parts[1]) + 1
+            elif parts[0] == "norm":
+                ids[name] = len(self.blocks) + 1
+            else:  # patch_embed, empty_token, cls_token
+                ids[name] = 0
+        return ids
+
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> tokens (B, N, D) with empty patches replaced, and non_empty (B, N)."""
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major

@@ -5,16 +5,30 @@ import pytest
 import torch
 
 from midi_rae.config import Config, ConfigError, from_dict, load_config, preset_dir, resolve_config_path
-from midi_rae.models import Pretrainer, build_decoder
+from midi_rae.models import Pretrainer, build_decoder, build_encoder
+from midi_rae.utils import param_count
 
 PRESETS = sorted(preset_dir().glob("*.yaml"))
+# The published Swin sizes (https://arxiv.org/abs/2111.09883): embed_dim, depths, num_heads, and the
+# encoder's parameter count with one input channel (the README's table; the published ImageNet
+# counts add a 3-channel patch embedding and a 1000-class head, and have no empty / mask token).
+SWIN_SIZES = {
+    "swin_t": (96, [2, 2, 6, 2], [3, 6, 12, 24], 27_575_274),
+    "swin_s": (96, [2, 2, 18, 2], [3, 6, 12, 24], 48_956_538),
+    "swin_b": (128, [2, 2, 18, 2], [4, 8, 16, 32], 86_889_976),
+    "swin_l": (192, [2, 2, 18, 2], [6, 12, 24, 48], 195_197_172),
+}
+# Building and running these on every test run would take a minute on 2 cores:
+# test_swin_size_presets builds them on the meta device instead.
+LARGE = {"swin_s", "swin_b", "swin_l"}
 
 
 def test_presets_exist() -> None:
     assert {p.stem for p in PRESETS} >= {"quickstart", "swin_midi", "swin_midi_p2", "vit_baseline"}
 
 
-@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in LARGE else p for p in PRESETS],
+                         ids=lambda p: p.stem)
 def test_preset_parses_and_builds(path: Path) -> None:
     cfg = load_config(path)
     model, decoder = Pretrainer(cfg), build_decoder(cfg)
@@ -38,6 +52,41 @@ def test_spec_encoders() -> None:
     assert (p2.patch_h, p2.embed_dim, p2.depths, p2.num_heads) == (2, 4, [1, 1, 2, 2, 6, 2, 1], [1, 1, 1, 2, 4, 8, 16])
     v = load_config(preset_dir() / "vit_baseline.yaml").model
     assert (v.encoder, v.patch_h, v.embed_dim, v.depth, v.num_heads) == ("vit", 16, 256, 4, 8)
+
+
+@pytest.mark.parametrize("name", SWIN_SIZES)
+def test_swin_size_presets(name: str) -> None:
+    """Published widths, depths and heads, window 8, patch 4; at 128 x 128 the grids are 32, 16, 8
+    and 4, and the last stage's window is clamped to its 4 x 4 grid."""
+    dim, depths, heads, params = SWIN_SIZES[name]
+    cfg = load_config(name)
+    m = cfg.model
+    assert (m.embed_dim, m.depths, m.num_heads, m.window_size, m.patch_h, m.patch_w) == (dim, depths, heads, 8, 4, 4)
+    assert (cfg.data.crop_width, cfg.data.channels) == (128, 1)
+    with torch.device("meta"):  # the structure without allocating (swin_l is 0.8 GB of float32)
+        enc = build_encoder(cfg)
+    assert param_count(enc) == (params, params)
+    assert [(i.grid_size, i.dim, i.window_size) for i in enc.feature_info] == [
+        ((4, 4), 8 * dim, (4, 4)), ((8, 8), 4 * dim, (8, 8)), ((16, 16), 2 * dim, (8, 8)), ((32, 32), dim, (8, 8))]
+
+
+def test_swin_t_levels() -> None:
+    """The level shapes feature_info promises are the ones a forward returns, here with the onset
+    channel (test_preset_parses_and_builds runs swin_t with one channel)."""
+    enc = build_encoder(load_config("swin_t", ["data.channels=2"])).eval()
+    x = (torch.rand(2, 2, 128, 128) > 0.97).float()
+    with torch.no_grad():
+        out = enc(x)
+    assert [tuple(lvl.emb.shape) for lvl in out.patches] == [(2, h * w, d) for (h, w), d in
+                                                             ((i.grid_size, i.dim) for i in enc.feature_info)]
+    assert [lvl.emb.shape[1:] for lvl in out.patches] == [(16, 768), (64, 384), (256, 192), (1024, 96)]
+    assert all(torch.isfinite(lvl.emb).all() for lvl in out.patches)
+
+
+def test_swin_size_impossible_width() -> None:
+    with pytest.raises(ConfigError, match=r"^data.crop_width=100 must be divisible by model.patch_w \* 2\*\*\(stages-1\) = "
+                                          r"4 \* 8 = 32 for 4 Swin stages; change [^\n]*data.crop_width$"):
+        load_config("swin_b", ["data.crop_width=100"])
 
 
 def test_overrides_are_typed() -> None:
@@ -65,6 +114,7 @@ def test_overrides_are_typed() -> None:
     ("model.encoder=vit", r"model.num_heads must be one int for the ViT"),
     ("train.device=tpu", r"train.device must be"),
     ("decoder.skip_levels=[7]", r"decoder.skip_levels must name levels 0..3"),
+    ("train.layer_decay=1.5", r"train.layer_decay must be in \(0, 1\] \(e.g. 0.9\) or null"),
 ])
 def test_config_errors_name_the_fix(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

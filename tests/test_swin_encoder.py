@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
 
+from midi_rae.config import ConfigError, load_config
 from midi_rae.core import EncoderOutput
 from midi_rae.layers import DropPath
+from midi_rae.models import build_encoder
 from midi_rae.swin import SwinEncoder
 from midi_rae.vit import ViTEncoder
 
@@ -226,3 +230,53 @@ def test_inter_stage_masking_in_masked_training_forwards_only() -> None:
     assert enc.stage_mask_tokens[0].grad.abs().sum() > 0  # a quarter of stage 1's inputs were its token
     with pytest.raises(ValueError, match="inter_stage_mask_ratio must be"):
         SwinEncoder(128, 128, inter_stage_mask_ratio=1.0)
+
+
+def _block_calls(enc: SwinEncoder) -> list[int]:
+    """A counter of block forward calls (a recomputation in the backward pass counts too)."""
+    calls = [0]
+    for stage in enc.stages:
+        for blk in stage.blocks:
+            blk.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_grad_checkpointing_same_outputs_and_gradients() -> None:
+    """Every block recomputed in the backward pass gives the same outputs and gradients, drop
+    paths included (checkpoint replays the RNG), and recomputes nothing in eval or under no_grad."""
+    torch.manual_seed(0)
+    plain = SwinEncoder(128, 64, embed_dim=8, depths=(2, 2, 1), num_heads=(1, 2, 4), drop_path_rate=0.3)
+    randomize_post_norms(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    calls = _block_calls(ckpt)
+    x = piano_roll(2, 128, 64)
+    grads = []
+    for enc in (plain, ckpt):
+        torch.manual_seed(1)
+        out = enc(x, mask_ratio=0.5)
+        sum(lvl.emb.square().mean() for lvl in out.patches).backward()
+        grads.append(({n: p.grad for n, p in enc.named_parameters()}, [lvl.emb.detach() for lvl in out.patches]))
+    (g_plain, out_plain), (g_ckpt, out_ckpt) = grads
+    assert calls[0] == 2 * 5  # 5 blocks, each run again in the backward pass
+    for a, b in zip(out_plain, out_ckpt):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert g_plain.keys() == g_ckpt.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(g.abs().sum() > 0 for g in g_ckpt.values())
+    calls[0] = 0
+    with torch.no_grad():
+        ckpt(x)
+    ckpt.eval()
+    out = ckpt(x)
+    assert calls[0] == 2 * 5 and out.latent.requires_grad  # once per block, with or without a graph
+
+
+def test_grad_checkpointing_from_config() -> None:
+    enc = build_encoder(load_config("quickstart", ["model.grad_checkpointing=true"]))
+    assert all(stage.grad_checkpointing for stage in enc.stages)
+    assert not any(stage.grad_checkpointing for stage in build_encoder(load_config("quickstart")).stages)
+    with pytest.raises(ConfigError, match="model.grad_checkpointing applies to the Swin encoder only; set it to false"):
+        load_config("vit_baseline", ["model.grad_checkpointing=true"])
+

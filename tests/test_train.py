@@ -12,15 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 from midi_rae import stages
-from midi_rae.config import ConfigError, load_config, resolve_config_path
-from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
+from midi_rae.config import ConfigError, TrainConfig, load_config, resolve_config_path
+from midi_rae.engine import (NonFiniteLoss, evaluate_pretrain, layer_decay_scales, lr_at, momentum_at, param_groups,
+                             train_one_epoch)
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
-from midi_rae.stages import Logger, datasets, pretrain, train_decoder, val_loader
+from midi_rae.stages import Logger, config_diff, datasets, pretrain, train_decoder, val_loader
+from midi_rae.swin import SwinEncoder
 from midi_rae.train import report
+from midi_rae.vit import ViTEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +60,8 @@ OBJECTIVES = {
     "mep": ["objective.recon_weight=0", "objective.mep_weight=1"],
     "lejepa_anchor": ["objective.recon_weight=0", "objective.mask_ratio=0", "objective.lejepa_weight=1", "objective.anchor_weight=0.1"],
     "multiscale": ["objective.multiscale_weight=1", "objective.recon_visible_weight=0.1", "objective.pos_weight=3"],
-    "all": ["objective.mep_weight=0.5", "objective.lejepa_weight=0.5", "objective.anchor_weight=0.1", "objective.multiscale_weight=0.5"],
+    "all": ["objective.mep_weight=0.5", "objective.lejepa_weight=0.5", "objective.anchor_weight=0.1", "objective.multiscale_weight=0.5",
+            "model.grad_checkpointing=true"],
     "vit": ["model.encoder=vit", "model.patch_h=8", "model.patch_w=8", "model.embed_dim=16", "model.num_heads=2",
             "model.depth=1", "objective.mep_weight=0.5"],
 }
@@ -96,7 +101,8 @@ def test_decoder_and_report(tiny_cache: Path, tmp_path: Path) -> None:
 
 
 def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path) -> None:
-    cfg = load_config(None, tiny(tiny_cache, tmp_path, "name=ck", "train.max_steps=5", "train.keep_last=1"))
+    cfg = load_config(None, tiny(tiny_cache, tmp_path, "name=ck", "train.max_steps=5", "train.keep_last=1",
+                                 "train.layer_decay=0.8"))
     pretrain(cfg)
     ckpts = tmp_path / "ck" / "pretrain" / "checkpoints"
     kept = sorted(p.name for p in ckpts.glob("step_*"))
@@ -104,6 +110,8 @@ def test_checkpoint_contents_and_strict_loading(tiny_cache: Path, tmp_path: Path
     assert kept == sorted({"step_00000005", best}) and not list(ckpts.glob(".*"))
     state = torch.load(latest_checkpoint(ckpts) / "state.pt", weights_only=True)  # no pickled code
     assert state["step"] == 5 and state["config"]["model"]["embed_dim"] == 8 and "torch" in state["rng"][0]
+    # layer decay over 2 blocks: patch embedding 0.8**3, blocks 0.8**2 and 0.8, final norm and heads 1
+    assert sorted({round(g["lr_scale"], 9) for g in state["optimizer"]["param_groups"]}) == [0.512, 0.64, 0.8, 1.0]
     bigger = Pretrainer(load_config(None, tiny(tiny_cache, tmp_path, "model.embed_dim=16")))
     with pytest.raises(ValueError, match=r"shape mismatch .*encoder.mask_token: checkpoint \(8,\) vs model \(16,\)"):
         load_checkpoint(latest_checkpoint(ckpts), bigger)
@@ -220,6 +228,66 @@ def test_resume_may_change_the_learning_rate(tiny_cache: Path, tmp_path: Path, c
     monkeypatch.setattr(stages, "train_one_epoch", diverge)
     with pytest.raises(SystemExit, match=r"Lower train.lr .* --resume and, e.g., train.lr=0.0001"):
         pretrain(load_config(None, [*overrides, "name=d", "train.lr=1e-3"]))
+
+
+class HeadOnEncoder(nn.Module):
+    """A small Swin encoder (blocks 1 + 2, inter-stage mask tokens) with a head above it, as the
+    training wrappers hold one: forward(batch) -> (loss, parts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = SwinEncoder(128, 64, embed_dim=8, depths=(1, 2), num_heads=(1, 2), drop_path_rate=0.0,
+                                   inter_stage_mask_ratio=0.5)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.head(self.encoder(batch["x"]).latent).square().mean(), {}
+
+
+def test_layer_decay_group_learning_rates() -> None:
+    """Layer ids 0 (patch embedding, tokens), 1 (stage 0's block), 2 (stage 1's merging, its mask token
+    and first block), 3 (its second block), 4 (final norm, with the head): lr factors 0.5 ** (4 - id)."""
+    model = HeadOnEncoder()
+    expected = {"encoder.patch_embed.proj.weight": 1 / 16, "encoder.patch_embed.norm.bias": 1 / 16,
+                "encoder.empty_token": 1 / 16, "encoder.mask_token": 1 / 16,
+                "encoder.stages.0.blocks.0.attn.qkv.weight": 1 / 8, "encoder.stages.0.blocks.0.attn.logit_scale": 1 / 8,
+                "encoder.stages.1.downsample.reduction.weight": 1 / 4, "encoder.stage_mask_tokens.0": 1 / 4,
+                "encoder.stages.1.blocks.0.mlp.fc1.weight": 1 / 4, "encoder.stages.1.blocks.1.norm2.bias": 1 / 2,
+                "encoder.stages.1.blocks.1.attn.cpb_mlp.2.weight": 1 / 2,
+                "encoder.norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert set(scale) == set(names.values()) == set(wd)
+    assert {n: scale[n] for n in expected} == expected
+    assert sorted(set(scale.values())) == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
+    # the weight-decay exclusions are those without layer decay
+    assert wd == {names[id(p)]: g["weight_decay"] for g in param_groups(model, 0.05) for p in g["params"]}
+    assert wd["encoder.patch_embed.proj.weight"] == 0.05 and wd["encoder.empty_token"] == 0.0
+    assert wd["encoder.stage_mask_tokens.0"] == 0.0 and wd["encoder.stages.0.blocks.0.attn.logit_scale"] == 0.0
+    # with a prefix factor (the decoder stage's encoder_lr_scale) the two multiply
+    scaled = {names[id(p)]: g["lr_scale"] for g in param_groups(model, 0.05, {"encoder.": 0.1}, 0.5) for p in g["params"]}
+    assert scaled == pytest.approx({n: s * (0.1 if n.startswith("encoder.") else 1.0) for n, s in scale.items()})
+    assert {n: s for n, s in layer_decay_scales(ViTEncoder(128, 64, depth=2, embed_dim=16, num_heads=1), 0.9).items()
+            if n in ("patch_embed.weight", "cls_token", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "norm.weight")} \
+        == pytest.approx({"patch_embed.weight": 0.729, "cls_token": 0.729, "blocks.0.attn.qkv.weight": 0.81,
+                          "blocks.1.mlp.fc2.bias": 0.9, "norm.weight": 1.0})
+
+
+def test_schedule_keeps_each_group_scale() -> None:
+    """The per-step learning rate is the schedule's value times each group's lr_scale."""
+    torch.manual_seed(0)
+    model = HeadOnEncoder()
+    cfg = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=2, progress=False)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05, layer_decay=0.5), lr=cfg.lr)
+    x = (torch.rand(2, 1, 128, 64) > 0.9).float()
+    seen = []
+    train_one_epoch(model, [{"x": x}] * 3, optimizer, step=0, total_steps=10, cfg=cfg, device=torch.device("cpu"), epoch=0,
+                    on_step=lambda step, stats: seen.append([(g["lr"], g["lr_scale"]) for g in optimizer.param_groups]))
+    for step, lrs in enumerate(seen):
+        assert [lr for lr, _ in lrs] == pytest.approx([lr_at(step, 10, cfg) * s for _, s in lrs])
+    assert len({s for _, s in seen[0]}) == 5
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -356,3 +424,13 @@ def test_resume_after_sigkill_is_exact(tiny_cache: Path, tmp_path: Path) -> None
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # encoder, heads and EMA teacher
     steps = [l["step"] for l in lines(tmp_path / "b" / "r" / "pretrain" / "metrics.jsonl") if l["split"] == "train"]
     assert steps == list(range(1, 41))  # the log has every step once: lines after the checkpoint were dropped
+
+
+def test_grad_checkpointing_may_change_on_resume() -> None:
+    """It changes memory and time, not results: switching it (or a checkpoint from before the field
+    existed) does not block --resume."""
+    on = load_config("quickstart", ["model.grad_checkpointing=true"]).to_dict()
+    old = load_config("quickstart").to_dict()
+    del old["model"]["grad_checkpointing"]
+    assert config_diff(old, on) == []
+    assert config_diff(old, load_config("quickstart", ["model.embed_dim=32"]).to_dict()) == ["model.embed_dim: checkpoint 16, now 32"]

@@ -2,7 +2,9 @@
 plain and shifted windows. Names match timm's SwinTransformerV2Stage (`downsample`, `blocks`)."""
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .block import SwinBlock
 from .patch import PatchMerging
@@ -15,6 +17,7 @@ class SwinStage(nn.Module):
                  attn_drop: float = 0.0, drop_path: float | Sequence[float] = 0.0,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, version: int = 2) -> None:
         super().__init__()
+        self.grad_checkpointing = False  # recompute each block in the backward pass (training only)
         if not downsample and dim != out_dim:
             raise ValueError(f"a stage without downsample keeps its width: dim {dim} != out_dim {out_dim}")
         self.input_resolution = tuple(input_resolution)
@@ -33,6 +36,9 @@ class SwinStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H', W', C'), halved and widened when downsampling."""
         x = self.downsample(x)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            # Only the block's input is kept; its activations are recomputed (with the same drop-path
+            # draws: checkpoint restores the RNG state) when the backward pass reaches it.
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
         return x
