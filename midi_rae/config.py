@@ -8,12 +8,11 @@ written into the run folder (`config.yaml`) and into every checkpoint.
 from __future__ import annotations
 
 import difflib
-import inspect
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -30,24 +29,32 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def opt(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its help text in the field's metadata (shown by `--help`, see
+    `describe`): `opt(default, help)`, or `opt(factory=list, help=...)` for a mutable default."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
     """Where the rolls come from and how crops are drawn (see `data.PianoRollDataset`)."""
 
-    cache_dir: str | None = None  # a prepared cache; None: the bundled corpus's default cache
-    paths: list[str] = field(default_factory=list)  # sources `midi-rae run` prepares; empty: bundled corpus
-    collections: list[str] | None = None  # bundled corpus only: restrict to these folders
-    crop_width: int = 128  # time steps per crop = the encoder's img_width
-    channels: int = 1  # 1: frame only; 2: frame + onset (prepare with onsets, the default)
-    max_time_shift: int = 16  # the two views' random offsets (steps / semitones)
-    max_pitch_shift: int = 6
-    transpose: int = 0  # random transposition of both views, +-semitones (training only)
-    # 'shift': the second view is the same passage moved by max_time_shift / max_pitch_shift;
-    # 'piece': another passage of the same piece, moved by up to max_pitch_shift semitones of its own.
-    view_mode: str = "shift"
-    val_fraction: float = 0.05  # pieces held out, by a hash of the work (data.work_key)
-    val_max_items: int | None = 256  # cap on the fixed validation crops (None: all)
-    num_workers: int = 0  # DataLoader workers per process
+    cache_dir: str | None = opt(None, "a prepared cache; None: the bundled corpus's default cache")
+    paths: list[str] = opt(factory=list, help="sources `midi-rae run` prepares; empty: bundled corpus")
+    collections: list[str] | None = opt(None, "bundled corpus only: restrict to these folders")
+    crop_width: int = opt(128, "time steps per crop = the encoder's img_width")
+    channels: int = opt(1, "1: frame only; 2: frame + onset (prepare with onsets, the default)")
+    max_time_shift: int = opt(16, "the two views' random offsets (steps / semitones)")
+    max_pitch_shift: int = opt(6, "see max_time_shift")
+    transpose: int = opt(0, "random transposition of both views, +-semitones (training only)")
+    view_mode: str = opt("shift", "the second view: 'shift' (the same passage moved by max_time_shift / "
+                                  "max_pitch_shift) or 'piece' (another passage of the same piece, moved by up to "
+                                  "max_pitch_shift semitones of its own)")
+    val_fraction: float = opt(0.05, "pieces held out, by a hash of the work (data.work_key)")
+    val_max_items: int | None = opt(256, "cap on the fixed validation crops (None: all)")
+    num_workers: int = opt(0, "DataLoader workers per process")
 
     def __post_init__(self) -> None:
         _require(self.crop_width > 0, f"data.crop_width must be positive, got {self.crop_width}")
@@ -66,26 +73,25 @@ class ModelConfig:
     """The encoder. `encoder` picks the class; the rest are its constructor arguments.
     img_height is 128 (pitches), img_width is `data.crop_width`, in_chans is `data.channels`."""
 
-    encoder: str = "swin"  # 'swin' (SwinEncoder) or 'vit' (ViTEncoder)
-    patch_h: int = 4
-    patch_w: int = 4
-    embed_dim: int = 8
-    depths: list[int] = field(default_factory=lambda: [1, 2, 2, 6, 2, 1])  # swin: blocks per stage
-    depth: int = 4  # vit: number of blocks
-    num_heads: int | list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8, 16])  # swin: per stage; vit: one int
-    window_size: int = 8  # swin
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.1  # swin
-    version: int = 2  # swin: 2 (V2 blocks) or 1
-    squash_coarse: bool = False  # swin: learned empty token at every level
-    empty_mask_ratio: float = 0.05  # empty patches are masked this much less often
-    inter_stage_mask_ratio: float = 0.0  # swin: dropout-style masking between stages (ratio / 2**stage) of the masked pretraining forward only, not of LeJEPA views or decoder fine-tuning
-    inter_stage_mask_all: bool = False  # swin: inter-stage masking in every training forward, LeJEPA views and decoder fine-tuning included
-    grad_checkpointing: bool = False  # swin: recompute every block in the backward pass (training only): far less activation memory for about one more forward pass
-    # Lightweight decoder for masked reconstruction during pretraining.
-    mae_decoder_dim: int = 64
-    mae_decoder_depth: int = 2
-    mae_decoder_heads: int = 4
+    encoder: str = opt("swin", "'swin' (SwinEncoder) or 'vit' (ViTEncoder)")
+    patch_h: int = opt(4, "patch height in pitches")
+    patch_w: int = opt(4, "patch width in time steps")
+    embed_dim: int = opt(8, "swin: width of the finest stage, doubling per stage; vit: the width")
+    depths: list[int] = opt(factory=lambda: [1, 2, 2, 6, 2, 1], help="swin: blocks per stage")
+    depth: int = opt(4, "vit: number of blocks")
+    num_heads: int | list[int] = opt(factory=lambda: [1, 1, 2, 4, 8, 16], help="swin: per stage; vit: one int")
+    window_size: int = opt(8, "swin")
+    mlp_ratio: float = opt(4.0, "MLP hidden width / block width")
+    drop_path_rate: float = opt(0.1, "swin")
+    version: int = opt(2, "swin: 2 (V2 blocks) or 1")
+    squash_coarse: bool = opt(False, "swin: learned empty token at every level")
+    empty_mask_ratio: float = opt(0.05, "empty patches are masked this much less often")
+    inter_stage_mask_ratio: float = opt(0.0, "swin: dropout-style masking between stages (ratio / 2**stage) of the masked pretraining forward only, not of LeJEPA views or decoder fine-tuning")
+    inter_stage_mask_all: bool = opt(False, "swin: inter-stage masking in every training forward, LeJEPA views and decoder fine-tuning included")
+    grad_checkpointing: bool = opt(False, "swin: recompute every block in the backward pass (training only): far less activation memory for about one more forward pass")
+    mae_decoder_dim: int = opt(64, "width of the light decoder of masked reconstruction during pretraining")
+    mae_decoder_depth: int = opt(2, "its blocks")
+    mae_decoder_heads: int = opt(4, "its heads")
 
     def __post_init__(self) -> None:
         _require(self.encoder in ENCODERS, f"model.encoder must be one of {ENCODERS}, got {self.encoder!r}")
@@ -135,32 +141,31 @@ class ModelConfig:
 class ObjectiveConfig:
     """Pretraining losses; the total is the weighted sum, and any weight may be zero."""
 
-    mask_ratio: float = 0.5  # SimMIM / MAE masking ratio of the student's view
-    recon_weight: float = 1.0  # masked reconstruction through the MAE decoder
-    recon_visible_weight: float = 0.0  # also reconstruct visible patches, at this weight
-    pos_weight: float | None = None  # BCE weight of note pixels (sparse rolls), None: 1
-    mep_weight: float = 0.0  # masked embedding prediction against an EMA teacher, every level
-    mep_mask_ratio: float = 0.4  # the predictor's own masking of the finest level
-    mep_level_mask_scale: float = 1.25  # each coarser level masks 1/scale of the next finer
-    mep_normalize_targets: bool = True
-    predictor_dim: int = 128
-    predictor_depth: int = 2
-    predictor_heads: int = 4
-    ema_momentum: float = 0.996  # teacher momentum at step 0, rising to ema_momentum_end (cosine)
-    ema_momentum_end: float = 1.0
-    lejepa_weight: float = 0.0  # LeJEPA on the two shifted views, every level
-    lejepa_lambda: float = 0.05  # SIGReg share: (1 - lambda) * invariance + lambda * SIGReg
-    sigreg_projections: int = 256
-    anchor_weight: float = 0.0  # pull empty-patch embeddings of every level toward 0
-    multiscale_weight: float = 0.0  # per-level heads predicting the max-pooled roll
-    multiscale_upsample: int = 1
-    recon_levels: int | None = None  # swin: the MAE decoder reads only this many coarsest levels; None: all
-    # One embedding per view (every level's non-empty mean, concatenated, through a projector MLP),
-    # pulled together across the two views: 'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg).
-    global_weight: float = 0.0
-    global_loss: str = "infonce"
-    global_temperature: float = 0.1  # infonce
-    global_dim: int = 128  # projector output
+    mask_ratio: float = opt(0.5, "SimMIM / MAE masking ratio of the student's view")
+    recon_weight: float = opt(1.0, "masked reconstruction through the MAE decoder")
+    recon_visible_weight: float = opt(0.0, "also reconstruct visible patches, at this weight")
+    pos_weight: float | None = opt(None, "BCE weight of note pixels (sparse rolls), None: 1")
+    mep_weight: float = opt(0.0, "masked embedding prediction against an EMA teacher, every level")
+    mep_mask_ratio: float = opt(0.4, "the predictor's own masking of the finest level")
+    mep_level_mask_scale: float = opt(1.25, "each coarser level masks 1/scale of the next finer")
+    mep_normalize_targets: bool = opt(True, "LayerNorm the teacher's targets (I-JEPA)")
+    predictor_dim: int = opt(128, "width of the masked embedding predictor")
+    predictor_depth: int = opt(2, "its mixing blocks")
+    predictor_heads: int = opt(4, "its heads")
+    ema_momentum: float = opt(0.996, "teacher momentum at step 0, rising to ema_momentum_end (cosine)")
+    ema_momentum_end: float = opt(1.0, "teacher momentum at the last step")
+    lejepa_weight: float = opt(0.0, "LeJEPA on the two shifted views, every level")
+    lejepa_lambda: float = opt(0.05, "SIGReg share: (1 - lambda) * invariance + lambda * SIGReg")
+    sigreg_projections: int = opt(256, "random directions of SIGReg's sliced test")
+    anchor_weight: float = opt(0.0, "pull empty-patch embeddings of every level toward 0")
+    multiscale_weight: float = opt(0.0, "per-level heads predicting the max-pooled roll")
+    multiscale_upsample: int = opt(1, "each multi-scale head predicts this many cells per token side")
+    recon_levels: int | None = opt(None, "swin: the MAE decoder reads only this many coarsest levels; None: all")
+    global_weight: float = opt(0.0, "one embedding per view (every level's non-empty mean, concatenated, "
+                                    "through a projector MLP), pulled together across the two views")
+    global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
+    global_temperature: float = opt(0.1, "infonce")
+    global_dim: int = opt(128, "projector output")
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
@@ -197,31 +202,31 @@ class ObjectiveConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints of one training stage."""
 
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans them)
-    batch_size: int = 32  # per process; the global batch is batch_size * world size
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    min_lr: float = 1e-5  # end of the cosine decay
-    warmup_steps: int = 100  # linear warm-up from 0
-    weight_decay: float = 0.05  # not applied to norms, biases, tokens, logit scales, CPB MLPs
-    layer_decay: float | None = None  # layer-wise lr decay (BEiT), e.g. 0.9: each encoder block learns at this times the rate of the one above it, down to the patch embedding; heads and the final norm at lr; null: off
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: float | None = 1.0  # max global gradient norm, None: no clipping
-    seed: int = 0
-    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda'
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    threads: int | None = None  # CPU threads per process (torch.set_num_threads); None: torch's default.
+    epochs: int = opt(10, "passes over the training crops (max_steps, when set, wins)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (the schedule spans them)")
+    batch_size: int = opt(32, "per process; the global batch is batch_size * world size")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = opt(1e-5, "end of the cosine decay")
+    warmup_steps: int = opt(100, "linear warm-up from 0")
+    weight_decay: float = opt(0.05, "not applied to norms, biases, tokens, logit scales, CPB MLPs")
+    layer_decay: float | None = opt(None, "layer-wise lr decay (BEiT), e.g. 0.9: each encoder block learns at this times the rate of the one above it, down to the patch embedding; heads and the final norm at lr; null: off")
+    betas: list[float] = opt(factory=lambda: [0.9, 0.95], help="AdamW betas")
+    clip_grad: float | None = opt(1.0, "max global gradient norm, None: no clipping")
+    seed: int = opt(0, "initial weights, batch order, masks and augmentations")
+    device: str = opt("auto", "'auto' (cuda if available), 'cpu', 'cuda'")
+    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    threads: int | None = opt(None, "CPU threads per process (torch.set_num_threads); None: torch's default.")
     # On a busy machine 1 thread can be many times faster than 2 (OpenMP threads spin waiting for each other).
-    compile: bool = False  # torch.compile the model
-    log_every: int = 10  # steps between metrics.jsonl lines
-    eval_every: int = 0  # steps between validations; 0: at the end of each epoch
-    ckpt_every: int = 100  # steps between checkpoints (always one at the end of each epoch)
-    keep_last: int = 3  # step checkpoints kept (the best is kept as well)
-    progress: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = True  # when the tensorboard package is installed
-    wandb: bool = False
-    wandb_project: str = "midi-rae"
-    wandb_mode: str = "offline"  # 'offline' or 'online'
+    compile: bool = opt(False, "torch.compile the model")
+    log_every: int = opt(10, "steps between metrics.jsonl lines")
+    eval_every: int = opt(0, "steps between validations; 0: at the end of each epoch")
+    ckpt_every: int = opt(100, "steps between checkpoints (always one at the end of each epoch)")
+    keep_last: int = opt(3, "step checkpoints kept (the best is kept as well)")
+    progress: bool = opt(True, "tqdm bar on rank 0")
+    tensorboard: bool = opt(True, "when the tensorboard package is installed")
+    wandb: bool = opt(False, "log to Weights & Biases (when installed)")
+    wandb_project: str = opt("midi-rae", "its project")
+    wandb_mode: str = opt("offline", "'offline' or 'online'")
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
@@ -248,18 +253,18 @@ class DecoderConfig:
     """The decoder trained on the (frozen) encoder's pyramid: SwinDecoder or ViTDecoder,
     following the encoder type. Depths and heads default to the encoder's."""
 
-    depths: list[int] | None = None  # swin: finest stage first, like the encoder; None: the encoder's
-    num_heads: list[int] | None = None
-    depth: int = 2  # vit decoder blocks
-    decoder_dim: int = 128  # vit decoder width
-    vit_heads: int = 4
-    skip_levels: list[int] | None = None  # swin: encoder levels the decoder reads (0 = coarsest); None: all
-    head: str = "linear"  # unpatchify head: 'linear', 'pixelshuffle' or 'convtranspose'
-    drop_path_rate: float = 0.0
-    finetune_encoder: bool = False  # train the encoder too, at lr * encoder_lr_scale
-    encoder_lr_scale: float = 0.1
-    pos_weight: float | None = None  # BCE weight of note pixels
-    threshold: float = 0.5  # probability above which a pixel counts as a note in the metrics
+    depths: list[int] | None = opt(None, "swin: finest stage first, like the encoder; None: the encoder's")
+    num_heads: list[int] | None = opt(None, "swin: per stage, finest first; None: the encoder's")
+    depth: int = opt(2, "vit decoder blocks")
+    decoder_dim: int = opt(128, "vit decoder width")
+    vit_heads: int = opt(4, "vit decoder heads")
+    skip_levels: list[int] | None = opt(None, "swin: encoder levels the decoder reads (0 = coarsest); None: all")
+    head: str = opt("linear", "unpatchify head: 'linear', 'pixelshuffle' or 'convtranspose'")
+    drop_path_rate: float = opt(0.0, "stochastic depth of the decoder")
+    finetune_encoder: bool = opt(False, "train the encoder too, at lr * encoder_lr_scale")
+    encoder_lr_scale: float = opt(0.1, "the encoder's lr factor when fine-tuned")
+    pos_weight: float | None = opt(None, "BCE weight of note pixels")
+    threshold: float = opt(0.5, "probability above which a pixel counts as a note in the metrics")
 
     def __post_init__(self) -> None:
         _require(self.head in ("linear", "pixelshuffle", "convtranspose"),
@@ -277,14 +282,14 @@ class DecoderConfig:
 
 @dataclass
 class Config:
-    name: str = "run"  # run folder name under out_dir
-    out_dir: str = "runs"  # run folders are <out_dir>/<name>/
+    name: str = opt("run", "run folder name under out_dir")
+    out_dir: str = opt("runs", "run folders are <out_dir>/<name>/")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)  # encoder pretraining
+    train: TrainConfig = opt(factory=TrainConfig, help="encoder pretraining")
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    decoder_train: TrainConfig = field(default_factory=TrainConfig)  # decoder training
+    decoder_train: TrainConfig = opt(factory=TrainConfig, help="decoder training")
 
     def __post_init__(self) -> None:
         # The run folder is out_dir/name: a name that climbs out of out_dir or nests would write elsewhere.
@@ -487,26 +492,17 @@ def resolve_config_path(name_or_path: str | None) -> Path | None:
 
 
 def describe() -> str:
-    """Every config field with its default and the comment beside it in this file, for `--help`."""
-    import re
+    """Every config field with its default and its help text (field metadata), for `--help`."""
+    def line(name: str, f: Any, default: Any) -> str:
+        note = f.metadata.get("help", "")
+        return f"  {name} = {default!r}" + (f"  # {note}" if note else "")
 
-    source = inspect.getsource(inspect.getmodule(Config))
-    comments = {}
-    for cls_match in re.finditer(r"^class (\w+)\b.*?(?=^class |\Z)", source, re.S | re.M):
-        for m in re.finditer(r"^    (\w+): [^=\n]+(?:= [^#\n]*)?#\s*(.+)$", cls_match.group(0), re.M):
-            comments[(cls_match.group(1), m.group(1))] = m.group(2).strip()
-    lines = []
+    hints = typing.get_type_hints(Config)
+    lines = [line(f.name, f, getattr(Config(), f.name)) for f in fields(Config) if not is_dataclass(hints[f.name])]
     for f in fields(Config):
-        tp = typing.get_type_hints(Config)[f.name]
-        if not is_dataclass(tp):
-            note = comments.get(("Config", f.name), "")
-            lines.append(f"  {f.name} = {getattr(Config(), f.name)!r}" + (f"  # {note}" if note else ""))
-    for f in fields(Config):
-        tp = typing.get_type_hints(Config)[f.name]
+        tp = hints[f.name]
         if is_dataclass(tp):
-            lines.append(f"{f.name}.*  ({tp.__name__})")
-            default = tp()
-            for g in fields(tp):
-                note = comments.get((tp.__name__, g.name), "")
-                lines.append(f"  {f.name}.{g.name} = {getattr(default, g.name)!r}" + (f"  # {note}" if note else ""))
+            about = f.metadata.get("help")
+            lines.append(f"{f.name}.*  ({tp.__name__}{': ' + about if about else ''})")
+            lines += [line(f"{f.name}.{g.name}", g, getattr(tp(), g.name)) for g in fields(tp)]
     return "\n".join(lines)

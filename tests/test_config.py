@@ -134,3 +134,22 @@ def test_inter_stage_masking_is_wired() -> None:
 
     cfg = load_config(resolve_config_path("quickstart"), ["model.inter_stage_mask_ratio=0.2"])
     assert build_encoder(cfg).inter_stage_mask_ratio == 0.2
+
+
+def test_every_field_carries_its_help_text() -> None:
+    """`--help` reads the text from each field's metadata (not from this package's source, which
+    an installed wheel need not ship): every field has one, and `describe` lists them all."""
+    from dataclasses import fields
+
+    from midi_rae.config import DataConfig, DecoderConfig, ModelConfig, ObjectiveConfig, TrainConfig, describe
+
+    sections = {"data", "model", "objective", "train", "decoder", "decoder_train"}
+    top = [f for f in fields(Config) if f.name not in sections]
+    for cls, own in ((Config, top), *((c, fields(c)) for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, DecoderConfig))):
+        for f in own:
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    text = describe()
+    assert "  train.lr = 0.001  # peak learning rate (AdamW)" in text
+    assert "  name = 'run'  # run folder name under out_dir" in text
+    assert len([line for line in text.splitlines() if "  # " in line]) == len(top) + sum(
+        len(fields(c)) * (2 if c is TrainConfig else 1) for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, DecoderConfig))
