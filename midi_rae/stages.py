@@ -10,26 +10,24 @@ writes checkpoints.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from midi_rae.checkpoint import has_checkpoints, load_latest, load_weights, rng_state, save_checkpoint, save_weights, set_rng_state
 from midi_rae.config import Config, ConfigError, TrainConfig
 from midi_rae.data import PianoRollDataset
+from midi_rae.distributed import Dist, all_gather, barrier, say, setup
 from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain, momentum_at, param_groups,
                              train_one_epoch)
+from midi_rae.logger import Logger
 from midi_rae.models import DecoderTrainer, Pretrainer, build_decoder, build_encoder
 from midi_rae.runs import encoder_config, resolve_cache_dir, stage_dirs, with_encoder_config
 from midi_rae.utils import atomic_write_text, param_count
@@ -43,45 +41,6 @@ RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "deco
 # Fields that change the result from the resumed step on, and that the advice after a non-finite
 # loss asks for: allowed on resume, and named in the log.
 TUNABLE_ON_RESUME = ("lr", "min_lr", "warmup_steps", "clip_grad", "amp")
-
-
-# ----------------------------------------------------------------------------- processes and devices
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup(cfg: TrainConfig) -> Dist:
-    """Device and, under torchrun (WORLD_SIZE > 1), the process group: NCCL on CUDA, gloo on CPU."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no GPU is visible; set train.device=cpu")
-    device = torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, device)
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- data
@@ -127,78 +86,6 @@ def epoch_loader(ds: PianoRollDataset, tcfg: TrainConfig, d: Dist, epoch: int, s
 
 def val_loader(val: Subset, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-def log_lines_upto(path: Path, step: int) -> list[str]:
-    """The lines of a metrics.jsonl up to `step`. A last line that does not parse is what a kill
-    in mid-write leaves, and is dropped; any other line that does not parse is kept as it is."""
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    keep = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                keep.append(line)
-            continue
-        if record.get("step", 0) <= step:
-            keep.append(line)
-    return keep
-
-
-class Logger:
-    """metrics.jsonl (one JSON line per log), TensorBoard when installed, wandb when asked. Rank 0 only."""
-
-    def __init__(self, stage_dir: Path, cfg: Config, tcfg: TrainConfig, stage: str, enabled: bool, resume_step: int) -> None:
-        self.enabled, self.path = enabled, stage_dir / "metrics.jsonl"
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-            atomic_write_text(self.path, "".join(l + "\n" for l in log_lines_upto(self.path, resume_step)))
-        if tcfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(stage_dir / "tb"))
-            except ImportError:  # tensorboard is optional
-                pass
-        if tcfg.wandb:
-            section = SECTIONS[stage]
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError(f"{section}.wandb is true but wandb is not installed: pip install wandb, "
-                                  f"or set {section}.wandb=false") from None
-            self.wandb = wandb.init(project=tcfg.wandb_project, name=f"{cfg.name}-{stage}", dir=str(stage_dir),
-                                    mode=tcfg.wandb_mode, config=cfg.to_dict(), resume="allow")
-
-    def log(self, split: str, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
-        line = {"split": split, "step": step, "time": round(time.time(), 3), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(line) + "\n")  # undefined metrics (0 / 0) are written as null
-        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
-        if self.wandb is not None:
-            self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def say(d: Dist, msg: str) -> None:
-    if d.main:
-        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- the generic stage
@@ -274,7 +161,7 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                                                     find_unused_parameters=True)
-    log = Logger(stage_dir, cfg, tcfg, stage, d.main, step)
+    log = Logger(stage_dir, cfg, stage, SECTIONS[stage], d.main, step)
     vloader = val_loader(val, tcfg.batch_size, cfg.data.num_workers)
     last_val: dict[str, float] = {}
     acc: dict[str, float] = {}
@@ -298,11 +185,7 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
 
     def checkpoint(s: int) -> None:
         nonlocal saved_at
-        rngs = [rng_state()]
-        if d.world > 1:
-            gathered: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        rngs = all_gather(d, rng_state())
         if d.main:
             state = {"stage": stage, "step": s, "optimizer": optimizer.state_dict(), "rng": rngs, "best": best,
                      "best_step": best_step, "config": cfg.to_dict()}
@@ -357,11 +240,8 @@ def fit(stage: str, cfg: Config, tcfg: TrainConfig, model: nn.Module, d: Dist, s
     if evaluated_at != step:
         validate(step)
     digest = weights_digest(raw)
-    agree = True
-    if d.world > 1:  # every process must end with the same weights: a cheap check that DDP synced
-        digests: list[Any] = [None] * d.world
-        dist.all_gather_object(digests, digest)
-        agree = len(set(digests)) == 1
+    digests = all_gather(d, digest)  # every process must end with the same weights: a cheap check that DDP synced
+    agree = len(set(digests)) == 1
     final = {"step": step, "seconds": round(time.time() - t0, 1), "best": best, "best_step": best_step,
              "weights_sha1": digest, "ranks_agree": agree, "world_size": d.world, **{f"val_{k}": v for k, v in last_val.items()}}
     log.log("final", step, final)

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,17 +22,14 @@ from midi_rae import probes
 from midi_rae.cache import prepare
 from midi_rae.config import Config
 from midi_rae.data import RollSettings
+from midi_rae.distributed import setup
+from midi_rae.logger import last_record
 from midi_rae.runs import load_autoencoder, resolve_cache_dir, stage_dirs, with_encoder_config
-from midi_rae.stages import datasets, pretrain, setup, train_decoder
+from midi_rae.stages import datasets, pretrain, train_decoder
 from midi_rae.utils import atomic_write_text
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _last(path: Path, split: str) -> dict[str, Any]:
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-    return next((l for l in reversed(lines) if l["split"] == split), {})
 
 
 def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
@@ -57,8 +53,8 @@ def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
     labels = [f"{it['piece_id']} @ {it['start']}" for it in items]
     fig = recon_figure(x[:, 0].numpy(), probs[:, 0].numpy(), run_dir / "recon.png", thr,
                        f"{cfg.name}: validation crops, frame channel", labels)
-    pre_final, dec_final = _last(pre_dir / "metrics.jsonl", "final"), _last(dec_dir / "metrics.jsonl", "final")
-    pre_val, dec_val = _last(pre_dir / "metrics.jsonl", "val"), _last(dec_dir / "metrics.jsonl", "val")
+    pre_final, dec_final = last_record(pre_dir / "metrics.jsonl", "final"), last_record(dec_dir / "metrics.jsonl", "final")
+    pre_val, dec_val = last_record(pre_dir / "metrics.jsonl", "val"), last_record(dec_dir / "metrics.jsonl", "val")
     summary = {
         "name": cfg.name, "encoder": enc_cfg.model.encoder, "figure": str(fig),
         "pretrain": {"steps": pre_final.get("step"), "seconds": pre_final.get("seconds"),

@@ -19,7 +19,8 @@ from midi_rae.config import ConfigError, load_config, resolve_config_path
 from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
-from midi_rae.stages import Logger, datasets, pretrain, train_decoder, val_loader
+from midi_rae.logger import Logger
+from midi_rae.stages import datasets, pretrain, train_decoder, val_loader
 from midi_rae.train import report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def test_missing_wandb_names_the_config_field(stage: str, section: str, tmp_path
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     cfg = load_config(None, [f"{section}.wandb=true", f"{section}.tensorboard=false"])
     with pytest.raises(ConfigError, match=rf"^{section}\.wandb is true but wandb is not installed.*set {section}\.wandb=false"):
-        Logger(tmp_path, cfg, getattr(cfg, section), stage, True, 0)
+        Logger(tmp_path, cfg, stage, section, True, 0)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
