@@ -24,8 +24,8 @@ from midi_rae.config import Config
 from midi_rae.data import RollSettings
 from midi_rae.distributed import setup
 from midi_rae.logger import last_record
-from midi_rae.runs import load_autoencoder, resolve_cache_dir, stage_dirs, with_encoder_config
-from midi_rae.stages import datasets, pretrain, train_decoder
+from midi_rae.runs import datasets, load_autoencoder, resolve_cache_dir, stage_dirs, with_encoder_config
+from midi_rae.stages import pretrain, train_decoder
 from midi_rae.utils import atomic_write_text
 
 

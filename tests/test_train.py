@@ -13,14 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from midi_rae import stages, trainer
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae import stages
 from midi_rae.config import ConfigError, load_config, resolve_config_path
 from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
-from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
 from midi_rae.logger import Logger
-from midi_rae.stages import datasets, pretrain, train_decoder, val_loader
+from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
+from midi_rae.runs import datasets
+from midi_rae.stages import pretrain, train_decoder
+from midi_rae.trainer import val_loader
 from midi_rae.train import report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,7 +220,7 @@ def test_resume_may_change_the_learning_rate(tiny_cache: Path, tmp_path: Path, c
     def diverge(*args, **kwargs):
         raise NonFiniteLoss("loss is nan at step 5 (epoch 0); stopping")
 
-    monkeypatch.setattr(stages, "train_one_epoch", diverge)
+    monkeypatch.setattr(trainer, "train_one_epoch", diverge)
     with pytest.raises(SystemExit, match=r"Lower train.lr .* --resume and, e.g., train.lr=0.0001"):
         pretrain(load_config(None, [*overrides, "name=d", "train.lr=1e-3"]))
 
