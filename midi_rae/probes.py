@@ -23,6 +23,7 @@ test pieces, and so is each encoder's headline feature set. Reported: balanced a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from midi_rae.config import PITCHES, Config
 from midi_rae.data import load_index, load_roll, load_settings, split_of
 from midi_rae.descriptors import descriptors
 from midi_rae.runs import initial_encoder, load_encoder
-from midi_rae.utils import atomic_write
+from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
 TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
@@ -354,3 +355,11 @@ def figure(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
+
+
+def write(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """`result` as JSON at `path`, its tables beside it as .md and its figure as .png."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path.with_suffix(".md"), table(result) + "\n")
+    figure(result, path.with_suffix(".png"))

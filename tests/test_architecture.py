@@ -1,5 +1,5 @@
 """Commands are peers: no command module imports another (at the top or inside a function); what two
-commands share lives in a layer below them (`runs`, `stages`, `cache`, `probes`, `data`, ...)."""
+commands share lives in a layer below them (`runs`, `stages`, `evaluate`, `cache`, `probes`, `data`, ...)."""
 import ast
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import pytest
 import midi_rae
 
 PACKAGE = Path(midi_rae.__file__).parent
-COMMANDS = {"train", "encode", "reconstruct", "evaluate", "probe", "levels", "prepare"}
+COMMANDS = {"train", "encode", "reconstruct", "eval", "probe", "levels", "prepare"}
 # Every module below the commands: all but the commands and the command line (one table of them).
 LOWER = sorted(p for p in PACKAGE.rglob("*.py")
                if p.stem not in COMMANDS and p.relative_to(PACKAGE).as_posix() not in ("cli.py", "__main__.py"))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from midi_rae import stages, trainer
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 from midi_rae.config import ConfigError, load_config, resolve_config_path
+from midi_rae.evaluate import run_summary
 from midi_rae.engine import NonFiniteLoss, evaluate_pretrain, lr_at, momentum_at, param_groups
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.logger import Logger
@@ -23,7 +24,6 @@ from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_deco
 from midi_rae.runs import datasets
 from midi_rae.stages import pretrain, train_decoder
 from midi_rae.trainer import val_loader
-from midi_rae.train import report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_decoder_and_report(tiny_cache: Path, tmp_path: Path) -> None:
     pretrain(cfg)
     final = train_decoder(cfg)
     assert final["step"] == 2 and {"val_precision", "val_recall", "val_specificity", "val_f1"} <= set(final)
-    summary = report(cfg, n_examples=2)
+    summary = run_summary(cfg, n_examples=2)
     run = tmp_path / "rep"
     assert (run / "recon.png").stat().st_size > 1000 and (run / "summary.md").exists()
     assert summary["decoder"]["threshold"] == 0.5 and "masked_f1" in summary["pretrain"]
