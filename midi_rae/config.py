@@ -32,7 +32,7 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    """Where the rolls come from and how crops are drawn (see `data.PianoRollDataset`)."""
+    """Where the rolls come from and how crops are drawn (see `dataset.PianoRollDataset`)."""
 
     cache_dir: str | None = None  # a prepared cache; None: the bundled corpus's default cache
     paths: list[str] = field(default_factory=list)  # sources `midi-rae run` prepares; empty: bundled corpus
@@ -45,7 +45,7 @@ class DataConfig:
     # 'shift': the second view is the same passage moved by max_time_shift / max_pitch_shift;
     # 'piece': another passage of the same piece, moved by up to max_pitch_shift semitones of its own.
     view_mode: str = "shift"
-    val_fraction: float = 0.05  # pieces held out, by a hash of the work (data.work_key)
+    val_fraction: float = 0.05  # pieces held out, by a hash of the work (cache.work_key)
     val_max_items: int | None = 256  # cap on the fixed validation crops (None: all)
     num_workers: int = 0  # DataLoader workers per process
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 
 from midi_rae import probes
 from midi_rae.config import Config
-from midi_rae.data import PianoRollDataset
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.engine import best_threshold
 from midi_rae.logger import last_record
 from midi_rae.masking import note_mask

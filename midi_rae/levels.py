@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from midi_rae.checkpoint import save_weights
 from midi_rae.config import PITCHES, Config, from_dict
-from midi_rae.data import PianoRollDataset
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.distributed import setup
 from midi_rae.engine import best_threshold
 from midi_rae.masking import note_mask

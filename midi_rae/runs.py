@@ -22,7 +22,7 @@ from torch.utils.data import Subset
 from midi_rae.cache import default_cache_dir
 from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config, from_dict
-from midi_rae.data import PianoRollDataset
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
 
 # ----------------------------------------------------------------------------- folders and data

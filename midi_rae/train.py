@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 from midi_rae.cache import prepare
 from midi_rae.config import Config
-from midi_rae.data import RollSettings
 from midi_rae.distributed import barrier, setup
 from midi_rae.evaluate import run_summary
+from midi_rae.roll import RollSettings
 from midi_rae.runs import resolve_cache_dir, stage_dirs
 from midi_rae.stages import pretrain, train_decoder
 from midi_rae.utils import atomic_write_text

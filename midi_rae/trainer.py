@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from midi_rae.checkpoint import has_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from midi_rae.config import Config, ConfigError, TrainConfig
-from midi_rae.data import PianoRollDataset
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.distributed import Dist, all_gather, barrier, say
 from midi_rae.engine import NonFiniteLoss, momentum_at, param_groups, train_one_epoch
 from midi_rae.logger import Logger
