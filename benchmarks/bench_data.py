@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from midi_rae.data import RollSettings, midi_to_roll
+from midi_rae.roll import RollSettings, midi_to_roll
 
 
 def midi_files() -> list[Path]:
@@ -46,7 +46,7 @@ def bench_throughput(repeats: int) -> None:
     settings = RollSettings(onset=False)
     ours = best_of(lambda: [midi_to_roll(d, settings) for d in data], repeats)
     print(f"files: {len(files)} MIDI files from the music21 wheel, {sum(map(len, data)) / 1e3:.0f} kB")
-    print(f"midi_rae.data.midi_to_roll: {ours * 1e3:8.1f} ms  ({len(files) / ours:8.0f} files/s)")
+    print(f"midi_rae.roll.midi_to_roll: {ours * 1e3:8.1f} ms  ({len(files) / ours:8.0f} files/s)")
     try:
         import io
 

@@ -1,5 +1,6 @@
-"""The roll cache and metadata table built from music files, resumably (the data layer under
-`midi-rae prepare`, which `run` also calls before training).
+"""The roll cache and metadata table: built from music files, resumably (`prepare`, the data layer
+under `midi-rae prepare`, which `run` also calls before training), and read back (its settings,
+its index of pieces, one piece's roll, and the train/val split of the pieces).
 
 Cache layout (`cache_dir/`):
 
@@ -33,8 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from midi_rae.corpus import corpus_files
-from midi_rae.data import SUFFIXES, BadInput, RollSettings, read_pieces
+from midi_rae.roll import SUFFIXES, BadInput, RollSettings, read_pieces
 from midi_rae.utils import atomic_write
+
+
+# ----------------------------------------------------------------------------- building a cache
 
 
 @dataclass(frozen=True)
@@ -275,3 +279,51 @@ def _write_if_changed(path: Path, text: str) -> None:
     data = text.encode()
     if not path.exists() or path.read_bytes() != data:
         _atomic_write(path, data)
+
+
+# ----------------------------------------------------------------------------- reading a cache
+
+
+def load_settings(cache_dir: str | os.PathLike) -> RollSettings:
+    """The `RollSettings` a cache was prepared with."""
+    path = Path(cache_dir) / "settings.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared roll cache at {cache_dir}: run `midi-rae prepare` for it, or point "
+                                f"--cache-dir (or MIDI_RAE_CACHE, data.cache_dir) at the cache the run used")
+    return RollSettings(**json.loads(path.read_text()))
+
+
+def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The pieces of a prepared cache with their metadata (one dict per `pieces.jsonl` line).
+
+    Keys: piece_id, roll (file name under `rolls/`), source, index, steps, notes, collection,
+    composer, title, time_signature, key, format (and tune_id for ABC tunes).
+    """
+    path = Path(cache_dir) / "pieces.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `midi-rae prepare` first (or pass the cache dir it printed)")
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_roll(cache_dir: str | os.PathLike, piece: dict[str, Any], mmap: bool = True) -> np.ndarray:
+    """The `(C, 128, T)` uint8 roll of one piece; memory-mapped, so a crop reads only its columns."""
+    return np.load(Path(cache_dir) / "rolls" / piece["roll"], mmap_mode="r" if mmap else None)
+
+
+def work_key(piece_id: str) -> str:
+    """The work a piece id names, whatever file format holds it: the source path without its
+    music-file suffix, lower-cased (`music21/bach/bwv277.krn` and `.mxl` are one work), plus
+    `#<index>` for a piece of a multi-piece file."""
+    source, sep, index = piece_id.partition("#")
+    stem, dot, suffix = source.rpartition(".")
+    if dot and f".{suffix.lower()}" in SUFFIXES:
+        source = stem
+    return source.lower() + sep + index
+
+
+def split_of(piece_id: str, val_fraction: float = 0.05) -> str:
+    """'train' or 'val' from a hash of the piece's `work_key`: the same on every machine, for any
+    file order, and the same for every encoding of one work (no work on both sides)."""
+    h = int.from_bytes(hashlib.sha1(work_key(piece_id).encode()).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"

@@ -21,7 +21,7 @@ def _add_from(module: str, name: str) -> Callable[[argparse._SubParsersAction], 
 COMMANDS = {"prepare": _add_from("prepare", "add_prepare"), "train": _add_from("train", "add_train"),
             "train-decoder": _add_from("train", "add_train_decoder"), "run": _add_from("train", "add_run"),
             "encode": _add_from("encode", "add_encode"), "reconstruct": _add_from("reconstruct", "add_reconstruct"),
-            "eval": _add_from("evaluate", "add_eval"), "probe": _add_from("probe", "add_probe"),
+            "eval": _add_from("eval", "add_eval"), "probe": _add_from("probe", "add_probe"),
             "levels": _add_from("levels", "add_levels")}
 
 

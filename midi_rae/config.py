@@ -39,7 +39,7 @@ def opt(default: Any = None, help: str = "", *, factory: Callable[[], Any] | Non
 
 @dataclass
 class DataConfig:
-    """Where the rolls come from and how crops are drawn (see `data.PianoRollDataset`)."""
+    """Where the rolls come from and how crops are drawn (see `dataset.PianoRollDataset`)."""
 
     cache_dir: str | None = opt(None, "a prepared cache; None: the bundled corpus's default cache")
     paths: list[str] = opt(factory=list, help="sources `midi-rae run` prepares; empty: bundled corpus")
@@ -52,7 +52,7 @@ class DataConfig:
     view_mode: str = opt("shift", "the second view: 'shift' (the same passage moved by max_time_shift / "
                                   "max_pitch_shift) or 'piece' (another passage of the same piece, moved by up to "
                                   "max_pitch_shift semitones of its own)")
-    val_fraction: float = opt(0.05, "pieces held out, by a hash of the work (data.work_key)")
+    val_fraction: float = opt(0.05, "pieces held out, by a hash of the work (cache.work_key)")
     val_max_items: int | None = opt(256, "cap on the fixed validation crops (None: all)")
     num_workers: int = opt(0, "DataLoader workers per process")
 

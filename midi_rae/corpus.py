@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from midi_rae.data import SUFFIXES
+from midi_rae.roll import SUFFIXES
 
 # Corpus folders that are not repertoire: music21's test and teaching files, its metadata.
 EXCLUDED_DIRS = frozenset({"demos", "theoryExercises", "_metadataCache", "__pycache__"})

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from midi_rae.core import LevelInfo
-from midi_rae.data import read_inputs, windows
+from midi_rae.dataset import read_inputs, windows
 from midi_rae.runs import load_encoder
 from midi_rae.utils import atomic_write, resolve_device
 

@@ -1,8 +1,8 @@
 """The training engine: one `train_one_epoch` for every stage, evaluation, and the pieces they
 share (parameter groups, the learning-rate and EMA-momentum schedules).
 
-Kept free of files and process groups except for one all-reduce of the loss: `train.py`
-owns run folders, checkpoints and logging, and reaches in through `on_step`.
+Kept free of files and process groups except for one all-reduce of the loss: the loop
+(`trainer.Trainer`) owns run folders, checkpoints and logging, and reaches in through `on_step`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`midi-rae eval`: reconstruction metrics and figures of a trained encoder + decoder.
+"""Reconstruction metrics, figures and summaries of a trained encoder + decoder: `evaluate`, which
+`midi-rae eval` runs (below), and `run_summary`, which `midi-rae run` writes into the run folder
+at its end (`recon.png`, `summary.json`, `summary.md`: the stages' last validation lines, and the
+probe suite's headline when asked).
 
 On the fixed validation crops of the run's cache (or another split / cache):
 
@@ -15,27 +18,47 @@ truth / reconstruction / error map), `levels_pca.png`, `spectra.png`, `global.pn
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from midi_rae.data import PianoRollDataset
-from midi_rae.masking import note_mask
+from midi_rae import probes
+from midi_rae.config import Config
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.engine import best_threshold
+from midi_rae.logger import last_record
+from midi_rae.masking import note_mask
 from midi_rae.metrics import (inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
-from midi_rae.runs import load_autoencoder, resolve_cache_dir, resolve_checkpoint
-from midi_rae.utils import atomic_write_text, resolve_device
+from midi_rae.runs import (datasets, load_autoencoder, resolve_cache_dir, resolve_checkpoint, stage_dirs,
+                           with_encoder_config)
+from midi_rae.utils import atomic_write_text
 
 MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
+ERROR_MAP_CAPTION = ("Error map: black = note kept (TP), red = invented (FP), blue = missed (FN); "
+                     "low pitches at the bottom.")
+
+
+def pick_examples(fullness: Tensor, piece_ids: list[str], starts: list[int], n: int) -> tuple[list[int], list[str]]:
+    """The crops a reconstruction figure shows: the fullest crop (`fullness` (N,): its sum of
+    frame pixels) of each of `n` pieces, fullest first; of equally full crops, the earlier one.
+    Returns their indices and their labels `piece @ start`."""
+    picked: list[int] = []
+    seen: set[str] = set()
+    for i in torch.argsort(fullness, descending=True, stable=True).tolist():
+        if piece_ids[i] not in seen:
+            seen.add(piece_ids[i])
+            picked.append(i)
+        if len(picked) == n:
+            break
+    return picked, [f"{piece_ids[i]} @ {starts[i]}" for i in picked]
 
 
 def pca(fit: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -100,7 +123,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                 channels=d.channels, seed=cfg.decoder_train.seed)
     train_data = Subset(train_ds, range(min(len(train_ds), limit)))
     best_thr = best_threshold(model, DataLoader(train_data, batch_size=batch_size, shuffle=False), device)
-    xs, probs_all, masks, coll, names_at = [], [], [], [], []
+    xs, probs_all, masks, coll, piece_ids, starts = [], [], [], [], [], []
     tokens: list[list[Tensor]] = [[] for _ in model.encoder.feature_info]
     pooled = []
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
@@ -112,7 +135,8 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
         probs_all.append(p.cpu())
         masks.append(mask.cpu())
         coll += [str(ds.pieces[int(i)].get("collection") or "unknown") for i in batch["piece"]]
-        names_at += [(pid, int(s)) for pid, s in zip(batch["piece_id"], batch["start"])]
+        piece_ids += batch["piece_id"]
+        starts += batch["start"].tolist()
         for li, lvl in enumerate(enc.patches):
             tokens[li].append(lvl.emb.flatten(0, 1).float().cpu())
         pooled.append(enc.patches.coarsest.emb.mean(1).float().cpu())  # (B, D0): the global token (mean of the grid)
@@ -128,16 +152,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                                                           "fn": int(notes[2])}}
 
     # Figures.
-    fullness = x[:, 0].flatten(1).sum(1)
-    order = torch.argsort(fullness, descending=True)
-    picked, seen = [], set()
-    for i in order.tolist():  # the fullest crop of each of several pieces
-        if names_at[i][0] not in seen:
-            seen.add(names_at[i][0])
-            picked.append(i)
-        if len(picked) == n_examples:
-            break
-    labels = [f"{pid} @ {start}" for pid, start in (names_at[i] for i in picked)]
+    picked, labels = pick_examples(x[:, 0].flatten(1).sum(1), piece_ids, starts, n_examples)
     figures = {"recon": recon_figure(x[picked, 0].numpy(), probs[picked, 0].numpy(), out / "recon.png", thr,
                                      f"{cfg.name}: {split} crops, frame channel (p > {thr:g})", labels)}
     gen = torch.Generator().manual_seed(0)
@@ -181,27 +196,71 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", "| level | components for 90% variance | dim |", "|---|---|---|"]
     lines += [f"| {n} | {v['components_90']} | {v['dim']} |" for n, v in r["spectra"].items()]
     lines += [""] + [f"![{k}]({Path(v).name})" for k, v in r["figures"].items()]
-    lines += ["", "Error map: black = note kept (TP), red = invented (FP), blue = missed (FN); low pitches at the bottom."]
+    lines += ["", ERROR_MAP_CAPTION]
     return "\n".join(lines)
 
 
-def add_eval(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
-    p = sub.add_parser("eval", help="reconstruction metrics (pixel, note onsets) and figures of a trained run",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder (runs/<name>) or decoder.safetensors")
-    p.add_argument("-o", "--out", help="output folder (default: <run>/eval)")
-    p.add_argument("--cache-dir", help="roll cache (default: the run's own data)")
-    p.add_argument("--threshold", type=float, help="stated threshold (default: the run's decoder.threshold)")
-    p.add_argument("--split", default="val", choices=("val", "train", "all"))
-    p.add_argument("--max-items", type=int, help="crops to evaluate (default: data.val_max_items)")
-    p.add_argument("--examples", type=int, default=4, help="crops shown in recon.png")
-    p.add_argument("--device", default="cpu")
+# ----------------------------------------------------------------------------- the summary of a run
 
-    def run(args: argparse.Namespace) -> int:
-        r = evaluate(args.checkpoint, args.out, args.cache_dir, args.threshold, args.split, args.max_items,
-                     args.examples, device=resolve_device(args.device))
-        print(markdown(r))
-        print(f"\nwritten: {Path(r['figures']['recon']).parent}/metrics.json, metrics.md and figures")
-        return 0
 
-    return run
+def run_summary(cfg: Config, n_examples: int = 4, probe: bool = False) -> dict[str, Any]:
+    """Reconstruction figure and summary of a finished run: `recon.png`, `summary.json`, `summary.md`;
+    with `probe`, the probe suite's headline as well (`probe_summary`), in both summaries."""
+    from midi_rae.plots import recon_figure
+
+    run_dir, pre_dir, dec_dir = stage_dirs(cfg)
+    model, enc_cfg = load_autoencoder(dec_dir / "decoder.safetensors")
+    _, val = datasets(with_encoder_config(cfg, enc_cfg), enc_cfg.decoder_train.seed, False)
+    # The validation crops are fixed (their index alone draws them): read once to choose, again to draw.
+    items = [val[i] for i in range(len(val))]
+    fullness = torch.tensor([float(it["x"][0].sum()) for it in items])  # (N,)
+    picked, labels = pick_examples(fullness, [it["piece_id"] for it in items], [it["start"] for it in items], n_examples)
+    x = torch.stack([val[i]["x"] for i in picked])  # (K, C, 128, W)
+    with torch.no_grad():
+        probs = model.logits(x).sigmoid()
+    thr = enc_cfg.decoder.threshold
+    fig = recon_figure(x[:, 0].numpy(), probs[:, 0].numpy(), run_dir / "recon.png", thr,
+                       f"{cfg.name}: validation crops, frame channel", labels)
+    pre_final, dec_final = last_record(pre_dir / "metrics.jsonl", "final"), last_record(dec_dir / "metrics.jsonl", "final")
+    pre_val, dec_val = last_record(pre_dir / "metrics.jsonl", "val"), last_record(dec_dir / "metrics.jsonl", "val")
+    summary = {
+        "name": cfg.name, "encoder": enc_cfg.model.encoder, "figure": str(fig),
+        "pretrain": {"steps": pre_final.get("step"), "seconds": pre_final.get("seconds"),
+                     **{k: pre_val.get(k) for k in ("loss", "masked_precision", "masked_recall", "masked_f1", "samples") if k in pre_val}},
+        "decoder": {"steps": dec_final.get("step"), "seconds": dec_final.get("seconds"),
+                    **{k: dec_val.get(k) for k in ("loss", "precision", "recall", "specificity", "f1", "threshold") if k in dec_val}},
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    p, q = summary["pretrain"], summary["decoder"]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = [f"# {cfg.name}: validation summary", "",
+          f"Encoder: {enc_cfg.model.encoder}, pretrained {p['steps']} steps ({p['seconds']} s); decoder "
+          f"{q['steps']} steps ({q['seconds']} s).", "",
+          "| stage | metric | value |", "|---|---|---|"]
+    md += [f"| pretrain (masked patches, per-sample mean, p > 0.5) | {k} | {fmt(v)} |" for k, v in p.items() if k not in ("steps", "seconds")]
+    md += [f"| decoder (pixels of the frame channel inside the piece, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
+    md += ["", f"![reconstruction]({fig.name})", "", ERROR_MAP_CAPTION]
+    atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
+    # The probe suite takes minutes: the summary above is on disk before it starts.
+    if probe and (heads := probe_summary(cfg)) is not None:
+        summary["probe"] = heads
+        md += ["", "## Linear probes (balanced accuracy on held-out pieces; all levels pooled; details in probe.md)", "",
+               *probes.headline_table(heads["models"], heads["headline"]), "",
+               "The random-initialisation twin has the trained encoder's shape: what pretraining added is the "
+               "difference; the descriptors are hand-crafted music statistics (midi_rae.descriptors)."]
+        atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
+    return summary
+
+
+def probe_summary(cfg: Config) -> dict[str, Any] | None:
+    """The probe suite's headline for a finished run (all levels, 2 crops per piece), written to
+    `probe.json` / `probe.md` / `probe.png` in the run folder; None when the run's data carries no
+    label with two classes to probe."""
+    run_dir = stage_dirs(cfg)[0]
+    try:
+        result = probes.probe([run_dir], resolve_cache_dir(cfg), level="all", crops_per_piece=2)
+    except ValueError as e:  # no task in this corpus's metadata
+        print(f"[probe] skipped: {e}", flush=True)
+        return None
+    probes.write(result, run_dir / "probe.json")
+    return {"models": result["models"], "headline": probes.headline(result)}

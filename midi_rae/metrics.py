@@ -96,7 +96,7 @@ def best_f1(counts: Tensor, thresholds: Tensor) -> tuple[float, int]:
 
 
 def note_onsets(frame: Tensor, onset: Tensor | None = None) -> Tensor:
-    """Where notes start, as `data.roll_to_score` reads a roll: the frame switches on, or the
+    """Where notes start, as `roll.roll_to_score` reads a roll: the frame switches on, or the
     onset channel marks a new note while the frame stays on. (B, H, W) bool -> (B, H, W) bool."""
     prev = torch.zeros_like(frame)
     prev[..., 1:] = frame[..., :-1]

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from midi_rae.cache import MAX_FILE_MB, prepare
-from midi_rae.data import RollSettings
+from midi_rae.roll import RollSettings
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable
 
 from midi_rae import probes
 from midi_rae.runs import resolve_cache_dir, resolve_checkpoint
-from midi_rae.utils import atomic_write_text
 
 
 def add_probe(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -44,9 +42,7 @@ def add_probe(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace],
                               args.crops_per_piece, args.max_pieces_per_class, args.max_classes, args.l2, not args.no_random, args.min_pieces)
         print(probes.table(result))
         if args.out:
-            atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-            atomic_write_text(out.with_suffix(".md"), probes.table(result) + "\n")
-            probes.figure(result, out.with_suffix(".png"))
+            probes.write(result, out)
         return 0
 
     return run

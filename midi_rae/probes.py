@@ -5,7 +5,7 @@ Tasks: `collection`, `composer`, `time_signature`, `mode` (major / minor, from t
 `source_set` (the source file's name without its number: the Essen folk songs' regions),
 each with the classes that have enough pieces on both sides of the split (at most
 `--max-classes`, the most frequent). Split grouped by piece, by a hash of the piece id
-(`data.split_of`) at the run's `data.val_fraction`: the test pieces are the run's validation
+(`cache.split_of`) at the run's `data.val_fraction`: the test pieces are the run's validation
 pieces, which the encoder never trained on. Crops: each piece is cut into non-overlapping
 windows of the encoder's width from its start (at most `crops_per_piece`, windows with fewer
 than W/8 sounding columns skipped); every piece counts at most `max_pieces_per_class` (train)
@@ -23,6 +23,7 @@ test pieces, and so is each encoder's headline feature set. Reported: balanced a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from midi_rae.cache import load_index, load_roll, load_settings, split_of
 from midi_rae.config import PITCHES, Config
 from midi_rae.core import PatchState
-from midi_rae.data import load_index, load_roll, load_settings, split_of
 from midi_rae.descriptors import descriptors
 from midi_rae.runs import initial_encoder, load_encoder
-from midi_rae.utils import atomic_write
+from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
 TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
@@ -66,7 +67,7 @@ def label_of(piece: dict[str, Any], task: str) -> str | None:
 
 def pick_pieces(members: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The same n pieces every run, by a salted hash of the piece id. The salt matters: the
-    train/test split hashes the work key (`data.split_of`), and picking the n smallest of that
+    train/test split hashes the work key (`cache.split_of`), and picking the n smallest of that
     same hash would put nearly every picked piece on one side."""
     return sorted(members, key=lambda p: hashlib.sha1(f"probe-pick:{p['piece_id']}".encode()).digest())[:n]
 
@@ -389,3 +390,11 @@ def figure(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
+
+
+def write(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """`result` as JSON at `path`, its tables beside it as .md and its figure as .png."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path.with_suffix(".md"), table(result) + "\n")
+    figure(result, path.with_suffix(".png"))

@@ -21,8 +21,9 @@ import symusic
 import torch
 from torch import Tensor
 
-from midi_rae.data import MIDI_SUFFIXES, TPQ, read_inputs, roll_to_score, windows
+from midi_rae.dataset import read_inputs, windows
 from midi_rae.models import DecoderTrainer
+from midi_rae.roll import MIDI_SUFFIXES, TPQ, roll_to_score
 from midi_rae.runs import load_autoencoder
 from midi_rae.utils import atomic_write, check_output, resolve_device
 

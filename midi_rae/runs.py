@@ -17,10 +17,12 @@ import torch
 import yaml
 from safetensors import safe_open
 from torch import nn
+from torch.utils.data import Subset
 
 from midi_rae.cache import default_cache_dir
 from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config, from_dict
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
 
 # ----------------------------------------------------------------------------- folders and data
@@ -38,6 +40,25 @@ def resolve_cache_dir(cfg: Config) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser()
     return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None)
+
+
+def datasets(cfg: Config, seed: int, pair: bool) -> tuple[PianoRollDataset, Subset]:
+    """The training crops of the run `cfg` describes, and its validation crops (a fixed set, the
+    first `data.val_max_items`); `pair`: two views per item, for the objectives that compare views."""
+    cache = resolve_cache_dir(cfg)
+    if not (cache / "pieces.jsonl").exists():
+        raise FileNotFoundError(f"no prepared cache at {cache}: run `midi-rae prepare --cache-dir {cache}` "
+                                f"(or `midi-rae run`, which prepares first), or set data.cache_dir")
+    d = cfg.data
+    kw = dict(crop_width=d.crop_width, pair=pair, max_time_shift=d.max_time_shift, max_pitch_shift=d.max_pitch_shift,
+              val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode)
+    train = PianoRollDataset(cache, "train", transpose=d.transpose, **kw)
+    try:
+        val = PianoRollDataset(cache, "val", **kw)
+    except ValueError:
+        raise ValueError(f"the cache {cache} has no validation pieces at data.val_fraction={d.val_fraction}; "
+                         f"raise data.val_fraction or prepare more files") from None
+    return train, Subset(val, range(min(len(val), d.val_max_items or len(val))))
 
 
 # ----------------------------------------------------------------------------- configs

@@ -1,11 +1,12 @@
 """`midi-rae train`, `train-decoder` and `run`: the training stages (`midi_rae.stages`) from the
-command line, and `run`'s whole job with its report.
+command line, and `run`'s whole job: prepare, both stages, the summary (`evaluate.run_summary`).
 
 Run folder `<out_dir>/<name>/`:
 
 - `pretrain/`: `config.yaml`, `metrics.jsonl`, `checkpoints/`, `encoder.safetensors`, `tb/`
 - `decoder/`:  `config.yaml`, `metrics.jsonl`, `checkpoints/`, `decoder.safetensors`, `tb/`
-- `recon.png`, `summary.json`, `summary.md` (written by `run` / `report`)
+- `recon.png`, `summary.json`, `summary.md` (written by `run`), and `probe.json`, `probe.md`, `probe.png`
+  (its probe suite, unless `--no-probe`)
 """
 from __future__ import annotations
 
@@ -13,99 +14,20 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
-from midi_rae import probes
 from midi_rae.cache import prepare
 from midi_rae.config import Config
-from midi_rae.data import RollSettings
-from midi_rae.runs import load_autoencoder, resolve_cache_dir, stage_dirs, with_encoder_config
-from midi_rae.stages import datasets, pretrain, setup, train_decoder
+from midi_rae.distributed import barrier, setup
+from midi_rae.evaluate import run_summary
+from midi_rae.roll import RollSettings
+from midi_rae.runs import resolve_cache_dir, stage_dirs
+from midi_rae.stages import pretrain, train_decoder
 from midi_rae.utils import atomic_write_text
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _last(path: Path, split: str) -> dict[str, Any]:
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-    return next((l for l in reversed(lines) if l["split"] == split), {})
-
-
-def report(cfg: Config, n_examples: int = 4) -> dict[str, Any]:
-    """Reconstruction figure and summary of a finished run: `recon.png`, `summary.json`, `summary.md`."""
-    from midi_rae.plots import recon_figure
-
-    run_dir, pre_dir, dec_dir = stage_dirs(cfg)
-    model, enc_cfg = load_autoencoder(dec_dir / "decoder.safetensors")
-    _, val = datasets(with_encoder_config(cfg, enc_cfg), enc_cfg.decoder_train.seed, False)
-    # One crop from each of several validation pieces: the fullest among a piece's first crops.
-    by_piece: dict[str, Any] = {}
-    for i in range(len(val)):
-        it = val[i]
-        if float(it["x"][0].sum()) > float(by_piece.get(it["piece_id"], {"x": torch.zeros(1)})["x"][0].sum()):
-            by_piece[it["piece_id"]] = it
-    items = sorted(by_piece.values(), key=lambda it: -float(it["x"][0].sum()))[:n_examples]
-    x = torch.stack([it["x"] for it in items])
-    with torch.no_grad():
-        probs = model.logits(x).sigmoid()
-    thr = enc_cfg.decoder.threshold
-    labels = [f"{it['piece_id']} @ {it['start']}" for it in items]
-    fig = recon_figure(x[:, 0].numpy(), probs[:, 0].numpy(), run_dir / "recon.png", thr,
-                       f"{cfg.name}: validation crops, frame channel", labels)
-    pre_final, dec_final = _last(pre_dir / "metrics.jsonl", "final"), _last(dec_dir / "metrics.jsonl", "final")
-    pre_val, dec_val = _last(pre_dir / "metrics.jsonl", "val"), _last(dec_dir / "metrics.jsonl", "val")
-    summary = {
-        "name": cfg.name, "encoder": enc_cfg.model.encoder, "figure": str(fig),
-        "pretrain": {"steps": pre_final.get("step"), "seconds": pre_final.get("seconds"),
-                     **{k: pre_val.get(k) for k in ("loss", "masked_precision", "masked_recall", "masked_f1", "samples") if k in pre_val}},
-        "decoder": {"steps": dec_final.get("step"), "seconds": dec_final.get("seconds"),
-                    **{k: dec_val.get(k) for k in ("loss", "precision", "recall", "specificity", "f1", "threshold") if k in dec_val}},
-    }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    p, q = summary["pretrain"], summary["decoder"]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = [f"# {cfg.name}: validation summary", "",
-          f"Encoder: {enc_cfg.model.encoder}, pretrained {p['steps']} steps ({p['seconds']} s); decoder "
-          f"{q['steps']} steps ({q['seconds']} s).", "",
-          "| stage | metric | value |", "|---|---|---|"]
-    md += [f"| pretrain (masked patches, per-sample mean, p > 0.5) | {k} | {fmt(v)} |" for k, v in p.items() if k not in ("steps", "seconds")]
-    md += [f"| decoder (pixels of the frame channel inside the piece, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
-    md += ["", f"![reconstruction]({fig.name})", "",
-           "Error map: black = note kept (TP), red = invented (FP), blue = missed (FN); low pitches at the bottom."]
-    atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
-    return summary
-
-
-def probe_summary(cfg: Config) -> dict[str, Any] | None:
-    """The probe suite's headline for a finished run (all levels, 2 crops per piece), written to
-    `probe.json` / `probe.md` / `probe.png` in the run folder; None when the run's data carries no
-    label with two classes to probe."""
-    run_dir = stage_dirs(cfg)[0]
-    try:
-        result = probes.probe([run_dir], resolve_cache_dir(cfg), level="all", crops_per_piece=2)
-    except ValueError as e:  # no task in this corpus's metadata
-        print(f"[probe] skipped: {e}", flush=True)
-        return None
-    atomic_write_text(run_dir / "probe.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(run_dir / "probe.md", probes.table(result) + "\n")
-    probes.figure(result, run_dir / "probe.png")
-    return {"models": result["models"], "headline": probes.headline(result)}
-
-
-def _probe_markdown(p: dict[str, Any]) -> list[str]:
-    md = ["", "## Linear probes (balanced accuracy on held-out pieces; all levels pooled; details in probe.md)", "",
-          *probes.headline_table(p["models"], p["headline"])]
-    return md + ["", "The random-initialisation twin has the trained encoder's shape: what pretraining added is the "
-                 "difference; the descriptors are hand-crafted music statistics (midi_rae.descriptors)."]
-
-
 def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe: bool = True) -> dict[str, Any]:
-    """prepare -> pretrain -> decoder -> report -> probe suite: the package's main job."""
+    """prepare -> pretrain -> decoder -> summary (with the probe suite): the package's main job."""
     t0 = time.time()
     rank = int(os.environ.get("RANK", "0"))
     cache = resolve_cache_dir(cfg)
@@ -117,18 +39,13 @@ def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe
             raise ValueError(f"none of the {summary.files} input files gave a usable piece (reasons in "
                              f"{cache / 'report.txt'}); set data.paths to MIDI, ABC or MusicXML files with notes")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        setup(cfg.train)
-        dist.barrier()
+        barrier(setup(cfg.train))
     pretrain(cfg, resume)
     train_decoder(cfg, resume=resume)
     out = {}
     if rank == 0:
-        out = report(cfg)
+        out = run_summary(cfg, probe=probe)
         run_dir = stage_dirs(cfg)[0]
-        if probe and (p := probe_summary(cfg)) is not None:
-            out["probe"] = p
-            md = (run_dir / "summary.md").read_text().rstrip("\n").split("\n") + _probe_markdown(p)
-            atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
         out["wall_seconds"] = round(time.time() - t0, 1)
         atomic_write_text(run_dir / "summary.json", json.dumps(out, indent=1) + "\n")
         print(f"[run] done in {out['wall_seconds']:.0f} s: {run_dir}/summary.md, {out['figure']}", flush=True)

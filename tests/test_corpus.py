@@ -2,7 +2,7 @@
 import numpy as np
 
 from midi_rae.corpus import corpus_files, corpus_root
-from midi_rae.data import read_pieces
+from midi_rae.roll import read_pieces
 
 
 def test_corpus_pieces_with_metadata() -> None:

@@ -7,11 +7,9 @@ import pytest
 import symusic
 import torch
 
-from midi_rae.data import (
-    BadInput, PianoRollDataset, RollSettings, abc_tune_to_score, crop, load_settings, midi_to_roll,
-    roll_to_midi, split_abc, split_of,
-)
-from midi_rae.cache import prepare
+from midi_rae.cache import load_settings, prepare, split_of
+from midi_rae.dataset import PianoRollDataset, crop
+from midi_rae.roll import BadInput, RollSettings, abc_tune_to_score, midi_to_roll, roll_to_midi, split_abc
 
 WHEEL_MIDI = sorted(Path(music21.__file__).parent.rglob("*.mid"))
 

@@ -9,11 +9,11 @@ from tiny_runs import isolated, trained_run
 
 from midi_rae.cli import main
 from midi_rae.config import load_config
-from midi_rae.data import midi_to_roll
 from midi_rae.encode import Embeddings, encode, encode_roll
 from midi_rae.models import build_encoder
 from midi_rae.metrics import note_onsets
 from midi_rae.reconstruct import reconstruct_roll, render_wav
+from midi_rae.roll import midi_to_roll
 from midi_rae.runs import load_autoencoder, load_encoder, resolve_checkpoint, stage_dirs
 
 

@@ -19,10 +19,10 @@ import torch
 from tiny_runs import trained_run
 
 from midi_rae import plots, utils
-from midi_rae.cli import main
-from midi_rae.data import RollSettings, score_to_roll
 from midi_rae.cache import prepare
+from midi_rae.cli import main
 from midi_rae.reconstruct import comparison_png
+from midi_rae.roll import RollSettings, score_to_roll
 from test_prepare import midi
 
 
@@ -152,7 +152,7 @@ def test_many_tracks_convert_in_bounded_memory() -> None:
     script = textwrap.dedent("""
         import resource
         import symusic
-        from midi_rae.data import midi_to_roll
+        from midi_rae.roll import midi_to_roll
         score = symusic.Score(480)
         for i in range(1000):
             track = symusic.Track(f"t{i}", 0, False)

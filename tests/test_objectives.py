@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from midi_rae.config import ConfigError, load_config
-from midi_rae.data import PianoRollDataset
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.losses import info_nce, lejepa_global, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinEncoder, SwinMAEDecoder

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midi_rae.data import midi_to_roll
+from midi_rae.roll import midi_to_roll
 from midi_rae.swin import SwinDecoder, SwinEncoder
 
 WHEEL = Path(music21.__file__).parent

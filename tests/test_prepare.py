@@ -13,10 +13,9 @@ import pytest
 import symusic
 
 from midi_rae import cache as prepare_module
+from midi_rae.cache import load_index, load_roll, prepare
 from midi_rae.cli import main
 from midi_rae.corpus import corpus_root
-from midi_rae.data import load_index, load_roll
-from midi_rae.cache import prepare
 
 WHEEL_MIDI = Path(music21.__file__).parent / "midi" / "testPrimitive"
 
@@ -83,7 +82,7 @@ def test_twice_is_noop_and_deterministic(hostile: Path, tmp_path: Path) -> None:
 
 
 def test_changed_settings_do_not_reuse_rolls(hostile: Path, tmp_path: Path) -> None:
-    from midi_rae.data import RollSettings
+    from midi_rae.roll import RollSettings
 
     prepare([hostile / "good.mid"], tmp_path / "c", progress=False)
     summary = prepare([hostile / "good.mid"], tmp_path / "c", RollSettings(steps_per_beat=8), progress=False)

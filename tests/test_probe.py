@@ -8,9 +8,8 @@ import symusic
 import torch
 from tiny_runs import isolated, trained_run
 
+from midi_rae.cache import load_index, prepare
 from midi_rae.cli import main
-from midi_rae.cache import prepare
-from midi_rae.data import load_index
 from midi_rae.models import build_encoder
 from midi_rae.core import PatchState, grid_positions
 from midi_rae.probes import find_tasks, fit_logistic, probe, scores, time_self_similarity
@@ -132,7 +131,7 @@ def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory, capsys) -> 
 
 
 def test_picked_pieces_are_independent_of_the_split() -> None:
-    from midi_rae.data import split_of
+    from midi_rae.cache import split_of
     from midi_rae.probes import pick_pieces
 
     members = [{"piece_id": f"music21/essenFolksong/tune{i}"} for i in range(2000)]

@@ -14,16 +14,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from midi_rae import stages, trainer
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from midi_rae import stages
 from midi_rae.config import ConfigError, TrainConfig, load_config, resolve_config_path
+from midi_rae.evaluate import run_summary
 from midi_rae.engine import (NonFiniteLoss, evaluate_pretrain, layer_decay_scales, lr_at, momentum_at, param_groups,
                              train_one_epoch)
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
+from midi_rae.logger import Logger
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
-from midi_rae.stages import Logger, config_diff, datasets, pretrain, train_decoder, val_loader
+from midi_rae.runs import datasets
+from midi_rae.stages import pretrain, train_decoder
 from midi_rae.swin import SwinEncoder
-from midi_rae.train import report
+from midi_rae.trainer import config_diff, val_loader
 from midi_rae.vit import ViTEncoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +93,7 @@ def test_decoder_and_report(tiny_cache: Path, tmp_path: Path) -> None:
     pretrain(cfg)
     final = train_decoder(cfg)
     assert final["step"] == 2 and {"val_precision", "val_recall", "val_specificity", "val_f1"} <= set(final)
-    summary = report(cfg, n_examples=2)
+    summary = run_summary(cfg, n_examples=2)
     run = tmp_path / "rep"
     assert (run / "recon.png").stat().st_size > 1000 and (run / "summary.md").exists()
     assert summary["decoder"]["threshold"] == 0.5 and "masked_f1" in summary["pretrain"]
@@ -127,7 +130,7 @@ def test_missing_wandb_names_the_config_field(stage: str, section: str, tmp_path
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     cfg = load_config(None, [f"{section}.wandb=true", f"{section}.tensorboard=false"])
     with pytest.raises(ConfigError, match=rf"^{section}\.wandb is true but wandb is not installed.*set {section}\.wandb=false"):
-        Logger(tmp_path, cfg, getattr(cfg, section), stage, True, 0)
+        Logger(tmp_path, cfg, stage, section, True, 0)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -225,7 +228,7 @@ def test_resume_may_change_the_learning_rate(tiny_cache: Path, tmp_path: Path, c
     def diverge(*args, **kwargs):
         raise NonFiniteLoss("loss is nan at step 5 (epoch 0); stopping")
 
-    monkeypatch.setattr(stages, "train_one_epoch", diverge)
+    monkeypatch.setattr(trainer, "train_one_epoch", diverge)
     with pytest.raises(SystemExit, match=r"Lower train.lr .* --resume and, e.g., train.lr=0.0001"):
         pretrain(load_config(None, [*overrides, "name=d", "train.lr=1e-3"]))
 

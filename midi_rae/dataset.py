@@ -1,0 +1,203 @@
+"""What the models read: random crops of a prepared cache's pieces for training and validation
+(`PianoRollDataset`), and whole pieces (files or cache ids) cut into model-width windows for
+inference (`read_inputs`, `windows`).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from midi_rae.cache import load_index, load_roll, load_settings, split_of
+from midi_rae.roll import RollSettings, read_pieces
+
+
+def _stable_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "big")
+
+
+def crop(roll: np.ndarray, start: int, width: int, pitch_shift: int = 0) -> np.ndarray:
+    """Columns `start .. start+width` of `roll`, moved up by `pitch_shift` semitones.
+
+    Zero-filled, never wrapped: columns outside the piece and notes moved beyond 0..127 are empty.
+    (C, 128, T) -> (C, 128, width)
+    """
+    c, h, t = roll.shape
+    out = np.zeros((c, h, width), dtype=roll.dtype)
+    a, b = max(start, 0), min(start + width, t)
+    if a >= b or abs(pitch_shift) >= h:
+        return out
+    src = roll[:, :, a:b]
+    if pitch_shift >= 0:
+        out[:, pitch_shift:, a - start:b - start] = src[:, :h - pitch_shift]
+    else:
+        out[:, :h + pitch_shift, a - start:b - start] = src[:, -pitch_shift:]
+    return out
+
+
+class PianoRollDataset(Dataset):
+    """Random `(C, 128, crop_width)` crops of the pieces of one split of a prepared cache.
+
+    Items are dicts of tensors: `x` (C, 128, W) float in [0, 1]; with `pair=True` also `x2`, a
+    second view of the same passage (`view_mode='piece'`: of another passage of the same piece,
+    from its own anchor), and `shift1`, `shift2`: each view's (time, pitch) offset
+    from the shared anchor crop, as a long tensor `[dt, dp]`. View k shows the anchor's music
+    moved up by dp semitones, starting dt steps later in the piece (zero fill, no wrap).
+    Also `piece` (index into `self.pieces`), `start` (anchor's first column), `steps` (the
+    piece's length: columns of `x` at or past `steps - start` are padding) and `piece_id`.
+
+    Each piece contributes `ceil(T / crop_width)` items per epoch, so long pieces are not
+    under-sampled. Training crops are drawn from `(seed, epoch, index)`: reproducible, with
+    any number of loader workers; call `set_epoch` to get new crops. The validation split is
+    a fixed set of crops and shifts (no augmentation), identical on every run.
+    Near-empty crops (fewer than `min_active` columns with a sounding note) are redrawn.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        split: str = "train",
+        crop_width: int = 128,
+        pair: bool = True,
+        max_time_shift: int = 16,
+        max_pitch_shift: int = 6,
+        transpose: int = 0,
+        val_fraction: float = 0.05,
+        min_active: int | None = None,
+        channels: int | None = None,
+        seed: int = 0,
+        view_mode: str = "shift",
+    ) -> None:
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        self.cache_dir = Path(cache_dir)
+        self.settings = load_settings(cache_dir)
+        self.split, self.crop_width, self.pair = split, crop_width, pair
+        self.max_time_shift, self.max_pitch_shift = max_time_shift, max_pitch_shift
+        self.transpose = transpose if split != "val" else 0  # the validation set is never augmented
+        self.min_active = crop_width // 8 if min_active is None else min_active
+        self.channels = channels or self.settings.channels
+        if self.channels > self.settings.channels:
+            raise ValueError(f"channels={channels}, but the cache holds {self.settings.channels} (prepare with onsets)")
+        if view_mode not in ("shift", "piece"):
+            raise ValueError(f"view_mode must be 'shift' or 'piece', got {view_mode!r}")
+        self.view_mode = view_mode
+        self.seed, self.epoch = seed, 0
+        self.scale = 127.0 if self.settings.velocity else 1.0
+        self.pieces = [p for p in load_index(cache_dir) if split == "all" or split_of(p["piece_id"], val_fraction) == split]
+        if not self.pieces:
+            raise ValueError(f"no pieces in split {split!r} of {cache_dir}")
+        counts = [max(1, -(-p["steps"] // crop_width)) for p in self.pieces]
+        self._item_end = np.cumsum(counts)  # item i belongs to piece searchsorted(_item_end, i, 'right')
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self._item_end[-1])
+
+    def _rng(self, index: int) -> np.random.Generator:
+        # The validation set never changes: its crops depend on the item only.
+        epoch = self.epoch if self.split != "val" else -1
+        return np.random.default_rng(_stable_seed(self.seed, epoch, index))
+
+    def _anchor(self, roll: np.ndarray, rng: np.random.Generator) -> int:
+        """A crop start whose window has at least `min_active` sounding columns, if one is found."""
+        t = roll.shape[-1]
+        sounding = roll[0].any(axis=0)  # (T,)
+        best, best_count = 0, -1
+        for _ in range(10):
+            start = int(rng.integers(0, max(t - self.crop_width, 0) + 1))
+            count = int(sounding[start:start + self.crop_width].sum())
+            if count >= self.min_active:
+                return start
+            if count > best_count:
+                best, best_count = start, count
+        return best
+
+    def _view(self, roll: np.ndarray, start: int, dt: int, dp: int) -> torch.Tensor:
+        x = crop(roll, start + dt, self.crop_width, dp)[: self.channels]
+        return torch.from_numpy(x).float().div_(self.scale)  # (C, 128, W)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = int(np.searchsorted(self._item_end, index, side="right"))
+        piece = self.pieces[i]
+        roll = load_roll(self.cache_dir, piece)
+        rng = self._rng(index)
+        start = self._anchor(roll, rng)
+        base = int(rng.integers(-self.transpose, self.transpose + 1)) if self.transpose else 0
+        item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start, "steps": int(roll.shape[-1])}
+        if not self.pair:
+            item["x"] = self._view(roll, start, 0, base)
+            return item
+        t, p = self.max_time_shift, self.max_pitch_shift
+        shifts = [(int(rng.integers(-t, t + 1)), int(rng.integers(-p, p + 1))) for _ in range(2)]
+        item["x"] = self._view(roll, start, shifts[0][0], base + shifts[0][1])
+        # 'piece': view 2 is another passage of the same piece (its own anchor), in its own key.
+        start2 = self._anchor(roll, rng) if self.view_mode == "piece" else start
+        item["x2"] = self._view(roll, start2, shifts[1][0], base + shifts[1][1])
+        item["shift1"] = torch.tensor(shifts[0])
+        item["shift2"] = torch.tensor(shifts[1])
+        return item
+
+
+# ----------------------------------------------------------------------------- whole pieces, for inference
+
+
+@dataclass
+class PieceRoll:
+    name: str  # file stem for outputs
+    roll: np.ndarray  # (C, 128, T) float32 in [0, 1]
+    meta: dict[str, Any]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "piece"
+
+
+def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
+                settings: RollSettings = RollSettings()) -> list[PieceRoll]:
+    """Pieces from files (every format `prepare` reads; a multi-piece file gives several) and,
+    with `cache_dir`, from a prepared cache by piece id or shell pattern (`music21/bach/*`)."""
+    index = load_index(cache_dir) if cache_dir else None
+    pieces: list[PieceRoll] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found, _ = read_pieces(path, settings)
+            for pc in found:
+                name = path.stem if len(found) == 1 else f"{path.stem}-{pc.index}"
+                meta = {"source": str(path), "index": pc.index, "steps_per_beat": settings.steps_per_beat, **pc.meta}
+                pieces.append(PieceRoll(name, pc.roll.astype(np.float32) / (127.0 if settings.velocity else 1.0), meta))
+            continue
+        if index is None:
+            raise FileNotFoundError(f"{item} is not a file (to encode pieces of a prepared cache by id, pass --cache-dir)")
+        matches = [p for p in index if p["piece_id"] == item or fnmatch.fnmatchcase(p["piece_id"], item)]
+        if not matches:
+            raise FileNotFoundError(f"no piece id matches {item!r} in {cache_dir}")
+        cache_settings = load_settings(cache_dir)
+        for p in matches:
+            roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / (127.0 if cache_settings.velocity else 1.0)
+            pieces.append(PieceRoll(_safe_name(p["piece_id"]), roll,
+                                    {**p, "steps_per_beat": cache_settings.steps_per_beat}))
+    return pieces
+
+
+def windows(roll: Tensor, width: int, hop: int) -> tuple[Tensor, Tensor]:
+    """(C, H, T) -> windows (K, C, H, width) starting at 0, hop, ..., zero-padded past T, and
+    their starts (K,) long. K is the fewest windows that reach the piece end."""
+    T = roll.shape[-1]
+    K = max(1, -(-(T - width) // hop) + 1)
+    padded = F.pad(roll, (0, (K - 1) * hop + width - T))
+    starts = torch.arange(K) * hop
+    return padded.unfold(-1, width, hop).permute(2, 0, 1, 3).contiguous(), starts  # (K, C, H, width)
