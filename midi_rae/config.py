@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import yaml
 
+from midi_rae.roll import PITCHES
+
 ENCODERS = ("swin", "vit")
-PITCHES = 128  # img_height: a roll has one row per MIDI pitch
 
 
 class ConfigError(ValueError):

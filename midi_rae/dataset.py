@@ -93,7 +93,7 @@ class PianoRollDataset(Dataset):
             raise ValueError(f"view_mode must be 'shift' or 'piece', got {view_mode!r}")
         self.view_mode = view_mode
         self.seed, self.epoch = seed, 0
-        self.scale = 127.0 if self.settings.velocity else 1.0
+        self.scale = self.settings.scale
         self.pieces = [p for p in load_index(cache_dir) if split == "all" or split_of(p["piece_id"], val_fraction) == split]
         if not self.pieces:
             raise ValueError(f"no pieces in split {split!r} of {cache_dir}")
@@ -178,7 +178,7 @@ def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
             for pc in found:
                 name = path.stem if len(found) == 1 else f"{path.stem}-{pc.index}"
                 meta = {"source": str(path), "index": pc.index, "steps_per_beat": settings.steps_per_beat, **pc.meta}
-                pieces.append(PieceRoll(name, pc.roll.astype(np.float32) / (127.0 if settings.velocity else 1.0), meta))
+                pieces.append(PieceRoll(name, pc.roll.astype(np.float32) / settings.scale, meta))
             continue
         if index is None:
             raise FileNotFoundError(f"{item} is not a file (to encode pieces of a prepared cache by id, pass --cache-dir)")
@@ -187,7 +187,7 @@ def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
             raise FileNotFoundError(f"no piece id matches {item!r} in {cache_dir}")
         cache_settings = load_settings(cache_dir)
         for p in matches:
-            roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / (127.0 if cache_settings.velocity else 1.0)
+            roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / cache_settings.scale
             pieces.append(PieceRoll(_safe_name(p["piece_id"]), roll,
                                     {**p, "steps_per_beat": cache_settings.steps_per_beat}))
     return pieces

@@ -36,13 +36,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from midi_rae.checkpoint import save_weights
-from midi_rae.config import PITCHES, Config, from_dict
+from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.distributed import setup
 from midi_rae.engine import best_threshold
 from midi_rae.masking import note_mask
 from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_encoder
+from midi_rae.roll import PITCHES
 from midi_rae.runs import Checkpoint, Weights, datasets, encoder_config, initial_encoder, load_autoencoder
 from midi_rae.stages import train_decoder
 from midi_rae.utils import atomic_write_text

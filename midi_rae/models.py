@@ -16,11 +16,12 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from midi_rae.config import PITCHES, Config
+from midi_rae.config import Config
 from midi_rae.core import EncoderOutput
 from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
                              multiscale_recon_loss, recon_bce)
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
+from midi_rae.roll import PITCHES
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
 

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from midi_rae.cache import load_index, load_roll, load_settings, split_of
-from midi_rae.config import PITCHES, Config
+from midi_rae.config import Config
 from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
+from midi_rae.roll import PITCHES
 from midi_rae.runs import initial_encoder, load_encoder
 from midi_rae.utils import atomic_write, atomic_write_text
 
@@ -118,7 +119,6 @@ def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], widt
                 crops_per_piece: int = 4) -> Crops:
     """Non-overlapping windows from each piece's start, skipping (nearly) silent ones."""
     settings = load_settings(cache_dir)
-    scale = 127.0 if settings.velocity else 1.0
     xs, ids, by_piece = [], [], {}
     for p in pieces:
         if p["piece_id"] in by_piece:
@@ -134,7 +134,7 @@ def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], widt
             if (window[0] > 0).any(axis=0).sum() < width // 8:  # (nearly) silent: nothing to classify
                 continue
             rows.append(len(xs))
-            xs.append(torch.from_numpy(window / scale))
+            xs.append(torch.from_numpy(window / settings.scale))
             ids.append(p["piece_id"])
     if not xs:
         raise ValueError(f"no crop of {width} steps with notes in {cache_dir}; prepare more or longer pieces")

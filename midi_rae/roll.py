@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import symusic
 
+PITCHES = 128  # a roll has one row per MIDI pitch (the encoders' img_height)
 MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 ABC_SUFFIXES = (".abc",)
 # music21 formats we read; .rntxt (roman-numeral analyses) are harmony sketches, not music.
@@ -62,6 +63,11 @@ class RollSettings:
     @property
     def channels(self) -> int:
         return 2 if self.onset else 1
+
+    @property
+    def scale(self) -> float:
+        """What a stored uint8 roll is divided by to give the model's [0, 1] input."""
+        return 127.0 if self.velocity else 1.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -114,8 +120,8 @@ def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings())
     one = symusic.Track("merged", 0, False)
     one.notes = symusic.Note.from_numpy(*(notes[k][order] for k in ("time", "duration", "pitch", "velocity")))
     modes = ["frame", "onset"] if settings.onset else ["frame"]
-    pr = one.pianoroll(modes=modes, pitch_range=(0, 128), encode_velocity=settings.velocity)  # (C, 128, T')
-    roll = np.zeros((len(modes), 128, steps), dtype=np.uint8)
+    pr = one.pianoroll(modes=modes, pitch_range=(0, PITCHES), encode_velocity=settings.velocity)  # (C, 128, T')
+    roll = np.zeros((len(modes), PITCHES, steps), dtype=np.uint8)
     t = min(steps, pr.shape[-1])
     roll[..., :t] = pr[..., :t]
     return roll
@@ -274,7 +280,7 @@ def music21_to_score(stream: Any) -> symusic.Score:
                 else:
                     open_ties.pop(pitch, None)
         for start, dur, pitch, vel in notes:
-            if 0 <= pitch < 128:
+            if 0 <= pitch < PITCHES:
                 track.notes.append(symusic.Note(start, dur, pitch, int(vel)))
         track.notes.sort()
         score.tracks.append(track)

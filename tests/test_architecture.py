@@ -89,3 +89,12 @@ def test_each_encoder_draws_its_own_mask() -> None:
     assert (~per_sample & non_empty).sum(1).tolist() == [round(0.5 * int(n)) for n in non_empty.sum(1)]  # SimMIM: per sample
     assert len(set((~equal_counts).sum(1).tolist())) == 1  # MAE: the same count in every sample
     assert torch.equal(per_sample, swin.draw_mask(non_empty, 0.5, torch.Generator().manual_seed(1)))  # the generator fixes it
+
+
+def test_roll_constants_have_one_home() -> None:
+    """The pitch count and the velocity scale of a stored roll are defined in `roll` alone."""
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        if path.name != "roll.py":
+            assert "127.0 if" not in source, f"{path.name} computes the velocity scale: use RollSettings.scale"
+            assert "PITCHES = " not in source, f"{path.name} defines PITCHES: import it from midi_rae.roll"
