@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
+from midi_rae.geometry import pyramid_error
 from midi_rae.roll import PITCHES
 
 ENCODERS = ("swin", "vit")
@@ -298,13 +299,11 @@ class Config:
                  f"name must be a plain folder name (no '/', not '.' or '..'), got {self.name!r}; e.g. name=my_run")
         m, d = self.model, self.data
         if m.encoder == "swin":
-            factor = 2 ** (len(m.depths) - 1)
             for what, size, patch, pname in (("128 pitches", PITCHES, m.patch_h, "patch_h"),
                                              (f"data.crop_width={d.crop_width}", d.crop_width, m.patch_w, "patch_w")):
-                _require(size % (patch * factor) == 0,
-                         f"{what} must be divisible by model.{pname} * 2**(stages-1) = {patch} * {factor} = "
-                         f"{patch * factor} for {len(m.depths)} Swin stages; change model.{pname}, the number "
-                         f"of stages (model.depths / model.num_heads) or data.crop_width")
+                error = pyramid_error(size, patch, len(m.depths), what, f"model.{pname}", f"change model.{pname}, the "
+                                      f"number of stages (model.depths / model.num_heads) or data.crop_width")
+                _require(error is None, error or "")
         else:
             _require(PITCHES % m.patch_h == 0 and d.crop_width % m.patch_w == 0,
                      f"128 pitches x data.crop_width={d.crop_width} must be whole {m.patch_h}x{m.patch_w} patches; "

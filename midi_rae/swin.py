@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
+from .geometry import pyramid_error
 from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
@@ -224,13 +225,9 @@ def _validate(img_height: int, img_width: int, patch_h: int, patch_w: int, embed
         raise ValueError(f"depths {depths} and num_heads {num_heads} need one entry per stage, the same number")
     if any(d < 1 for d in depths):
         raise ValueError(f"every stage needs at least one block, got depths {depths}")
-    factor = 2 ** (len(depths) - 1)
     for name, size, patch, pname in (("img_height", img_height, patch_h, "patch_h"), ("img_width", img_width, patch_w, "patch_w")):
-        if size % (patch * factor):
-            raise ValueError(f"{name}={size} must be divisible by {pname} * 2**(stages-1) = {patch} * {factor} = "
-                             f"{patch * factor} so that every one of the {len(depths)} stages halves a whole grid; "
-                             f"use {name}={max(patch * factor, round(size / (patch * factor)) * patch * factor)} "
-                             f"or fewer stages")
+        if error := pyramid_error(size, patch, len(depths), f"{name}={size}", pname, f"change {name}, {pname} or the number of stages"):
+            raise ValueError(error)
     for i, heads in enumerate(num_heads):
         dim = embed_dim * 2**i
         if dim % heads:

@@ -85,7 +85,8 @@ def test_swin_t_levels() -> None:
 
 def test_swin_size_impossible_width() -> None:
     with pytest.raises(ConfigError, match=r"^data.crop_width=100 must be divisible by model.patch_w \* 2\*\*\(stages-1\) = "
-                                          r"4 \* 8 = 32 for 4 Swin stages; change [^\n]*data.crop_width$"):
+                                          r"4 \* 8 = 32 for 4 Swin stages, [^\n]*; change [^\n]*data.crop_width "
+                                          r"\(the nearest size that works is 96\)$"):
         load_config("swin_b", ["data.crop_width=100"])
 
 
