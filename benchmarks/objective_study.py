@@ -104,7 +104,9 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     py = [sys.executable, "-m", "midi_rae"]
-    jobs = [(f"{row}-s{seed}", row, seed) for row in args.rows for seed in args.seeds]
+    # Seed-major: when jobs run in waves, each wave holds one seed of every row, so rows are
+    # compared under the same load.
+    jobs = [(f"{row}-s{seed}", row, seed) for seed in args.seeds for row in args.rows]
 
     def train_cmd(name: str, row: str, seed: int, where: str, steps: int, log_every: int) -> list[str]:
         return [*py, "train", "-c", args.preset, f"name={name}", f"out_dir={out / where}", f"data.cache_dir={args.cache_dir}",
