@@ -57,12 +57,12 @@ def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe
 
 
 def _common(p, what: str) -> None:
-    from midi_rae.config import describe
+    from midi_rae.config import describe, preset_dir
 
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. model.embed_dim=16 train.lr=3e-4 name=my_run (see below)")
     p.add_argument("-c", "--config", default="quickstart",
-                   help="YAML preset: a name in configs/ (quickstart, swin_midi, swin_midi_p2, vit_baseline) "
+                   help=f"YAML preset: a name in configs/ ({', '.join(sorted(p.stem for p in preset_dir().glob('*.yaml')))}) "
                         "or a path (default: quickstart)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the {what} of this run name from its latest checkpoint (exactly: same batches, "
