@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from midi_rae.config import TrainConfig
-from midi_rae.losses import masked_recon_loss, recon_bce
-from midi_rae.masking import patch_non_empty
+from midi_rae.losses import recon_bce
 from midi_rae.metrics import THRESHOLDS, MaskedPatchMeter, PixelMeter, best_f1, inside_piece, threshold_sweep
 from midi_rae.utils import submodule_no_weight_decay
 
@@ -161,19 +160,12 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def draw_eval_mask(encoder: nn.Module, x: Tensor, mask_ratio: float, generator: torch.Generator) -> Tensor:
-    """A fixed-seed mask per sample for validation, of the encoder's own kind (`draw_mask`)."""
-    non_empty = patch_non_empty(x, encoder.patch_size).flatten(1).cpu()
-    return encoder.draw_mask(non_empty, mask_ratio, generator).to(x.device)
-
-
-@torch.no_grad()
-def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, mask_ratio: float,
-                      seed: int = 0, amp: bool = False) -> dict[str, float]:
-    """Validation of a `Pretrainer`: the objective's loss, and, when it has an MAE decoder,
-    reconstruction of each sample's own masked patches (P / R / F1 per sample at 0.5). The
-    masks come from a fixed seed, so every validation sees the same ones; the training RNG is
-    left untouched."""
+def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, seed: int = 0,
+                      amp: bool = False) -> dict[str, float]:
+    """Validation of a `Pretrainer`: the objective's loss, and, when it reconstructs masked
+    patches (`model.fixed_mask_reconstruction`), each sample's own masked patches scored
+    (P / R / F1 per sample at 0.5). The masks come from a fixed seed, so every validation sees
+    the same ones; the training RNG is left untouched."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
@@ -186,12 +178,10 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
             x = batch["x"]
             with autocast(device, amp):
                 loss, parts = model(batch)
-                if model.mae_decoder is not None and mask_ratio > 0:
-                    visible = draw_eval_mask(model.encoder, x, mask_ratio, g)
-                    logits = model.mae_decoder(model.encoder(x, mae_mask=visible)).float()
-                    meter.update(logits.sigmoid(), x, visible, model.patch_size)
-                    parts = dict(parts, recon_fixed_mask=masked_recon_loss(
-                        logits, x, visible, model.patch_size, pos_weight=model.objective.pos_weight))
+                recon = model.fixed_mask_reconstruction(x, g)
+                if recon is not None:
+                    meter.update(recon.logits.sigmoid(), x, recon.visible, recon.patch_size)
+                    parts = dict(parts, recon_fixed_mask=recon.loss)
             b = x.shape[0]
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * b

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from midi_rae.config import Config
 from midi_rae.core import EncoderOutput
 from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
                              multiscale_recon_loss, recon_bce)
+from midi_rae.masking import patch_non_empty
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
 from midi_rae.roll import PITCHES
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
@@ -134,6 +136,16 @@ def clear_attention_caches(module: nn.Module) -> None:
             m.clear_cache()
 
 
+@dataclass
+class MaskedReconstruction:
+    """What validation scores of the SimMIM / MAE objective under a fixed mask."""
+
+    logits: Tensor  # (B, C, H, W)
+    visible: Tensor  # (B, N) bool over the patch grid, True = visible
+    patch_size: tuple[int, int]
+    loss: Tensor  # the masked-patch reconstruction loss (no visible-patch term)
+
+
 class Pretrainer(nn.Module):
     """The encoder with the heads of the objectives whose weight is non-zero."""
 
@@ -170,6 +182,17 @@ class Pretrainer(nn.Module):
         for t, s in zip(self.teacher.parameters(), self.encoder.parameters(), strict=True):
             t.lerp_(s.detach(), 1.0 - momentum)
         clear_attention_caches(self.teacher)
+
+    def fixed_mask_reconstruction(self, x: Tensor, generator: torch.Generator) -> MaskedReconstruction | None:
+        """The reconstruction of x (B, C, H, W) under a mask of the encoder's own kind drawn from
+        `generator` (so validation can fix it); None without an MAE decoder or a masking ratio."""
+        if self.mae_decoder is None or self.objective.mask_ratio == 0:
+            return None
+        non_empty = patch_non_empty(x, self.patch_size).flatten(1).cpu()  # (B, N)
+        visible = self.encoder.draw_mask(non_empty, self.objective.mask_ratio, generator).to(x.device)
+        logits = self.mae_decoder(self.encoder(x, mae_mask=visible)).float()
+        loss = masked_recon_loss(logits, x, visible, self.patch_size, pos_weight=self.objective.pos_weight)
+        return MaskedReconstruction(logits, visible, self.patch_size, loss)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         o, x = self.objective, batch["x"]

@@ -36,7 +36,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict[str, Any]:
     model = Pretrainer(cfg).to(d.device)
     seed_all(cfg.train.seed + d.rank)  # different masks and drop paths per process
     o = cfg.objective
-    evaluate = lambda m, loader: evaluate_pretrain(m, loader, d.device, o.mask_ratio, cfg.train.seed, cfg.train.amp)  # noqa: E731
+    evaluate = lambda m, loader: evaluate_pretrain(m, loader, d.device, cfg.train.seed, cfg.train.amp)  # noqa: E731
     best_key = "masked_f1" if o.recon_weight > 0 else "loss"
     train_ds, val = datasets(cfg, cfg.train.seed, model.needs_views)
     final = Trainer("pretrain", cfg, model, d, stage_dir, train_ds, val, evaluate, best_key, resume,

@@ -146,7 +146,7 @@ def test_validation_leaves_the_training_stream_alone(device: str, tiny_cache: Pa
     def stream(validate: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         torch.manual_seed(1)
         torch.rand(3, device=dev)  # training has drawn some already
-        stats = evaluate_pretrain(model, val_loader(val, 4, 0), dev, 0.5, seed=0) if validate else {}
+        stats = evaluate_pretrain(model, val_loader(val, 4, 0), dev, seed=0) if validate else {}
         return torch.rand(8), torch.rand(8, device=dev).cpu(), stats
 
     cpu_a, dev_a, stats_a = stream(True)
