@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -74,12 +74,17 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: st
         raise ValueError("\n".join(lines))
 
 
-def load_weights(module: nn.Module, path: str | Path, prefix: str = "") -> None:
+def load_weights(module: nn.Module, path: str | Path, prefix: str = "",
+                 adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
     """Load a safetensors file into `module`, strictly. With `prefix`, only keys starting with it
-    are read (e.g. 'encoder.' from a full training checkpoint), with the prefix dropped."""
+    are read (e.g. 'encoder.' from a full training checkpoint), with the prefix dropped. `adapt`
+    maps the state dict to the module's before the strict load (e.g. weights trained at another
+    window size, `swin.resize_position_tables`)."""
     state = load_file(str(path))
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if adapt is not None:
+        state = adapt(state)
     check_state_dict(module, state, f"{path}" + (f" ({prefix}*)" if prefix else ""))
     module.load_state_dict(state, strict=True)
 

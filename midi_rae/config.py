@@ -83,6 +83,7 @@ class ModelConfig:
     depth: int = opt(4, "vit: number of blocks")
     num_heads: int | list[int] = opt(factory=lambda: [1, 1, 2, 4, 8, 16], help="swin: per stage; vit: one int")
     window_size: int = opt(8, "swin: attention window in tokens, clamped to each stage's grid")
+    pretrained_window_sizes: list[int | list[int]] | None = opt(None, "swin V2: per stage (finest first), the window (n or [h, w]) the weights were trained at, when they run at another window or crop width (set by runs.transfer_config); null: trained at this geometry")
     mlp_ratio: float = opt(4.0, "MLP hidden width / block width")
     drop_path_rate: float = opt(0.1, "swin: stochastic depth, rising linearly over the blocks to this rate")
     version: int = opt(2, "swin: 2 (V2 blocks) or 1")
@@ -117,6 +118,14 @@ class ModelConfig:
                 _require((self.embed_dim * 2**i) % h == 0, f"stage {i} has width model.embed_dim * 2**{i} = "
                          f"{self.embed_dim * 2**i}, not divisible by model.num_heads[{i}] = {h}; change one of them")
             _require(self.version in (1, 2), f"model.version must be 1 or 2, got {self.version}")
+            pws = self.pretrained_window_sizes
+            if pws is not None:
+                _require(self.version == 2, "model.pretrained_window_sizes applies to Swin V2 (its position-bias MLP); "
+                         "V1 bias tables are resized when loaded at a new window instead: set it to null")
+                _require(len(pws) == len(self.depths) and all(
+                    (isinstance(w, int) and w > 0) or (isinstance(w, list) and len(w) == 2 and min(w) > 0) for w in pws),
+                    f"model.pretrained_window_sizes needs one positive window (n or [h, w]) per stage, like depths "
+                    f"{self.depths}; got {pws}")
         else:
             _require(isinstance(self.num_heads, int), f"model.num_heads must be one int for the ViT encoder, got "
                      f"{self.num_heads}; e.g. model.num_heads=8")
@@ -127,6 +136,8 @@ class ModelConfig:
             _require(self.inter_stage_mask_ratio == 0, "model.inter_stage_mask_ratio applies to the Swin encoder only; set it to 0")
             _require(not self.inter_stage_mask_all, "model.inter_stage_mask_all applies to the Swin encoder only; set it to false")
             _require(not self.grad_checkpointing, "model.grad_checkpointing applies to the Swin encoder only; set it to false")
+            _require(self.pretrained_window_sizes is None,
+                     "model.pretrained_window_sizes applies to the Swin encoder only; set it to null")
         _require(self.mae_decoder_dim % self.mae_decoder_heads == 0,
                  f"model.mae_decoder_dim {self.mae_decoder_dim} must be divisible by model.mae_decoder_heads {self.mae_decoder_heads}")
         if self.encoder == "vit":  # the ViT MAE decoder rotates its heads with 2D RoPE too

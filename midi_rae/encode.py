@@ -17,6 +17,10 @@ piece end are dropped. Each level is stored as `levels.<i>.emb` (N_i, D_i) float
 `levels.<i>.pos` (N_i, 2) int64 and `levels.<i>.non_empty` (N_i,) bool, coarsest first; the
 safetensors metadata key `midi_rae` holds a JSON object with the piece metadata, the level
 descriptions, window, hop, steps and the checkpoint.
+
+`--window-size` / `--crop-width` run the encoder at another attention window and input width
+than it was trained at (e.g. trained on 128 x 64 crops with window 8, run on 128 x 256 with
+window 16): the weights are loaded into an encoder of that geometry (`runs.load_encoder`).
 """
 from __future__ import annotations
 
@@ -149,10 +153,18 @@ def encode_roll(encoder: nn.Module, roll: Tensor | np.ndarray, hop: int | None =
 
 
 def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os.PathLike | nn.Module,
-           hop: int | None = None, cache_dir: str | os.PathLike | None = None) -> list[Embeddings]:
+           hop: int | None = None, cache_dir: str | os.PathLike | None = None, window_size: int | None = None,
+           crop_width: int | None = None) -> list[Embeddings]:
     """Python API: embeddings of a roll (one entry) or of every piece of a file / cache id
-    pattern. `checkpoint` is a run folder, a weights file or an encoder module."""
-    encoder = checkpoint if isinstance(checkpoint, nn.Module) else load_encoder(checkpoint)[0]
+    pattern. `checkpoint` is a run folder, a weights file or an encoder module; `window_size` /
+    `crop_width` load a checkpoint at another geometry (`runs.load_encoder`)."""
+    if isinstance(checkpoint, nn.Module):
+        if window_size is not None or crop_width is not None:
+            raise ValueError("window_size / crop_width move a checkpoint's weights to another geometry; give the "
+                             "checkpoint path, not a built encoder")
+        encoder = checkpoint
+    else:
+        encoder = load_encoder(checkpoint, window_size=window_size, crop_width=crop_width)[0]
     if isinstance(source, (Tensor, np.ndarray)):
         return [encode_roll(encoder, source, hop)]
     return [encode_roll(encoder, p.roll, hop, meta=p.meta) for p in read_inputs([str(source)], cache_dir)]
@@ -171,10 +183,14 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
                    help="output folder (one <piece>.safetensors per piece), or a .safetensors file for a single piece")
     p.add_argument("--hop", type=int, help="window hop in time steps (default: the window width, i.e. non-overlapping tiles)")
     p.add_argument("--cache-dir", help="a prepared roll cache to take piece ids from")
+    p.add_argument("--window-size", type=int, metavar="N",
+                   help="Swin attention window to run at (default: the one it was trained with)")
+    p.add_argument("--crop-width", type=int, metavar="W",
+                   help="encoder input width in time steps (default: the trained crop width)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     def run(args: argparse.Namespace) -> int:
-        encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device))
+        encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device), args.window_size, args.crop_width)
         pieces = read_inputs(args.inputs, args.cache_dir)
         out = Path(args.out)
         single = out.suffix == ".safetensors"

@@ -39,7 +39,8 @@ def encoder_kwargs(cfg: Config) -> dict:
     kw = dict(common, depths=tuple(m.depths), num_heads=tuple(m.num_heads), window_size=m.window_size,
               drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse,
               inter_stage_mask_ratio=m.inter_stage_mask_ratio, inter_stage_mask_all=m.inter_stage_mask_all,
-              version=m.version, grad_checkpointing=m.grad_checkpointing)
+              version=m.version, grad_checkpointing=m.grad_checkpointing,
+              pretrained_window_sizes=m.pretrained_window_sizes)
     return kw
 
 

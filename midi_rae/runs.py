@@ -24,6 +24,8 @@ from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
+from midi_rae.roll import PITCHES
+from midi_rae.swin import resize_position_tables, stage_windows
 
 # ----------------------------------------------------------------------------- folders and data
 
@@ -77,6 +79,45 @@ def with_encoder_config(cfg: Config, enc_cfg: Config) -> Config:
     decoder must be built for the encoder it reads, whatever the config at hand says."""
     return dataclasses.replace(cfg, model=enc_cfg.model, data=dataclasses.replace(
         cfg.data, crop_width=enc_cfg.data.crop_width, channels=enc_cfg.data.channels))
+
+
+def trained_windows(cfg: Config) -> list[tuple[int, int]]:
+    """The window every stage of `cfg`'s Swin encoder runs, finest first."""
+    m = cfg.model
+    return stage_windows((PITCHES, cfg.data.crop_width), (m.patch_h, m.patch_w), len(m.depths), m.window_size)
+
+
+def transfer_config(cfg: Config, window_size: int | None = None, crop_width: int | None = None) -> Config:
+    """`cfg` with its encoder moved to another window size and / or crop width (None: as trained),
+    for weights trained at `cfg` to run there (`load_encoder`). A Swin V2 encoder records the
+    windows its weights were trained at, `model.pretrained_window_sizes` (Swin V2's transfer,
+    https://arxiv.org/abs/2111.09883): kept from an earlier transfer, since they name the scale the
+    position-bias MLP learned on, wherever it was fine-tuned since. A V1 encoder's bias tables are
+    resized when loaded. The ViT (2D RoPE, no position table) takes any width of whole patches.
+    A size the encoder cannot take is a ValueError saying what to give instead."""
+    m, d = cfg.model, cfg.data
+    width = d.crop_width if crop_width is None else crop_width
+    unit = m.patch_w * 2 ** (len(m.depths) - 1) if m.encoder == "swin" else m.patch_w
+    if width <= 0 or width % unit:
+        near = sorted({max(width // unit, 1) * unit, (max(width, 0) // unit + 1) * unit})
+        how = (f"patch_w {m.patch_w} * 2**{len(m.depths) - 1}, one halving per stage" if m.encoder == "swin"
+               else f"patch_w {m.patch_w}")
+        raise ValueError(f"crop_width={width} must be a positive multiple of {unit} ({how}) for this encoder; "
+                         f"use {' or '.join(map(str, near))}")
+    if m.encoder == "vit":
+        if window_size is not None:
+            raise ValueError("window_size applies to Swin encoders; this run's ViT attends globally: leave it out")
+        return dataclasses.replace(cfg, data=dataclasses.replace(d, crop_width=width))
+    window = m.window_size if window_size is None else window_size
+    grid = (PITCHES // m.patch_h, width // m.patch_w)
+    if not 0 < window <= max(grid):
+        raise ValueError(f"window_size={window} does not fit the {grid[0]} x {grid[1]} patch grid of 128 x {width} "
+                         f"crops; use 1 to {max(grid)} (a window the size of the grid attends over all of it)")
+    pretrained = m.pretrained_window_sizes
+    if m.version == 2 and pretrained is None:
+        pretrained = [list(w) for w in trained_windows(cfg)]
+    model = dataclasses.replace(m, window_size=window, pretrained_window_sizes=pretrained)
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(d, crop_width=width))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -142,12 +183,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # ----------------------------------------------------------------------------- loaders
 
 
-def load_encoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """The trained encoder (eval mode) and its config."""
+def load_encoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu",
+                 window_size: int | None = None, crop_width: int | None = None) -> tuple[nn.Module, Config]:
+    """The trained encoder (eval mode) and its config. `window_size` / `crop_width` build it at
+    another geometry (`transfer_config`, whose config is returned) and load the same weights
+    there, strictly: a V2 position-bias MLP as it is, V1 bias tables resized bicubically; the
+    geometry's buffers (relative indices, coordinate tables, attention masks) are built anew."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
-    encoder = build_encoder(ck.config)
-    load_weights(encoder, ck.encoder.path, ck.encoder.prefix)
-    return encoder.to(device).eval(), ck.config
+    moved = window_size is not None or crop_width is not None
+    cfg = transfer_config(ck.config, window_size, crop_width) if moved else ck.config
+    encoder = build_encoder(cfg)
+    adapt = None
+    if moved and cfg.model.encoder == "swin" and cfg.model.version == 1:
+        windows = trained_windows(ck.config)
+        adapt = lambda state: resize_position_tables(state, encoder, windows)  # noqa: E731
+    load_weights(encoder, ck.encoder.path, ck.encoder.prefix, adapt)
+    return encoder.to(device).eval(), cfg
 
 
 def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[DecoderTrainer, Config]:

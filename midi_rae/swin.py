@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .geometry import pyramid_error
-from .layers import PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify
+from .layers import (PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify, clamp_window,
+                     resize_relative_position_bias_table)
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
 from .utils import check_roll, init_linears, submodule_no_weight_decay
@@ -50,6 +51,12 @@ class SwinEncoder(nn.Module):
     returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
     `grad_checkpointing` recomputes every block in the backward pass of a training forward
     (`set_grad_checkpointing`), keeping only each block's input.
+
+    `pretrained_window_sizes` (V2, one per stage, finest first: an int or (h, w)) are the windows
+    the weights were trained at, for weights that run at another window or input size: each
+    stage's position-bias MLP then reads its offsets on the trained scale (Swin V2's transfer; timm's
+    `pretrained_window_sizes`). A V1 encoder gets its bias tables resized instead
+    (`resize_position_tables`). `stage_windows` gives the windows of a geometry.
     """
 
     def __init__(self, img_height: int, img_width: int, patch_h: int = 4, patch_w: int = 4, in_chans: int = 1,
@@ -59,10 +66,12 @@ class SwinEncoder(nn.Module):
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
-                 inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False) -> None:
+                 inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False,
+                 pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
+        pretrained = _pretrained_windows(pretrained_window_sizes, len(depths), version)
         if not 0.0 <= inter_stage_mask_ratio < 1.0:
             raise ValueError(f"inter_stage_mask_ratio must be in [0, 1), got {inter_stage_mask_ratio}")
         self.inter_stage_mask_ratio, self.inter_stage_mask_all = inter_stage_mask_ratio, inter_stage_mask_all
@@ -86,7 +95,7 @@ class SwinEncoder(nn.Module):
             stage = SwinStage(dims[max(i - 1, 0)], dims[i], grid, depth, heads, _pair(window_size),
                               downsample=i > 0, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                               attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])],
-                              norm_layer=norm_layer, version=version)
+                              norm_layer=norm_layer, version=version, pretrained_window_size=pretrained[i])
             grid = stage.output_resolution
             info.append(LevelInfo(grid, dims[i], stage.blocks[0].window_size, (patch_h * 2**i, patch_w * 2**i), f"stages.{i}"))
             self.stages.append(stage)
@@ -236,6 +245,44 @@ def _validate(img_height: int, img_width: int, patch_h: int, patch_w: int, embed
         raise ValueError(f"mae_ratio must be in [0, 1), got {mae_ratio}")
     if version not in (1, 2):
         raise ValueError(f"version must be 1 (Swin V1 blocks) or 2 (Swin V2 blocks), got {version}")
+
+
+def _pretrained_windows(sizes: Sequence[int | Sequence[int]] | None, num_stages: int,
+                        version: int) -> list[tuple[int, int] | None]:
+    """One (h, w) trained window per stage (None: the stage's own window)."""
+    if sizes is None:
+        return [None] * num_stages
+    if version != 2:
+        raise ValueError("pretrained_window_sizes applies to Swin V2's position-bias MLP; a V1 encoder's bias tables "
+                         "are resized to the new windows instead (swin.resize_position_tables): leave it None")
+    windows = [_pair(w) for w in sizes]
+    if len(windows) != num_stages or any(len(w) != 2 or min(w) < 1 for w in windows):
+        raise ValueError(f"pretrained_window_sizes needs one positive window (int or (h, w)) per stage, "
+                         f"{num_stages} in all, finest first; got {list(sizes)}")
+    return windows
+
+
+def stage_windows(img_size: tuple[int, int], patch_size: tuple[int, int], num_stages: int,
+                  window_size: int | Sequence[int]) -> list[tuple[int, int]]:
+    """The window every stage of a `SwinEncoder` of this geometry runs, finest first: `window_size`
+    clamped to the stage's grid, as `feature_info` reports it, known without building the model."""
+    grids = pyramid_grids(img_size, patch_size, num_stages)[::-1]
+    return [clamp_window(grid, _pair(window_size), (0, 0))[0] for grid in grids]
+
+
+def resize_position_tables(state: dict[str, Tensor], encoder: SwinEncoder,
+                           trained_windows: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+    """`state`, a V1 encoder's weights whose stage i was trained with window `trained_windows[i]`
+    (finest first, `stage_windows`), with every relative position bias table resized bicubically to
+    the window that block has in `encoder`; the rest as it is. A V2 state dict has no table and
+    loads as it is (its encoder is built with `pretrained_window_sizes` instead)."""
+    state = dict(state)
+    for i, stage in enumerate(encoder.stages):
+        for j, blk in enumerate(stage.blocks):
+            key = f"stages.{i}.blocks.{j}.attn.relative_position_bias_table"
+            if key in state:
+                state[key] = resize_relative_position_bias_table(state[key], trained_windows[i], blk.window_size)
+    return state
 
 
 def pyramid_grids(img_size: tuple[int, int], patch_size: tuple[int, int], num_levels: int) -> list[tuple[int, int]]:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from midi_rae.layers import (PatchExpand, PatchMerging, SwinBlock, SwinStage, WindowAttention, clamp_window,
-                             log_spaced_relative_coords, window_attention_mask, window_partition, window_reverse)
+                             log_spaced_relative_coords, resize_relative_position_bias_table, window_attention_mask,
+                             window_partition, window_reverse)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
@@ -147,3 +148,27 @@ def test_patch_expand_places_sub_tokens() -> None:
 def test_heads_must_divide_dim() -> None:
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         WindowAttention(10, (4, 4), 3)
+
+
+def test_coords_keep_the_offsets_the_mlp_was_trained_on() -> None:
+    """At a larger window, the offsets of the trained window get the inputs they were trained with
+    (the middle of the table), and the new ones extend past them."""
+    for trained, new in [((8, 8), (16, 16)), ((8, 4), (8, 8)), ((4, 4), (2, 4))]:
+        old, moved = log_spaced_relative_coords(trained), log_spaced_relative_coords(new, trained)
+        assert moved.shape == (2 * new[0] - 1, 2 * new[1] - 1, 2)
+        rh, rw = min(trained[0], new[0]) - 1, min(trained[1], new[1]) - 1  # offsets both windows hold
+        common = lambda t, w: t[w[0] - 1 - rh: w[0] + rh, w[1] - 1 - rw: w[1] + rw]  # noqa: E731
+        assert torch.equal(common(moved, new), common(old, trained))
+    assert torch.equal(log_spaced_relative_coords((8, 8), (8, 8)), log_spaced_relative_coords((8, 8)))
+
+
+def test_v1_table_resized_bicubically() -> None:
+    table = torch.randn(15 * 7, 3)  # an (8, 4) window, 3 heads
+    resized = resize_relative_position_bias_table(table, (8, 4), (16, 8))
+    assert resized.shape == (31 * 15, 3)
+    assert resize_relative_position_bias_table(table, (8, 4), (8, 4)) is table
+    constant = torch.full((15 * 7, 3), 0.25)
+    torch.testing.assert_close(resize_relative_position_bias_table(constant, (8, 4), (5, 16)),
+                               torch.full((9 * 31, 3), 0.25), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not learned for a 8 x 8 window"):
+        resize_relative_position_bias_table(table, (8, 8), (16, 16))

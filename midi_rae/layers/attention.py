@@ -24,13 +24,37 @@ def relative_position_index(window_size: tuple[int, int]) -> Tensor:
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
 
 
-def log_spaced_relative_coords(window_size: tuple[int, int]) -> Tensor:
+def log_spaced_relative_coords(window_size: tuple[int, int],
+                               pretrained_window_size: tuple[int, int] | None = None) -> Tensor:
     """(2wh-1, 2ww-1, 2) relative offsets scaled to [-8, 8] and log-spaced, the CPB MLP's input
     (Swin V2, https://arxiv.org/abs/2111.09883, eq. 4). An axis of length 1 has the single
-    offset 0; dividing by max(w - 1, 1) keeps it 0 rather than 0/0 = NaN (as timm 1.0.31 does)."""
-    axes = [torch.arange(-(w - 1), w, dtype=torch.float32) / max(w - 1, 1) for w in window_size]
+    offset 0; dividing by max(w - 1, 1) keeps it 0 rather than 0/0 = NaN (as timm 1.0.31 does).
+
+    With `pretrained_window_size` (the window the MLP was trained at) the offsets are scaled by
+    that window instead, so an offset the MLP saw keeps its input and larger ones extend past 8,
+    where the log spacing keeps the extrapolation short (the paper's window transfer; timm's
+    `pretrained_window_size`)."""
+    scale = window_size if pretrained_window_size is None else pretrained_window_size
+    axes = [torch.arange(-(w - 1), w, dtype=torch.float32) / max(p - 1, 1) for w, p in zip(window_size, scale)]
     table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def resize_relative_position_bias_table(table: Tensor, window_size: tuple[int, int],
+                                        new_window_size: tuple[int, int]) -> Tensor:
+    """A V1 bias table ((2wh-1)*(2ww-1), nH) learned for `window_size`, resampled bicubically to
+    the offsets of `new_window_size` (as Swin V1 fine-tuning at a larger window, and timm's
+    `resize_rel_pos_bias_table`, do): the table is a (2wh-1) x (2ww-1) image per head."""
+    (wh, ww), (nh, nw) = window_size, new_window_size
+    if table.shape[0] != (2 * wh - 1) * (2 * ww - 1):
+        raise ValueError(f"a bias table of {table.shape[0]} offsets was not learned for a {wh} x {ww} window "
+                         f"({(2 * wh - 1) * (2 * ww - 1)} offsets); give the window it was trained at")
+    if (wh, ww) == (nh, nw):
+        return table
+    nH = table.shape[1]
+    image = table.T.reshape(1, nH, 2 * wh - 1, 2 * ww - 1).float()
+    image = F.interpolate(image, size=(2 * nh - 1, 2 * nw - 1), mode="bicubic", align_corners=False)
+    return image.reshape(nH, -1).T.contiguous().to(table.dtype)  # ((2nh-1)*(2nw-1), nH)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool, dropout_p: float) -> Tensor:
@@ -63,16 +87,22 @@ class WindowAttention(nn.Module):
     version=2 (Swin V2, https://arxiv.org/abs/2111.09883): cosine similarity times a learned
     per-head temperature clamped at 100, plus 16 * sigmoid(CPB MLP(log-spaced relative coords)).
     version=1 (Swin V1, https://arxiv.org/abs/2103.14030): scaled dot product plus a learned
-    relative position bias table.
+    relative position bias table. `pretrained_window_size` (V2 only): the window the CPB MLP was
+    trained at, when it runs at another (`log_spaced_relative_coords`).
     """
 
     def __init__(self, dim: int, window_size: tuple[int, int], num_heads: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, version: int = 2) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, version: int = 2,
+                 pretrained_window_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; choose num_heads dividing dim")
         if version not in (1, 2):
             raise ValueError(f"version must be 1 or 2, got {version}")
+        if pretrained_window_size is not None and version != 2:
+            raise ValueError("pretrained_window_size applies to Swin V2's position-bias MLP; a V1 bias table is "
+                             "resized instead (resize_relative_position_bias_table): leave it None")
+        self.pretrained_window_size = None if pretrained_window_size is None else tuple(pretrained_window_size)
         self.dim, self.window_size, self.num_heads, self.version = dim, tuple(window_size), num_heads, version
         wh, ww = self.window_size
         if version == 2:
@@ -83,7 +113,8 @@ class WindowAttention(nn.Module):
             self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.register_buffer("k_bias", torch.zeros(dim) if qkv_bias else None, persistent=False)
-            self.register_buffer("relative_coords_table", log_spaced_relative_coords(self.window_size), persistent=False)
+            coords = log_spaced_relative_coords(self.window_size, self.pretrained_window_size)
+            self.register_buffer("relative_coords_table", coords, persistent=False)
         else:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)

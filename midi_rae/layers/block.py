@@ -15,7 +15,8 @@ class SwinBlock(nn.Module):
 
     version=2 uses res-post-norm, x + drop_path(norm(f(x))), with the norms zero-initialised by
     the model so each block starts as the identity; version=1 uses pre-norm, x + drop_path(f(norm(x))).
-    Names match timm's SwinTransformerV2Block / SwinTransformerBlock.
+    Names match timm's SwinTransformerV2Block / SwinTransformerBlock. `pretrained_window_size`:
+    the window a V2 block's weights were trained at, if not `window_size` (after clamping both).
     """
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int,
@@ -23,13 +24,15 @@ class SwinBlock(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0,
                  act_layer: Callable[[], nn.Module] = nn.GELU,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, version: int = 2) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, version: int = 2,
+                 pretrained_window_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.input_resolution = tuple(input_resolution)
         self.window_size, self.shift_size = clamp_window(self.input_resolution, tuple(window_size), tuple(shift_size))
         self.version = version
         self.attn = WindowAttention(dim, self.window_size, num_heads, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop, proj_drop=proj_drop, version=version)
+                                    attn_drop=attn_drop, proj_drop=proj_drop, version=version,
+                                    pretrained_window_size=pretrained_window_size)
         self.norm1 = norm_layer(dim)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)

@@ -1,5 +1,7 @@
 """A Swin stage: optional 2x downsample at its start, then `depth` blocks alternating
-plain and shifted windows. Names match timm's SwinTransformerV2Stage (`downsample`, `blocks`)."""
+plain and shifted windows. Names match timm's SwinTransformerV2Stage (`downsample`, `blocks`).
+`pretrained_window_size` is the window the stage's V2 blocks were trained at (after clamping to
+the grid they were trained on), when they run at another."""
 from typing import Callable, Sequence
 
 import torch
@@ -15,7 +17,8 @@ class SwinStage(nn.Module):
                  num_heads: int, window_size: tuple[int, int] = (8, 8), downsample: bool = False,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float | Sequence[float] = 0.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, version: int = 2) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, version: int = 2,
+                 pretrained_window_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.grad_checkpointing = False  # recompute each block in the backward pass (training only)
         if not downsample and dim != out_dim:
@@ -30,7 +33,7 @@ class SwinStage(nn.Module):
             SwinBlock(out_dim, self.output_resolution, num_heads, window_size,
                       shift_size=(0, 0) if i % 2 == 0 else shift, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                       proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path[i],
-                      norm_layer=norm_layer, version=version)
+                      norm_layer=norm_layer, version=version, pretrained_window_size=pretrained_window_size)
             for i in range(depth)])
 
     def forward(self, x: Tensor) -> Tensor:
