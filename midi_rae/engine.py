@@ -160,6 +160,7 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
 def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, seed: int = 0,
                       amp: bool = False) -> dict[str, float]:
     """Validation of a `Pretrainer`: the objective's loss, and, when it reconstructs masked

@@ -18,8 +18,8 @@ from midi_rae import stages, trainer
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 from midi_rae.config import ConfigError, TrainConfig, load_config, resolve_config_path
 from midi_rae.evaluate import run_summary
-from midi_rae.engine import (NonFiniteLoss, evaluate_pretrain, layer_decay_scales, lr_at, momentum_at, param_groups,
-                             train_one_epoch)
+from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain, layer_decay_scales, lr_at, momentum_at,
+                             param_groups, train_one_epoch)
 from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
 from midi_rae.logger import Logger
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
@@ -154,6 +154,19 @@ def test_validation_leaves_the_training_stream_alone(device: str, tiny_cache: Pa
     _, _, stats_c = stream(True)
     assert torch.equal(cpu_a, cpu_b) and torch.equal(dev_a, dev_b)
     assert stats_a == stats_c  # and every validation sees the same draws
+
+
+def test_validation_builds_no_graph(tiny_cache: Path, tmp_path: Path) -> None:
+    """Both validations run without autograd (a graph per batch would only cost memory)."""
+    cfg = load_config(None, tiny(tiny_cache, tmp_path))
+    model = Pretrainer(cfg)
+    _, val = datasets(cfg, 0, model.needs_views)
+    seen = []
+    model.encoder.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    evaluate_pretrain(model, val_loader(val, 4, 0), torch.device("cpu"), seed=0)
+    decoder = DecoderTrainer(model.encoder, build_decoder(cfg))
+    evaluate_decoder(decoder, val_loader(val, 4, 0), torch.device("cpu"), 0.5)
+    assert seen and not any(seen)
 
 
 def test_best_checkpoint_agrees_with_the_log(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
