@@ -211,11 +211,10 @@ def run_summary(cfg: Config, n_examples: int = 4, probe: bool = False) -> dict[s
     run_dir, pre_dir, dec_dir = stage_dirs(cfg)
     model, enc_cfg = load_autoencoder(dec_dir / "decoder.safetensors")
     _, val = datasets(with_encoder_config(cfg, enc_cfg), enc_cfg.decoder_train.seed, False)
-    # The validation crops are fixed (their index alone draws them): read once to choose, again to draw.
     items = [val[i] for i in range(len(val))]
     fullness = torch.tensor([float(it["x"][0].sum()) for it in items])  # (N,)
     picked, labels = pick_examples(fullness, [it["piece_id"] for it in items], [it["start"] for it in items], n_examples)
-    x = torch.stack([val[i]["x"] for i in picked])  # (K, C, 128, W)
+    x = torch.stack([items[i]["x"] for i in picked])  # (K, C, 128, W)
     with torch.no_grad():
         probs = model.logits(x).sigmoid()
     thr = enc_cfg.decoder.threshold
