@@ -79,8 +79,8 @@ def mae_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.0
 def patch_pixels(mask: Tensor, grid: tuple[int, int], patch_size: tuple[int, int]) -> Tensor:
     """A (B, N) patch mask over a row-major `grid` -> (B, 1, H, W), each patch's value on its pixels."""
     B = mask.shape[0]
-    ph, pw = patch_size
-    return mask.view(B, 1, *grid).repeat_interleave(ph, 2).repeat_interleave(pw, 3)
+    (gh, gw), (ph, pw) = grid, patch_size
+    return mask.view(B, 1, gh, 1, gw, 1).expand(B, 1, gh, ph, gw, pw).reshape(B, 1, gh * ph, gw * pw)
 
 
 def check_mask(mask: Tensor, batch: int, n: int, device: torch.device) -> Tensor:

@@ -305,6 +305,13 @@ def to_grid(emb: Tensor, grid: tuple[int, int]) -> Tensor:
     return emb.reshape(emb.shape[0], grid[0], grid[1], emb.shape[-1])
 
 
+def upsample2x(x: Tensor) -> Tensor:
+    """(B, h, w, D) -> (B, 2h, 2w, D), every token copied to its 2 x 2 cell (nearest): one copy
+    through a broadcast view, where two repeat_interleave calls gather twice."""
+    B, h, w, D = x.shape
+    return x[:, :, None, :, None].expand(B, h, 2, w, 2, D).reshape(B, 2 * h, 2 * w, D)
+
+
 class SwinMAEDecoder(nn.Module):
     """FPN-style decoder for SimMIM pretraining: every level projected to `decoder_dim`, a top-down
     pathway (2x nearest upsample + add) from the coarsest to the finest grid, a learned "masked"
@@ -345,7 +352,7 @@ class SwinMAEDecoder(nn.Module):
         x = None
         for i, grid in enumerate(self.grids):
             lat = to_grid(self.lateral[i](enc_out.patches[i].emb), grid) if i < self.read_levels else 0  # (B, h, w, decoder_dim)
-            x = lat if x is None else x.repeat_interleave(2, 1).repeat_interleave(2, 2) + lat
+            x = lat if x is None else upsample2x(x) + lat
         masked = ~enc_out.mae_mask.view(x.shape[:3])  # (B, gh, gw)
         x = x + masked[..., None] * self.mask_embed
         if self.pos_embed is not None:
