@@ -130,19 +130,20 @@ class SwinMaskedEmbeddingPredictor(nn.Module):
             out.append(self.summarizers[i](q, kv) + self.level_embed[i])
         return torch.cat(out, dim=1)
 
-    def predict(self, summaries: Tensor, pos: list[Tensor]) -> list[Tensor]:
-        """Mixed summaries (B, sum n_i, S) -> predictions [(B, N_i, D_i)]. Queries do not attend
-        to each other, so all levels' queries run as one sequence."""
-        B = summaries.shape[0]
-        q = torch.cat([p + self.level_embed[i] for i, p in enumerate(pos)])  # (sum N_i, S)
-        x = self.norm(self.predictor(q.expand(B, -1, -1), summaries))  # (B, sum N_i, S)
-        chunks = x.split([p.shape[0] for p in pos], dim=1)  # [(B, N_i, S)]
+    def predict(self, summaries: Tensor, queries: list[Tensor]) -> list[Tensor]:
+        """Mixed summaries (B, sum n_i, S) and each level's queries (B, K_i, S) -> predictions
+        [(B, K_i, D_i)]. Queries do not attend to each other, so all levels' queries run as one
+        sequence, and any subset of them gets the predictions it would get among all."""
+        x = self.norm(self.predictor(torch.cat(queries, dim=1), summaries))  # (B, sum K_i, S)
+        chunks = x.split([q.shape[1] for q in queries], dim=1)  # [(B, K_i, S)]
         return [head(c) for head, c in zip(self.heads, chunks)]
 
-    def forward(self, enc_out: EncoderOutput, mask_ratio: float | None = None,
-                masks: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, enc_out: EncoderOutput, mask_ratio: float | None = None, masks: Sequence[Tensor] | None = None,
+                at: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Returns (preds, masks): preds[i] (B, N_i, D_i) for every position, masks[i] (B, N_i)
-        bool, True = visible. `mask_ratio` None uses self.mask_ratio; given `masks` are used as is."""
+        bool, True = visible. `mask_ratio` None uses self.mask_ratio; given `masks` are used as is.
+        `at`: per level (B, K_i) long positions; preds[i] is then (B, K_i, D_i), the predictions at
+        those positions only (equal to the full preds gathered there, for a fraction of the cost)."""
         patches = enc_out.patches
         self._check(patches)
         if masks is None:
@@ -154,7 +155,23 @@ class SwinMaskedEmbeddingPredictor(nn.Module):
         summaries = self.summarize(patches, masks, pos)  # (B, sum n_i, S)
         for blk in self.mixer:
             summaries = blk(summaries)
-        return self.predict(summaries, pos), masks
+        B = summaries.shape[0]
+        queries = [p + self.level_embed[i] for i, p in enumerate(pos)]  # [(N_i, S)]
+        if at is None:
+            queries = [q.expand(B, -1, -1) for q in queries]
+        else:
+            queries = [q[idx] for q, idx in zip(queries, at, strict=True)]  # [(B, K_i, S)]
+        return self.predict(summaries, queries), masks
+
+
+def positions(select: Tensor) -> tuple[Tensor, Tensor]:
+    """The positions where select (B, N) bool is True, per sample and in order, padded to the
+    largest count K: (index (B, K) long, valid (B, K) bool). Padding points at position 0."""
+    count = select.sum(1)  # (B,)
+    K = int(count.max()) if select.numel() else 0
+    index = (~select).to(torch.uint8).argsort(dim=1, stable=True)[:, :K]  # selected first, in order
+    valid = torch.arange(K, device=select.device) < count[:, None]
+    return index.masked_fill(~valid, 0), valid
 
 
 class MultiScaleReconHeads(nn.Module):

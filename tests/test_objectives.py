@@ -6,7 +6,7 @@ import torch
 
 from midi_rae.config import ConfigError, load_config
 from midi_rae.dataset import PianoRollDataset
-from midi_rae.losses import info_nce, lejepa_global, recon_bce
+from midi_rae.losses import info_nce, lejepa_global, mep_loss, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinEncoder, SwinMAEDecoder
 
@@ -88,3 +88,27 @@ def test_impossible_objective_configs_are_refused() -> None:
         load_config(None, ["objective.recon_levels=7"])
     with pytest.raises(ConfigError, match="global_loss"):
         load_config(None, ["objective.global_loss=simclr"])
+
+
+def test_mep_loss_from_the_masked_positions_alone_equals_the_dense_one() -> None:
+    """Pretrainer predicts only the positions the loss reads: same loss and gradients as
+    predicting every position and masking the loss."""
+    cfg = load_config(None, [*SMALL, "objective.mep_weight=1", "objective.recon_weight=0"])
+    torch.manual_seed(0)
+    model = Pretrainer(cfg)
+    x = (torch.rand(4, 1, 128, 32) > 0.9).float()
+    student, target = model.encoder(x, mask_ratio=0.5), model.teacher(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    loss = model._mep(student, target)
+    torch.manual_seed(1)
+    preds, pred_masks = model.predictor(student)
+    masks = [pm & lvl.mae_mask for pm, lvl in zip(pred_masks, student.patches)]
+    dense = mep_loss(preds, target.patches.all_emb, masks, normalize_targets=cfg.objective.mep_normalize_targets)
+    torch.testing.assert_close(loss, dense)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    dense_grads = torch.autograd.grad(dense, params, allow_unused=True)
+    for g, d in zip(grads, dense_grads, strict=True):
+        assert (g is None) == (d is None)
+        if g is not None:
+            torch.testing.assert_close(g, d, rtol=1e-4, atol=1e-7)

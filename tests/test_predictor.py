@@ -3,7 +3,7 @@ import torch
 
 from midi_rae.core import EncoderOutput, HierarchicalPatchState, PatchState, grid_positions
 from midi_rae.losses import mep_loss, multiscale_recon_loss
-from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor, level_grids
+from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor, level_grids, positions
 from midi_rae.swin import SwinEncoder
 from midi_rae.vit import ViTEncoder
 
@@ -226,3 +226,24 @@ def test_predictor_checkpoints_with_separate_q_and_kv_still_load(encoded: dict) 
         torch.manual_seed(1)
         got, _ = loaded(enc_out)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_predictions_at_a_subset_equal_the_full_ones(encoded) -> None:
+    _, enc_out = encoded[128, 256]
+    torch.manual_seed(0)
+    mep = small_mep()
+    masks = mep.draw_masks(enc_out.patches)
+    full, _ = mep(enc_out, masks=masks)
+    at, valid = zip(*(positions(~m) for m in masks))  # the masked positions, padded per sample
+    sub, _ = mep(enc_out, masks=masks, at=at)
+    for f, s, idx, v in zip(full, sub, at, valid, strict=True):
+        assert s.shape == (*idx.shape, f.shape[-1])
+        gathered = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1]))
+        torch.testing.assert_close(s[v], gathered[v], rtol=1e-5, atol=1e-6)
+    assert valid[-1].any()  # the finest level: 40% masked
+
+
+def test_positions_lists_the_selected_in_order() -> None:
+    select = torch.tensor([[False, True, False, True], [True, False, False, False], [False] * 4])
+    index, valid = positions(select)
+    assert index.tolist() == [[1, 3], [0, 0], [0, 0]] and valid.tolist() == [[True, True], [True, False], [False, False]]
