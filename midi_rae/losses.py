@@ -61,6 +61,24 @@ def masked_recon_loss(logits: Tensor, target: Tensor, visible: Tensor, patch_siz
     return loss
 
 
+def patches_at(x: Tensor, select: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """The patches of x (B, C, H, W) where select (B, N) bool is True, over the row-major
+    (H/ph, W/pw) grid, sample by sample: (M, C, ph, pw)."""
+    B, C, H, W = x.shape
+    ph, pw = patch_size
+    patches = x.view(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, ph, pw)
+    return patches.reshape(-1, C, ph, pw)[select.reshape(-1)]
+
+
+def patch_recon_loss(logits: Tensor, target: Tensor, pos_weight: float | Tensor | None = None) -> Tensor:
+    """`masked_recon_loss` of patches already selected: mean BCE-with-logits over every pixel of
+    logits (M, C, ph, pw) against where target (M, C, ph, pw) holds notes; 0 when M = 0. With the
+    masked patches (`patches_at(x, ~visible)`) it equals `masked_recon_loss` at visible_weight 0."""
+    bce = F.binary_cross_entropy_with_logits(logits, note_mask(target).to(logits.dtype),
+                                             pos_weight=_pos_weight(pos_weight, logits), reduction="none")
+    return safe_mean(bce)
+
+
 def mep_loss(preds: Sequence[Tensor], targets: Sequence[Tensor], masks: Sequence[Tensor],
              level_weights: Sequence[float] | None = None, normalize_targets: bool = False) -> Tensor:
     """Masked embedding prediction: per level, the MSE over masked positions only; then the

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from midi_rae.config import Config
 from midi_rae.core import EncoderOutput
 from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
-                             multiscale_recon_loss, recon_bce)
+                             multiscale_recon_loss, patch_recon_loss, patches_at, recon_bce)
 from midi_rae.masking import patch_non_empty
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor, positions
 from midi_rae.roll import PITCHES
@@ -195,6 +195,19 @@ class Pretrainer(nn.Module):
         loss = masked_recon_loss(logits, x, visible, self.patch_size, pos_weight=self.objective.pos_weight)
         return MaskedReconstruction(logits, visible, self.patch_size, loss)
 
+    def _recon(self, student: EncoderOutput, x: Tensor) -> Tensor:
+        """The masked-patch reconstruction loss. When it reads the masked patches alone and the
+        decoder can decode chosen patches (Swin, linear head), only those are decoded past the
+        last attention: the same loss for a few percent of the decoder's tail."""
+        o = self.objective
+        if (o.recon_visible_weight == 0 and isinstance(self.mae_decoder, SwinMAEDecoder)
+                and self.mae_decoder.head.mode == "linear"):
+            hidden = ~student.mae_mask  # (B, N)
+            logits = self.mae_decoder.patch_logits(student, hidden)  # (M, C, ph, pw)
+            return patch_recon_loss(logits, patches_at(x, hidden, self.patch_size), o.pos_weight)
+        logits = self.mae_decoder(student)  # (B, C, H, W)
+        return masked_recon_loss(logits, x, student.mae_mask, self.patch_size, o.recon_visible_weight, o.pos_weight)
+
     def _mep(self, student: EncoderOutput, target: EncoderOutput) -> Tensor:
         """Masked embedding prediction: the predictor's output at the positions the encoder or
         the predictor hid, against the teacher's. Only those positions are predicted (about half
@@ -214,9 +227,7 @@ class Pretrainer(nn.Module):
         if self.mae_decoder is not None or self.predictor is not None or self.ms_heads is not None:
             student = self.encoder(x, mask_ratio=o.mask_ratio)  # the masked view
         if self.mae_decoder is not None:
-            logits = self.mae_decoder(student)  # (B, C, H, W)
-            parts["recon"] = masked_recon_loss(logits, x, student.mae_mask, self.patch_size,
-                                               o.recon_visible_weight, o.pos_weight)
+            parts["recon"] = self._recon(student, x)
         if self.predictor is not None:
             with torch.no_grad():
                 target = self.teacher(x)  # the full view

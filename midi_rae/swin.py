@@ -347,7 +347,8 @@ class SwinMAEDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_embed"} | submodule_no_weight_decay(self)
 
-    def forward(self, enc_out: EncoderOutput) -> Tensor:
+    def fuse(self, enc_out: EncoderOutput) -> Tensor:
+        """The levels merged top-down onto the finest grid, with the mask (and position) embedding: (B, gh, gw, D)."""
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)
         x = None
         for i, grid in enumerate(self.grids):
@@ -357,7 +358,23 @@ class SwinMAEDecoder(nn.Module):
         x = x + masked[..., None] * self.mask_embed
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        return self.head(self.norm(self.blocks(x)))  # (B, C, H, W) logits
+        return x
+
+    def forward(self, enc_out: EncoderOutput) -> Tensor:
+        return self.head(self.norm(self.blocks(self.fuse(enc_out))))  # (B, C, H, W) logits
+
+    def patch_logits(self, enc_out: EncoderOutput, select: Tensor) -> Tensor:
+        """The logits of the patches where select (B, N) bool is True, in row-major order sample
+        by sample: (M, C, ph, pw), the same as `forward`'s there. The last block's attention reads
+        every token; what follows it (its MLP, the norm, the head) is per token, so it runs on the
+        selected tokens alone (a masked-patch loss reads a few percent of a sparse roll)."""
+        x = self.fuse(enc_out)
+        *blocks, last = self.blocks.blocks  # no downsample, no drop path in the decoder's stage
+        for blk in blocks:
+            x = blk(x)
+        x = last.mix(x)  # (B, gh, gw, D)
+        tokens = x.reshape(-1, x.shape[-1])[select.reshape(-1)]  # (M, D)
+        return self.head.patch_logits(self.norm(last.ffn(tokens)))
 
 
 class SwinDecoder(nn.Module):

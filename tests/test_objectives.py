@@ -6,7 +6,7 @@ import torch
 
 from midi_rae.config import ConfigError, load_config
 from midi_rae.dataset import PianoRollDataset
-from midi_rae.losses import info_nce, lejepa_global, mep_loss, recon_bce
+from midi_rae.losses import info_nce, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinEncoder, SwinMAEDecoder
 
@@ -109,6 +109,30 @@ def test_mep_loss_from_the_masked_positions_alone_equals_the_dense_one() -> None
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     dense_grads = torch.autograd.grad(dense, params, allow_unused=True)
     for g, d in zip(grads, dense_grads, strict=True):
+        assert (g is None) == (d is None)
+        if g is not None:
+            torch.testing.assert_close(g, d, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_recon_loss_from_the_masked_patches_alone_equals_the_dense_one(depth: int) -> None:
+    """Pretrainer decodes only the masked patches past the last attention: the same logits there,
+    the same loss and gradients as decoding every patch."""
+    cfg = load_config(None, [*SMALL, f"model.mae_decoder_depth={depth}", "objective.pos_weight=4"])
+    torch.manual_seed(0)
+    model = Pretrainer(cfg)
+    x = (torch.rand(4, 1, 128, 32) > 0.9).float()
+    student = model.encoder(x, mask_ratio=0.5)
+    hidden = ~student.mae_mask
+    dense_logits = model.mae_decoder(student)  # (B, C, H, W)
+    torch.testing.assert_close(model.mae_decoder.patch_logits(student, hidden),
+                               patches_at(dense_logits, hidden, model.patch_size), rtol=1e-5, atol=1e-6)
+    loss = model._recon(student, x)
+    dense = masked_recon_loss(dense_logits, x, student.mae_mask, model.patch_size, 0.0, 4.0)
+    torch.testing.assert_close(loss, dense)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    for g, d in zip(grads, torch.autograd.grad(dense, params, allow_unused=True), strict=True):
         assert (g is None) == (d is None)
         if g is not None:
             torch.testing.assert_close(g, d, rtol=1e-4, atol=1e-7)

@@ -60,12 +60,19 @@ class SwinBlock(nn.Module):
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
 
+    def mix(self, x: Tensor) -> Tensor:
+        """The attention half: (B, H, W, C) -> (B, H, W, C)."""
+        if self.version == 2:
+            return x + self.drop_path1(self.norm1(self._attn(x)))
+        return x + self.drop_path1(self._attn(self.norm1(x)))
+
+    def ffn(self, x: Tensor) -> Tensor:
+        """The MLP half, token by token: (B, H, W, C) -> (B, H, W, C), or (M, C) -> (M, C) for
+        any selection of tokens when the block has no drop path (which draws per sample)."""
+        if self.version == 2:
+            return x + self.drop_path2(self.norm2(self.mlp(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        if self.version == 2:
-            x = x + self.drop_path1(self.norm1(self._attn(x)))
-            x = x + self.drop_path2(self.norm2(self.mlp(x)))
-        else:
-            x = x + self.drop_path1(self._attn(self.norm1(x)))
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+        return self.ffn(self.mix(x))

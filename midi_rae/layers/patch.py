@@ -87,6 +87,13 @@ class Unpatchify(nn.Module):
         else:
             raise ValueError(f"unknown head {mode!r}; choose one of {', '.join(self.MODES)}")
 
+    def patch_logits(self, tokens: Tensor) -> Tensor:
+        """Mode "linear" only, where each patch is its own token's: (M, D) -> (M, C, ph, pw)."""
+        if self.mode != "linear":
+            raise ValueError(f"head {self.mode!r} reads neighbouring tokens; per-token patches need head='linear'")
+        ph, pw = self.patch_size
+        return self.proj(tokens).view(-1, ph, pw, self.out_chans).permute(0, 3, 1, 2)
+
     def forward(self, x: Tensor) -> Tensor:
         B, gh, gw, _ = x.shape
         if self.mode != "linear":
