@@ -79,13 +79,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, fused: bool, dr
         mask = None if mask is None else mask.reshape(-1, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
         return out.reshape(BnW, nH, N, hd)
-    attn = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N), contiguous: the mask is added through a view
+    # Windows split from the batch, (B, nW, nH, ...), so that a per-window mask broadcasts. The mask
+    # is added in place to the matmul's own output (its backward does not read it; an in-place add
+    # through a view would instead make autograd copy the whole gradient), saving a fresh buffer.
+    q, k, v = (t.reshape(-1, nW, nH, N, hd) for t in (q, k, v))
+    attn = q @ k.transpose(-2, -1)  # (B, nW, nH, N, N)
     if mask is not None:
-        # In place: the matmul's backward does not read its output, and a fresh (B*nW, nH, N, N)
-        # buffer per block costs page faults on the CPU.
-        attn.view(-1, nW, nH, N, N).add_(mask)
+        attn.add_(mask)
     attn = F.dropout(attn.softmax(dim=-1), p=dropout_p)
-    return attn @ v
+    return (attn @ v).view(BnW, nH, N, hd)
 
 
 class WindowAttention(nn.Module):
@@ -186,8 +188,10 @@ class WindowAttention(nn.Module):
             bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         else:
             bias = self.qkv.bias
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B_, nH, N, hd)
+        qkv = F.linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, C // self.num_heads)
+        # Split on the axis of three, then move heads: unbind's backward (a stack) then lands
+        # directly in the linear's (B_, N, 3C) layout, with no further copy.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B_, nH, N, hd)
         if self.version == 2:
             scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (nH, 1, 1)
             # F.normalize divides by the norm; one multiply by (scale / norm), with the logit scale
