@@ -54,7 +54,10 @@ def _mask_in_groups(noise: Tensor, groups: list[tuple[Tensor, Tensor]]) -> Tenso
     visible = torch.ones_like(groups[0][0])
     for group, n_mask in groups:
         score = noise.masked_fill(~group, 2.0)  # members of other groups sort last
-        rank = score.argsort(dim=1).argsort(dim=1)  # (B, N) rank of each patch within the sample
+        order = score.argsort(dim=1)
+        # (B, N) rank of each patch within the sample: the inverse permutation of `order`, by a
+        # scatter where a second argsort would sort again
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         visible &= ~(group & (rank < n_mask[:, None]))
     return visible
 
