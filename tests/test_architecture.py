@@ -48,7 +48,7 @@ def test_every_command_module_exists() -> None:
 
 # The data layer (formats <-> roll, the cache, the Dataset) is the bottom one: it knows no config,
 # model, training or run module.
-DATA = {"roll", "corpus", "cache", "dataset", "descriptors"}
+DATA = {"roll", "corpus", "cache", "dataset", "descriptors", "labels"}
 # The training loop is handed its model and data by the stages: it knows no model by name, no run
 # folder and no stage.
 LOOP = {"distributed", "logger", "trainer", "engine"}

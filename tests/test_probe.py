@@ -12,7 +12,9 @@ from midi_rae.cache import load_index, prepare
 from midi_rae.cli import main
 from midi_rae.models import build_encoder
 from midi_rae.core import PatchState, grid_positions
-from midi_rae.probes import find_tasks, fit_logistic, probe, scores, time_self_similarity
+from midi_rae.labels import find_tasks
+from midi_rae.metrics import scores
+from midi_rae.probes import fit_logistic, probe, time_self_similarity
 from midi_rae.runs import initial_encoder
 from midi_rae.runs import load_encoder
 
@@ -132,7 +134,7 @@ def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory, capsys) -> 
 
 def test_picked_pieces_are_independent_of_the_split() -> None:
     from midi_rae.cache import split_of
-    from midi_rae.probes import pick_pieces
+    from midi_rae.labels import pick_pieces
 
     members = [{"piece_id": f"music21/essenFolksong/tune{i}"} for i in range(2000)]
     picked = pick_pieces(members, 200)
