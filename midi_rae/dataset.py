@@ -61,6 +61,8 @@ class PianoRollDataset(Dataset):
     any number of loader workers; call `set_epoch` to get new crops. The validation split is
     a fixed set of crops and shifts (no augmentation), identical on every run.
     Near-empty crops (fewer than `min_active` columns with a sounding note) are redrawn.
+    `pieces`: these records of the cache's index instead of a split of it (`split` then only says
+    whether crops are augmented); `labels`: piece id -> class index, given to each item as `y`.
     """
 
     def __init__(
@@ -77,6 +79,8 @@ class PianoRollDataset(Dataset):
         channels: int | None = None,
         seed: int = 0,
         view_mode: str = "shift",
+        pieces: list[dict[str, Any]] | None = None,
+        labels: dict[str, int] | None = None,
     ) -> None:
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
@@ -94,7 +98,9 @@ class PianoRollDataset(Dataset):
         self.view_mode = view_mode
         self.seed, self.epoch = seed, 0
         self.scale = self.settings.scale
-        self.pieces = [p for p in load_index(cache_dir) if split == "all" or split_of(p["piece_id"], val_fraction) == split]
+        self.labels = labels
+        self.pieces = pieces if pieces is not None else [
+            p for p in load_index(cache_dir) if split == "all" or split_of(p["piece_id"], val_fraction) == split]
         if not self.pieces:
             raise ValueError(f"no pieces in split {split!r} of {cache_dir}")
         counts = [max(1, -(-p["steps"] // crop_width)) for p in self.pieces]
@@ -137,6 +143,8 @@ class PianoRollDataset(Dataset):
         start = self._anchor(roll, rng)
         base = int(rng.integers(-self.transpose, self.transpose + 1)) if self.transpose else 0
         item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start, "steps": int(roll.shape[-1])}
+        if self.labels is not None:
+            item["y"] = self.labels[piece["piece_id"]]
         if not self.pair:
             item["x"] = self._view(roll, start, 0, base)
             return item

@@ -7,6 +7,7 @@ not care which objectives are on.
   loss need no head.
 - `DecoderTrainer`: a frozen (or fine-tuned) encoder and a full decoder trained to
   reconstruct the roll.
+- `Classifier`: the encoder and a classification head on one pooled level, fine-tuned together.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from midi_rae.config import Config
@@ -25,6 +27,7 @@ from midi_rae.masking import patch_non_empty
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor
 from midi_rae.roll import PITCHES
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
+from midi_rae.utils import init_linears
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
 
 
@@ -263,3 +266,29 @@ class DecoderTrainer(nn.Module):
         x = batch["x"]
         loss = recon_bce(self.logits(x), x, self.pos_weight)
         return loss, {"bce": loss}
+
+
+class Classifier(nn.Module):
+    """The encoder and a head on one of its levels (`level`, 0 = coarsest): the level's tokens
+    pooled (the mean over all of them, or over the non-empty ones), LayerNorm, Linear, as timm's
+    Swin head pools its last stage. Trained with label-smoothed cross-entropy on `batch['y']`."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, level: int = 0, pool: str = "mean",
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        dims = level_dims(encoder)
+        if not 0 <= level < len(dims):
+            raise ValueError(f"level {level} is out of range: the encoder has {len(dims)} levels, 0 (coarsest) to "
+                             f"{len(dims) - 1} (finest)")
+        self.encoder, self.level, self.pool, self.label_smoothing = encoder, level, pool, label_smoothing
+        self.norm = nn.LayerNorm(dims[level])
+        self.head = nn.Linear(dims[level], num_classes)
+        init_linears(self.head)
+
+    def logits(self, x: Tensor) -> Tensor:
+        lvl = self.encoder(x).patches[self.level]
+        return self.head(self.norm(lvl.pooled(non_empty_only=self.pool == "non-empty")))  # (B, num_classes)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = F.cross_entropy(self.logits(batch["x"]).float(), batch["y"], label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss}

@@ -9,7 +9,7 @@ import pytest
 import midi_rae
 
 PACKAGE = Path(midi_rae.__file__).parent
-COMMANDS = {"train", "encode", "reconstruct", "eval", "probe", "levels", "prepare"}
+COMMANDS = {"train", "encode", "reconstruct", "eval", "probe", "levels", "prepare", "finetune"}
 # Every module below the commands: all but the commands and the command line (one table of them).
 LOWER = sorted(p for p in PACKAGE.rglob("*.py")
                if p.stem not in COMMANDS and p.relative_to(PACKAGE).as_posix() not in ("cli.py", "__main__.py"))
