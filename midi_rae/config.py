@@ -305,6 +305,9 @@ class FinetuneConfig:
     level: int = opt(0, "the level the head pools (0 = coarsest, the last stage's output)")
     pool: str = opt("mean", "'mean' over all tokens of the level, or 'non-empty' (tokens with notes)")
     label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    head_init: str = opt("probe", "'probe': the head starts as the linear probe (L-BFGS, L2 chosen on a grouped hold-out) "
+                                  "of the initial encoder's features of the training pieces' fixed crops, then all is "
+                                  "fine-tuned (LP-FT, https://arxiv.org/abs/2202.10054); 'random': truncated normal")
     scratch: bool = opt(False, "train the encoder from its random initialisation (the baseline), not the run's weights")
     val_fraction: float = opt(0.1, "share of the training pieces held out (grouped by piece) to validate and pick the best checkpoint")
     test_fraction: float | None = opt(None, "share of pieces on the test side; None: data.val_fraction (the pieces pretraining never saw)")
@@ -316,6 +319,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _require(self.level >= 0, f"finetune.level must be >= 0 (0 = coarsest), got {self.level}")
         _require(self.pool in ("mean", "non-empty"), f"finetune.pool must be 'mean' or 'non-empty', got {self.pool!r}")
+        _require(self.head_init in ("probe", "random"), f"finetune.head_init must be 'probe' or 'random', got {self.head_init!r}")
         _require(0.0 <= self.label_smoothing < 1.0, f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.test_fraction is None or 0.0 < self.test_fraction < 1.0,

@@ -11,7 +11,9 @@ scores the linear probe on the very crops the fine-tuned model is scored on. Tra
 random crops of the training pieces, less a grouped tenth (`finetune.val_fraction`) that
 validates and picks `checkpoints/best`; the final weights are scored on the test pieces.
 
-Options of the `finetune` and `finetune_train` config sections: layer-wise lr decay
+The head starts as the linear probe of the initial encoder's features on the training pieces'
+fixed crops (`finetune.head_init=probe`, LP-FT; `random`: a fresh head). Options of the
+`finetune` and `finetune_train` config sections: layer-wise lr decay
 (`finetune_train.layer_decay`, default 0.75), stochastic depth (`model.drop_path_rate`), label
 smoothing (`finetune.label_smoothing`, default 0.1), steps and learning rate
 (`finetune_train.max_steps`, `finetune_train.lr`, default 1e-3).

@@ -285,9 +285,13 @@ class Classifier(nn.Module):
         self.head = nn.Linear(dims[level], num_classes)
         init_linears(self.head)
 
-    def logits(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """(B, D): the pooled level after the LayerNorm, what the linear head reads."""
         lvl = self.encoder(x).patches[self.level]
-        return self.head(self.norm(lvl.pooled(non_empty_only=self.pool == "non-empty")))  # (B, num_classes)
+        return self.norm(lvl.pooled(non_empty_only=self.pool == "non-empty"))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))  # (B, num_classes)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(self.logits(batch["x"]).float(), batch["y"], label_smoothing=self.label_smoothing)

@@ -103,10 +103,11 @@ def pixel_features(x: Tensor, pool: tuple[int, int] = (4, 4)) -> Tensor:
     return F.avg_pool2d(x[:, :1], pool).flatten(1)
 
 
-def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, max_iter: int = 200) -> Callable[[Tensor], Tensor]:
-    """Multinomial logistic regression on standardized features; returns a predict function."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    zd = ((x - mean) / std).double()
+def fit_linear(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, max_iter: int = 200) -> nn.Linear:
+    """Multinomial logistic regression on standardized features, fitted full-batch with L-BFGS; the
+    standardization is folded into the returned float64 layer, which reads `x` itself."""
+    mean, std = x.double().mean(0), x.double().std(0).clamp_min(1e-6)
+    zd = (x.double() - mean) / std
     lin = nn.Linear(x.shape[1], n_classes).double()
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
@@ -120,7 +121,16 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, max_ite
 
     with torch.enable_grad():
         opt.step(closure)
-    return lambda new: lin(((new - mean) / std).double()).argmax(1)
+    with torch.no_grad():  # W ((x - mean) / std) + b = (W / std) x + (b - (W / std) mean)
+        lin.weight /= std
+        lin.bias -= lin.weight @ mean
+    return lin.requires_grad_(False)
+
+
+def fit_logistic(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, max_iter: int = 200) -> Callable[[Tensor], Tensor]:
+    """`fit_linear`'s classifier as a predict function: features (N, F) -> classes (N,)."""
+    lin = fit_linear(x, y, n_classes, l2, max_iter)
+    return lambda new: lin(new.double()).argmax(1)
 
 
 def select_and_fit(x: Tensor, y: Tensor, groups: list[str], n_classes: int,

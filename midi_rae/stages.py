@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from midi_rae.cache import load_index
-from midi_rae.checkpoint import load_weights, save_weights
+from midi_rae.checkpoint import has_checkpoints, load_weights, save_weights
 from midi_rae.config import Config
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.distributed import barrier, say, setup
@@ -25,6 +25,7 @@ from midi_rae.engine import classify, evaluate_classifier, evaluate_decoder, eva
 from midi_rae.labels import TASKS, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import class_confusion, scores
 from midi_rae.models import Classifier, DecoderTrainer, Pretrainer, build_decoder, build_encoder
+from midi_rae.probes import fit_linear, select_and_fit
 from midi_rae.runs import Checkpoint, datasets, encoder_config, resolve_cache_dir, stage_dirs, trained_encoder, with_encoder_config
 from midi_rae.trainer import Trainer
 
@@ -136,7 +137,26 @@ def fixed_crops(cache: Path, pieces: list[dict[str, Any]], labels: dict[str, int
     """The probe suite's crops of `pieces` (`labels.piece_crops`), each with its class `y`."""
     crops = piece_crops(cache, pieces, cfg.data.crop_width, cfg.finetune.test_crops_per_piece)
     x = crops.x[:, : cfg.data.channels]  # (N, C, 128, W)
-    return [{"x": x[i], "y": labels[pid]} for i, pid in enumerate(crops.pieces)]
+    return [{"x": x[i], "y": labels[pid], "piece_id": pid} for i, pid in enumerate(crops.pieces)]
+
+
+@torch.no_grad()
+def probe_head(model: Classifier, crops: list[dict[str, Any]], n_classes: int, device: torch.device,
+               batch_size: int) -> dict[str, float]:
+    """Set the head to the linear probe of the model's own features (pooled level, LayerNorm) on
+    `crops`, its L2 chosen on a grouped hold-out as the probe suite chooses it (LP-FT: fine-tuning
+    from a fitted head moves the features less, https://arxiv.org/abs/2202.10054)."""
+    was_training = model.training
+    model.eval()
+    feats = torch.cat([model.features(torch.stack([c["x"] for c in crops[i:i + batch_size]]).to(device)).float().cpu()
+                       for i in range(0, len(crops), batch_size)])  # (N, D)
+    model.train(was_training)
+    y = torch.tensor([c["y"] for c in crops])
+    _, l2, inner = select_and_fit(feats, y, [c["piece_id"] for c in crops], n_classes)
+    lin = fit_linear(feats, y, n_classes, l2)
+    model.head.weight.copy_(lin.weight)
+    model.head.bias.copy_(lin.bias)
+    return {"l2": l2, "holdout_balanced_accuracy": inner, **scores(lin(feats.double()).argmax(1), y)}
 
 
 def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None, resume: bool = False) -> dict[str, Any]:
@@ -161,6 +181,11 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     train_ds = PianoRollDataset(cache, "train", crop_width=dc.crop_width, pair=False, transpose=dc.transpose,
                                 channels=dc.channels, seed=tcfg.seed, pieces=train_pieces, labels=labels)
     val, test = fixed_crops(cache, val_pieces, labels, cfg), fixed_crops(cache, task.test, labels, cfg)
+    head: dict[str, float] = {}
+    if f.head_init == "probe" and not (resume and has_checkpoints(stage_dir / "checkpoints")):  # else: resumed weights
+        head = probe_head(model, fixed_crops(cache, train_pieces, labels, cfg), len(task.classes), d.device, tcfg.batch_size * 8)
+        say(d, f"[finetune] head initialised as the linear probe of the training crops: training balanced accuracy "
+               f"{head['balanced_accuracy']:.3f} (L2 {head['l2']:g})")
     evaluate = lambda m, loader: evaluate_classifier(m, loader, d.device, tcfg.amp)  # noqa: E731
     final = Trainer("finetune", cfg, model, d, stage_dir, train_ds, val, evaluate, "balanced_accuracy", resume).run()
     result: dict[str, Any] = {}
@@ -168,7 +193,7 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
         pred, true, loss = classify(model, DataLoader(test, batch_size=tcfg.batch_size), d.device, tcfg.amp)
         result = {"label": task.name, "classes": task.classes, "level": f.level, "pool": f.pool, "scratch": f.scratch,
                   "cache": str(cache), "train_pieces": len(train_pieces), "val_pieces": len(val_pieces),
-                  "test_pieces": len(task.test), "test_crops": len(test),
+                  "test_pieces": len(task.test), "test_crops": len(test), "probe_head": head,
                   "test": {"loss": loss, **scores(pred, true),
                            "confusion": class_confusion(pred, true, len(task.classes)).tolist()},
                   "final": final}

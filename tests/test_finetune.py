@@ -66,6 +66,21 @@ def test_label_smoothing_enters_the_loss() -> None:
     assert not torch.allclose(loss, F.cross_entropy(logits, batch["y"])) and parts == {"ce": loss}
 
 
+def test_head_starts_as_the_linear_probe() -> None:
+    """head_init=probe: the head is the probe's classifier of the model's own features (pooled, LayerNorm)."""
+    torch.manual_seed(0)
+    low, high = torch.zeros(12, 1, 32, 32), torch.zeros(12, 1, 32, 32)
+    low[:, :, 2:8, ::2], high[:, :, 24:30, ::4] = 1.0, 1.0  # dense low notes against sparse high ones
+    x = (torch.cat([low, high]) * (torch.rand(24, 1, 32, 32) > 0.3)).float()
+    crops = [{"x": x[i], "y": int(i >= 12), "piece_id": f"p{i // 2}"} for i in range(24)]
+    model = Classifier(tiny_encoder(), 2)
+    before = model.norm.weight.clone()
+    fit = stages.probe_head(model, crops, 2, torch.device("cpu"), batch_size=5)
+    assert model.training and torch.equal(model.norm.weight, before)
+    pred = model.eval().logits(x).argmax(1)
+    assert fit["balanced_accuracy"] == 1.0 and pred.tolist() == [0] * 12 + [1] * 12
+
+
 def test_split_is_grouped_by_piece_and_is_the_probes(labelled_cache: Path, tiny_cache: Path, tmp_path_factory) -> None:
     run = resolve_checkpoint(trained_run("swin", tiny_cache, tmp_path_factory))
     cfg = with_overrides(run.config, [f"data.cache_dir={labelled_cache}", *SMALL])
