@@ -340,7 +340,7 @@ class Config:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     decoder_train: TrainConfig = opt(factory=TrainConfig, help="decoder training")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    finetune_train: TrainConfig = opt(factory=lambda: TrainConfig(lr=1e-3, warmup_steps=50, layer_decay=0.75),
+    finetune_train: TrainConfig = opt(factory=lambda: TrainConfig(lr=1e-4, warmup_steps=50, layer_decay=0.75),
                                       help="fine-tuning (`midi-rae finetune`)")
 
     def __post_init__(self) -> None:

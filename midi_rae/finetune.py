@@ -16,7 +16,7 @@ fixed crops (`finetune.head_init=probe`, LP-FT; `random`: a fresh head). Options
 `finetune` and `finetune_train` config sections: layer-wise lr decay
 (`finetune_train.layer_decay`, default 0.75), stochastic depth (`model.drop_path_rate`), label
 smoothing (`finetune.label_smoothing`, default 0.1), steps and learning rate
-(`finetune_train.max_steps`, `finetune_train.lr`, default 1e-3).
+(`finetune_train.max_steps`, `finetune_train.lr`, default 1e-4).
 
 Stage folder (default `RUN/finetune-LABEL`, `-scratch` appended for the baseline): `config.yaml`,
 `metrics.jsonl`, `checkpoints/`, `classifier.safetensors` (encoder + head), `encoder.safetensors`,
