@@ -153,32 +153,40 @@ def _convert(source: Source, key: str, settings: RollSettings, cache_dir: Path) 
     """Worker: read one source file, stage its notes, then write its `done` record (last, atomically)."""
     inflight = cache_dir / "inflight" / key
     inflight.touch()  # left behind only if this process dies mid-file: names the suspect
+    try:
+        record = _stage(source, key, settings, cache_dir)
+        _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
+    finally:  # an exception (a full disk) ends the file here; only a killed process leaves the marker
+        inflight.unlink(missing_ok=True)
+    return record
+
+
+def _stage(source: Source, key: str, settings: RollSettings, cache_dir: Path) -> dict[str, Any]:
+    """Read one source file and write its notes to `staging/<key>.npy`; its record (not yet written)."""
     warnings.simplefilter("ignore")
     record: dict[str, Any] = {"key": key, "source": source.source_id, "pieces": [], "skipped": []}
     try:
         pieces, skipped = read_pieces(source.path, settings)
     except BadInput as e:
         record["error"] = str(e)
+        return record
     except Exception as e:  # a parser bug must not stop the batch; its message is the reason
         record["error"] = f"{type(e).__name__}: {e}"
-    else:
-        multi = source.path.suffix.lower() == ".abc" or len(pieces) + len(skipped) > 1
-        staged = f"staging/{key}.npy"
-        offset = 0
-        for p in pieces:
-            record["pieces"].append({
-                "piece_id": f"{source.source_id}#{p.index}" if multi else source.source_id,
-                "file": staged, "offset": offset, "count": len(p.notes),
-                "source": source.source_id, "index": p.index, "steps": p.steps, "notes": len(p.notes),
-                "collection": source.collection, **p.meta,
-                "composer": source.composer or p.meta.get("composer"),
-            })
-            offset += len(p.notes)
-        record["skipped"] = [[i, reason] for i, reason in skipped]
-        if pieces:
-            _save_notes(cache_dir / staged, [p.notes for p in pieces])
-    _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
-    inflight.unlink(missing_ok=True)
+        return record
+    multi = source.path.suffix.lower() == ".abc" or len(pieces) + len(skipped) > 1
+    staged = f"staging/{key}.npy"
+    offset = 0
+    for p in pieces:
+        record["pieces"].append({
+            "piece_id": f"{source.source_id}#{p.index}" if multi else source.source_id,
+            "file": staged, "offset": offset, "count": len(p.notes),
+            "source": source.source_id, "index": p.index, "steps": p.steps, "notes": len(p.notes),
+            "collection": source.collection, **p.meta,
+            "composer": source.composer or p.meta.get("composer"),
+        })
+        offset += len(p.notes)
+    record["skipped"] = [[i, reason] for i, reason in skipped]
+    _save_notes(cache_dir / staged, [p.notes for p in pieces])
     return record
 
 
