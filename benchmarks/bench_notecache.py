@@ -2,6 +2,13 @@
 
     python benchmarks/bench_notecache.py --dense DENSE_CACHE --notes NOTE_CACHE [--check 3000]
     python benchmarks/bench_notecache.py --startup NOTE_CACHE [NOTE_CACHE ...]   # start-up only
+    python benchmarks/bench_notecache.py --convert DENSE_CACHE OUT   # a note cache made from a dense one
+
+`--convert` recovers each piece's notes from its dense roll (a note starts where the frame
+switches on or the onset channel marks one, and lasts to the next start or the frame's end):
+they paint the identical roll, but unisons and overlapping notes of one pitch become one note,
+so the result can be a little smaller than what `prepare` writes from the sources. It is for
+measuring a corpus without parsing it again (binary rolls only).
 
 DENSE_CACHE is a cache written by an earlier version (dense `(C, 128, T)` rolls), NOTE_CACHE one
 written by this version's `midi-rae prepare` from the same inputs. Both are only read.
@@ -25,8 +32,55 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+
+
+def roll_notes(roll: np.ndarray) -> np.ndarray:
+    """(2, 128, T) binary roll -> the fewest notes that paint it, NOTE_DTYPE sorted like prepare's."""
+    from midi_rae.roll import NOTE_DTYPE
+
+    on = roll[0] > 0
+    prev = np.zeros_like(on)
+    prev[:, 1:] = on[:, :-1]
+    starts = on & (~prev | (roll[1] > 0))  # (128, T)
+    rows = []
+    for pitch in np.flatnonzero(starts.any(axis=1)):
+        s = np.flatnonzero(starts[pitch])
+        offs = np.flatnonzero(on[pitch] & ~np.append(on[pitch, 1:], False)) + 1
+        ends = np.minimum(np.append(s[1:], on.shape[1]), offs[np.searchsorted(offs, s, side="right")])
+        rows.append((s, ends - s, np.full(len(s), pitch)))
+    notes = np.zeros(sum(len(r[0]) for r in rows), NOTE_DTYPE)
+    for name, i in (("start", 0), ("duration", 1), ("pitch", 2)):
+        notes[name] = np.concatenate([r[i] for r in rows])
+    notes["velocity"] = 1
+    return notes[np.lexsort((notes["velocity"], notes["duration"], notes["pitch"], notes["start"]))]
+
+
+def convert(dense: Path, out: Path) -> None:
+    """Write a note cache at `out` holding the pieces of the dense cache `dense` (see the docstring)."""
+    from midi_rae import cache as cache_module
+
+    settings = cache_module.load_settings(dense)
+    assert not settings.velocity, "--convert reads binary rolls only"
+    for sub in ("notes", "staging"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    records = []
+    for f in sorted((dense / "done").glob("*.json")):
+        r = json.loads(f.read_text())
+        r["key"] = f.stem
+        parts, offset = [], 0
+        for p in r["pieces"]:
+            notes = roll_notes(np.load(dense / "rolls" / p.pop("roll")))
+            p.update(file=f"staging/{f.stem}.npy", offset=offset, count=len(notes), notes=len(notes))
+            parts.append(notes)
+            offset += len(notes)
+        if parts:
+            cache_module._save_notes(out / f"staging/{f.stem}.npy", parts)
+        records.append(r)
+    records.sort(key=lambda r: r["source"])
+    cache_module._pack(out, records, settings, progress=False)
 
 
 def disk_bytes(root: Path) -> int:
@@ -110,8 +164,13 @@ if __name__ == "__main__":
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--startup", type=Path, nargs="*", default=[], help="more caches to time the start-up of")
+    ap.add_argument("--convert", type=Path, nargs=2, metavar=("DENSE_CACHE", "OUT"))
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.convert:
+        t = time.perf_counter()
+        convert(*args.convert)
+        print(f"converted {args.convert[0].name} -> {args.convert[1]} in {time.perf_counter() - t:.0f} s")
     if args.dense and args.notes:
         d, n = disk_bytes(args.dense), disk_bytes(args.notes)
         print(f"size on disk: dense {d / 1e6:.1f} MB, notes {n / 1e6:.2f} MB: {d / n:.1f}x smaller")
