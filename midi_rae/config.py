@@ -174,6 +174,10 @@ class ObjectiveConfig:
     multiscale_weight: float = opt(0.0, "per-level heads predicting the max-pooled roll")
     multiscale_upsample: int = opt(1, "each multi-scale head predicts this many cells per token side")
     recon_levels: int | None = opt(None, "swin: the MAE decoder reads only this many coarsest levels; None: all")
+    coarse_ae_weight: float = opt(0.0, "swin: the second half of each batch is encoded unmasked and reconstructed "
+                                       "(every patch) by a second decoder reading only the coarse_ae_levels coarsest "
+                                       "levels; the first half feeds the other objectives (same compute as one pass)")
+    coarse_ae_levels: int = opt(2, "the coarsest levels that coarse_ae_weight's decoder reads")
     global_weight: float = opt(0.0, "one embedding per view (every level's non-empty mean, concatenated, "
                                     "through a projector MLP), pulled together across the two views")
     global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
@@ -183,10 +187,14 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight",
-                                                 "multiscale_weight", "global_weight")}
+                                                 "multiscale_weight", "global_weight", "coarse_ae_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
+        _require(self.coarse_ae_weight == 0 or any(w > 0 for k, w in weights.items() if k != "coarse_ae_weight"),
+                 "objective.coarse_ae_weight shares each batch with another objective, and every other weight is 0; "
+                 "for a plain coarse autoencoder set objective.mask_ratio=0 objective.recon_visible_weight=1 "
+                 "objective.recon_levels=2 instead")
         # mask_ratio 0 with recon_visible_weight > 0 is a plain autoencoder (through the levels
         # the MAE decoder reads, see recon_levels); with both 0 there is nothing to reconstruct.
         _require(self.recon_weight == 0 or self.mask_ratio > 0 or self.recon_visible_weight > 0,
@@ -380,7 +388,14 @@ class Config:
         levels = m.num_stages
         _require(self.finetune.level < levels, f"finetune.level={self.finetune.level} (--level) is out of range: this "
                  f"encoder has {levels} levels, 0 (coarsest) to {levels - 1} (finest); choose one of them")
-        rl = self.objective.recon_levels
+        o = self.objective
+        if o.coarse_ae_weight > 0:
+            _require(m.encoder == "swin" and 1 <= o.coarse_ae_levels <= m.num_stages,
+                     f"objective.coarse_ae_levels must be 1..{m.num_stages} (Swin levels), got {o.coarse_ae_levels} "
+                     f"for the {m.encoder} encoder; or set objective.coarse_ae_weight=0")
+            _require(self.train.batch_size >= 2, "objective.coarse_ae_weight splits each batch in two; set "
+                     f"train.batch_size >= 2 (got {self.train.batch_size})")
+        rl = o.recon_levels
         if rl is not None:
             _require(m.encoder == "swin" and rl <= m.num_stages, f"objective.recon_levels must be 1..{m.num_stages} "
                      f"(Swin levels) or null, got {rl} for the {m.encoder} encoder")

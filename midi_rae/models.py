@@ -56,15 +56,16 @@ def build_encoder(cfg: Config) -> nn.Module:
     return cls(**kw)
 
 
-def build_mae_decoder(cfg: Config) -> nn.Module:
-    """The lightweight decoder of masked reconstruction during pretraining."""
+def build_mae_decoder(cfg: Config, read_levels: int | None = None) -> nn.Module:
+    """The lightweight decoder of masked reconstruction during pretraining; read_levels (Swin):
+    the coarsest levels it reads, None: `objective.recon_levels`."""
     m, d = cfg.model, cfg.data
     if m.encoder == "vit":
         return ViTMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
                              m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads)
     return SwinMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, len(m.depths),
                           m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size,
-                          read_levels=cfg.objective.recon_levels)
+                          read_levels=read_levels or cfg.objective.recon_levels)
 
 
 def level_dims(encoder: nn.Module) -> list[int]:
@@ -159,6 +160,7 @@ class Pretrainer(nn.Module):
         self.encoder = build_encoder(cfg)
         self.patch_size = (cfg.model.patch_h, cfg.model.patch_w)
         self.mae_decoder = build_mae_decoder(cfg) if o.recon_weight > 0 else None
+        self.coarse_decoder = build_mae_decoder(cfg, o.coarse_ae_levels) if o.coarse_ae_weight > 0 else None
         self.predictor = build_predictor(cfg, self.encoder) if o.mep_weight > 0 else None
         self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
                          if o.multiscale_weight > 0 else None)
@@ -201,6 +203,17 @@ class Pretrainer(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         o, x = self.objective, batch["x"]
         parts: dict[str, Tensor] = {}
+        if self.coarse_decoder is not None:
+            # An autoencoder through the coarse levels on the second half of the batch: masking is
+            # what empties the coarse levels (benchmarks/RESULTS.md), so this half sees all of
+            # its roll, and the first half feeds the masked objectives below.
+            n = len(x) - len(x) // 2
+            x_ae = x[n:]
+            batch = {k: v[:n] if isinstance(v, Tensor) else v for k, v in batch.items()}
+            x = batch["x"]
+            ae = self.encoder(x_ae, mask_ratio=0.0)
+            parts["coarse_ae"] = masked_recon_loss(self.coarse_decoder(ae), x_ae, ae.mae_mask, self.patch_size,
+                                                   1.0, o.pos_weight)
         student = None
         if self.mae_decoder is not None or self.predictor is not None or self.ms_heads is not None:
             student = self.encoder(x, mask_ratio=o.mask_ratio)  # the masked view
@@ -236,7 +249,8 @@ class Pretrainer(nn.Module):
                          for out in outs for lvl in out.patches]
             parts["anchor"] = torch.stack(per_level).mean()
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
-                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight}
+                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight,
+                   "coarse_ae": o.coarse_ae_weight}
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 
