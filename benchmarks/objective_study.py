@@ -26,8 +26,8 @@ from pathlib import Path
 
 # Each row switches its objectives explicitly, so it means the same over any preset.
 OFF = ["objective.global_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
-       "objective.recon_levels=null", "objective.recon_visible_weight=0", "model.inter_stage_mask_ratio=0",
-       "data.view_mode=shift"]
+       "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
+       "model.inter_stage_mask_ratio=0", "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
@@ -40,6 +40,8 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1"],  # decoder reads 2 coarsest levels
     "coarse_ae_m0": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                               "objective.mask_ratio=0"],  # nothing masked: a plain autoencoder through the 2 coarsest
+    # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
+    "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
     "lejepa_global": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "objective.global_loss=lejepa",
                             "data.view_mode=piece"],

@@ -1,20 +1,39 @@
-"""The roll cache and metadata table: built from music files, resumably (`prepare`, the data layer
+"""The note cache and metadata table: built from music files, resumably (`prepare`, the data layer
 under `midi-rae prepare`, which `run` also calls before training), and read back (its settings,
-its index of pieces, one piece's roll, and the train/val split of the pieces).
+its index of pieces, one piece's notes or roll, crops of it, and the train/val split).
+
+A piece is stored as its notes (`roll.NOTE_DTYPE`: start, duration, pitch, velocity; 10 bytes
+each), not as its roll: rolls are mostly zeros, and any window of one is painted from the notes
+in the window when it is read (`roll.render`), equal to the dense roll's crop.
 
 Cache layout (`cache_dir/`):
 
-- `rolls/<key>-<i>.npy`: one `(C, 128, T)` uint8 roll per piece (np.load(..., mmap_mode="r")).
-- `done/<key>.json`: per source file, written last: its pieces' metadata or why it was skipped.
-  A source whose `done` file exists is finished; this is what makes a restarted run resume.
+- `index.json`: written last; names the files below that make the cache (`format`, `index`,
+  `shards`). Everything it names is complete; a file it does not name is a leftover.
+- `notes/<NN>-<digest>.npy`: shard NN: the notes of its pieces (those whose source key falls in
+  it), piece after piece in piece id order. One `(N,)` structured array, memory-mapped on read.
+- `index-<digest>.npy`: one row per piece, in piece id order: piece_id, shard, offset, count
+  (where its notes are), steps (its length) and split (its work's hash in [0, 1), see `split_of`):
+  what a Dataset needs, as numpy columns shared by every loader worker.
 - `pieces.jsonl`: the metadata table, one piece per line, sorted by piece id.
+- `done.jsonl`: one record per source file (by key): its pieces' metadata, or why it was skipped.
 - `report.txt`: one line per skipped file or tune with the reason, then the summary.
-- `settings.json`: the `RollSettings` the rolls were made with.
+- `settings.json`: the `RollSettings` the notes were made with.
+
+While it runs, `prepare` writes each converted source file's notes to `staging/<key>.npy` and
+then its record to `done/<key>.json` (the record last: a source whose record exists is finished,
+which is what makes a killed run resume); at the end it packs them into the shards (only the
+shards whose pieces changed are rewritten), commits `index.json`, then removes the staged files
+and every file the new `index.json` does not name.
 
 `<key>` hashes the source id, the file's content and the settings, so an edited file or changed
-settings never reuse a stale roll. Every file is written to a temporary name, then renamed.
-A file that cannot even be hashed (a name that is not UTF-8, no read permission, over the size
-limit) gets a report line and no `done` record, so that it is looked at again once fixed.
+settings never reuse stale notes. Every file is written to a temporary name, then renamed: a full
+disk or a kill leaves the previous cache whole. A file that cannot even be hashed (a name that is
+not UTF-8, no read permission, over the size limit) gets a report line and no record, so that it
+is looked at again once fixed.
+
+Earlier versions stored dense rolls (`rolls/<key>-<i>.npy`, pieces with a `roll` field); such a
+cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (see `OldCacheError`).
 """
 from __future__ import annotations
 
@@ -34,7 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from midi_rae.corpus import corpus_files
-from midi_rae.roll import SUFFIXES, BadInput, RollSettings, read_pieces
+from midi_rae.roll import NOTE_DTYPE, SUFFIXES, BadInput, RollSettings, read_pieces, render, sounding
 from midi_rae.utils import atomic_write
 
 
@@ -58,6 +77,7 @@ class Summary:
     pieces_skipped: int = 0  # skipped tunes of multi-piece files + skipped files
     processed: int = 0  # source files converted in this run (the rest were already done)
     report: list[str] = field(default_factory=list)
+    notice: str | None = None  # a line for the user about the cache itself (an earlier version's, ...)
 
     def line(self) -> str:
         return f"{self.pieces} pieces good, {self.pieces_skipped} skipped ({self.files - self.files_skipped}/{self.files} files readable)"
@@ -129,42 +149,61 @@ def _atomic_write(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def _save_roll(path: Path, roll: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object: np.save would append .npy to a name
-            np.save(f, np.ascontiguousarray(roll))
-
-    atomic_write(path, write)
-
-
 def _convert(source: Source, key: str, settings: RollSettings, cache_dir: Path) -> dict[str, Any]:
-    """Worker: read one source file, write its rolls, then its `done` record (last, atomically)."""
+    """Worker: read one source file, stage its notes, then write its `done` record (last, atomically)."""
     inflight = cache_dir / "inflight" / key
     inflight.touch()  # left behind only if this process dies mid-file: names the suspect
+    try:
+        record = _stage(source, key, settings, cache_dir)
+        _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
+    finally:  # an exception (a full disk) ends the file here; only a killed process leaves the marker
+        inflight.unlink(missing_ok=True)
+    return record
+
+
+def _stage(source: Source, key: str, settings: RollSettings, cache_dir: Path) -> dict[str, Any]:
+    """Read one source file and write its notes to `staging/<key>.npy`; its record (not yet written)."""
     warnings.simplefilter("ignore")
-    record: dict[str, Any] = {"source": source.source_id, "pieces": [], "skipped": []}
+    record: dict[str, Any] = {"key": key, "source": source.source_id, "pieces": [], "skipped": []}
     try:
         pieces, skipped = read_pieces(source.path, settings)
     except BadInput as e:
         record["error"] = str(e)
+        return record
     except Exception as e:  # a parser bug must not stop the batch; its message is the reason
         record["error"] = f"{type(e).__name__}: {e}"
-    else:
-        multi = source.path.suffix.lower() == ".abc" or len(pieces) + len(skipped) > 1
-        for p in pieces:
-            name = f"{key}-{p.index}.npy"
-            _save_roll(cache_dir / "rolls" / name, p.roll)
-            record["pieces"].append({
-                "piece_id": f"{source.source_id}#{p.index}" if multi else source.source_id,
-                "roll": name, "source": source.source_id, "index": p.index,
-                "steps": int(p.roll.shape[-1]), "notes": int((p.roll[1] > 0).sum()) if settings.onset else None,
-                "collection": source.collection, **p.meta,
-                "composer": source.composer or p.meta.get("composer"),
-            })
-        record["skipped"] = [[i, reason] for i, reason in skipped]
-    _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
-    inflight.unlink(missing_ok=True)
+        return record
+    multi = source.path.suffix.lower() == ".abc" or len(pieces) + len(skipped) > 1
+    staged = f"staging/{key}.npy"
+    offset = 0
+    for p in pieces:
+        record["pieces"].append({
+            "piece_id": f"{source.source_id}#{p.index}" if multi else source.source_id,
+            "file": staged, "offset": offset, "count": len(p.notes),
+            "source": source.source_id, "index": p.index, "steps": p.steps, "notes": len(p.notes),
+            "collection": source.collection, **p.meta,
+            "composer": source.composer or p.meta.get("composer"),
+        })
+        offset += len(p.notes)
+    record["skipped"] = [[i, reason] for i, reason in skipped]
+    _save_notes(cache_dir / staged, [p.notes for p in pieces])
     return record
+
+
+def _save_notes(path: Path, parts: Iterable[np.ndarray], total: int | None = None) -> None:
+    """Write the concatenation of `parts` (NOTE_DTYPE arrays) as one `.npy`, part by part, so that
+    memory holds one part at a time whatever the total (given when `parts` is a generator)."""
+    parts = parts if total is not None else list(parts)
+    total = total if total is not None else sum(len(p) for p in parts)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(NOTE_DTYPE), "fortran_order": False, "shape": (total,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for part in parts:
+                f.write(np.ascontiguousarray(part, dtype=NOTE_DTYPE).tobytes())
+
+    atomic_write(path, write)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -179,14 +218,15 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _crashed(source: Source, key: str, cache_dir: Path) -> None:
-    record = {"source": source.source_id, "pieces": [], "skipped": [], "error": "the reader crashed (worker process died)"}
+    record = {"key": key, "source": source.source_id, "pieces": [], "skipped": [], "error": "the reader crashed (worker process died)"}
     _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
     (cache_dir / "inflight" / key).unlink(missing_ok=True)
 
 
 def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path, workers: int, bar: tqdm) -> None:
     """Convert `todo` in a process pool. If a worker dies (e.g. a parser segfault), the files
-    that were in flight are retried one per pool; one that kills its pool alone is reported."""
+    that were in flight are retried one per pool; one that kills its pool alone is reported.
+    An OSError writing the cache (a full disk) stops the run: nothing queued is started."""
     queue, suspects = list(todo), []
     while queue or suspects:
         solo = bool(suspects)
@@ -202,6 +242,10 @@ def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path
                     bar.update()
                 except BrokenProcessPool:
                     broken.append(futures[f])
+                except OSError:
+                    for g in futures:
+                        g.cancel()
+                    raise
         if solo and broken:
             _crashed(*broken[0], cache_dir)
             bar.update()
@@ -214,6 +258,24 @@ def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path
                 (cache_dir / "inflight" / name).unlink(missing_ok=True)
 
 
+class OldCacheError(ValueError):
+    """`prepare` was pointed at a dense roll cache of an earlier version that lacks some inputs."""
+
+
+def _rebuild_command(paths: list[str | os.PathLike] | None, cache: Path, collections: list[str] | None) -> str:
+    args = [str(p) for p in paths or ()] + (["--collections", *collections] if collections else [])
+    return " ".join(["midi-rae prepare", *args, "--cache-dir", str(cache)])
+
+
+def _finished(cache: Path) -> dict[str, dict[str, Any]]:
+    """Every finished source by key: packed ones (`done.jsonl`) and those converted since (`done/`)."""
+    records = {f.stem: json.loads(f.read_text()) for f in sorted((cache / "done").glob("*.json"))}
+    if (cache / "done.jsonl").exists():
+        with (cache / "done.jsonl").open() as f:
+            records.update((r["key"], r) for r in map(json.loads, f))
+    return records
+
+
 def prepare(
     paths: list[str | os.PathLike] | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -224,19 +286,16 @@ def prepare(
     max_file_mb: float = MAX_FILE_MB,
 ) -> Summary:
     """Convert the given files/folders (or, with no paths, the bundled music21 corpus) into a
-    roll cache. Resumable and idempotent: sources already done (same content and settings)
-    are not read again. `collections` restricts the bundled corpus to some of its folders;
-    files over `max_file_mb` megabytes are skipped with a report line."""
+    note cache. Resumable and idempotent: sources already done (same content and settings)
+    are not read again; the cache then holds the pieces of exactly these sources. `collections`
+    restricts the bundled corpus to some of its folders; files over `max_file_mb` megabytes are
+    skipped with a report line. A dense cache of an earlier version that holds every source is
+    used as it is; one that lacks some raises `OldCacheError` (nothing is deleted)."""
     if paths:
         sources = collect_sources(paths)
     else:
         sources = [Source(f.path, f.source_id, f.collection, f.composer) for f in corpus_files(collections)]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths, collections)
-    for sub in ("rolls", "done", "inflight"):
-        (cache / sub).mkdir(parents=True, exist_ok=True)
-    # Leftovers of a run that was killed: in-flight markers and half-written temporary files.
-    for stale in [*(cache / "inflight").iterdir(), *cache.glob("*/.*.tmp"), *cache.glob(".*.tmp")]:
-        stale.unlink()
     keys: list[str | None] = []
     unreadable: dict[int, dict[str, Any]] = {}  # source index -> its error record (never written to done/)
     for i, s in enumerate(sources):
@@ -245,33 +304,138 @@ def prepare(
         except BadInput as e:
             keys.append(None)
             unreadable[i] = {"source": _display_name(s.source_id), "pieces": [], "skipped": [], "error": str(e)}
-    todo = [(s, k) for s, k in zip(sources, keys) if k is not None and not (cache / "done" / f"{k}.json").exists()]
+    if is_dense(cache):
+        return _old_cache(cache, keys, unreadable, _rebuild_command(paths, cache, collections))
+    for sub in ("notes", "staging", "done", "inflight"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run that was killed: in-flight markers and half-written temporary files.
+    for stale in [*(cache / "inflight").iterdir(), *cache.glob("*/.*.tmp"), *cache.glob(".*.tmp")]:
+        stale.unlink()
+    done = _finished(cache)
+    todo = [(s, k) for s, k in zip(sources, keys) if k is not None and k not in done]
     # Largest files first, so that a long score does not start last and keep one core busy alone.
     todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
     with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress or not todo) as bar:
         _run(todo, settings, cache, workers, bar)
-    records = [unreadable[i] if k is None else json.loads((cache / "done" / f"{k}.json").read_text())
-               for i, k in enumerate(keys)]
-    summary = _write_index(cache, records, settings)
+    done = _finished(cache) if todo else done
+    records = [unreadable[i] if k is None else done[k] for i, k in enumerate(keys)]
+    summary = _pack(cache, records, settings, progress)
     summary.processed = len(todo)
     return summary
 
 
-def _write_index(cache: Path, records: list[dict[str, Any]], settings: RollSettings) -> Summary:
-    """Write pieces.jsonl, report.txt and settings.json from the `done` records (in source order)."""
+def _old_cache(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, Any]], command: str) -> Summary:
+    """The summary of a dense cache of an earlier version that holds every source; else OldCacheError."""
+    missing = [k for k in keys if k is not None and not (cache / "done" / f"{k}.json").exists()]
+    if missing:
+        raise OldCacheError(
+            f"{cache} holds a dense roll cache of an earlier midi-rae version, which prepare no longer adds to "
+            f"({len(missing)} of {len(keys)} files are not in it; train, probe and encode still read it as it is). "
+            f"To rebuild it as a note cache (about 20x smaller), move it away (e.g. to {cache.name}.dense) and run "
+            f"`{command}`, or give --cache-dir another folder")
+    records = [unreadable[i] if k is None else json.loads((cache / "done" / f"{k}.json").read_text())
+               for i, k in enumerate(keys)]
+    summary = _summarize(cache, records)
+    summary.notice = (f"{cache} is a dense roll cache of an earlier midi-rae version holding every input: used as it "
+                      f"is; move it away and run `{command}` to rebuild it as a note cache (about 20x smaller)")
+    return summary
+
+
+def _summarize(cache: Path, records: list[dict[str, Any]]) -> Summary:
     summary = Summary(cache, files=len(records))
-    pieces = sorted((p for r in records for p in r["pieces"]), key=lambda p: p["piece_id"])
     for r in records:
         if "error" in r:
             summary.files_skipped += 1
             summary.report.append(f"SKIP {r['source']}: {r['error']}")
         summary.report += [f"SKIP {r['source']}#{i}: {reason}" for i, reason in r["skipped"]]
-    summary.pieces, summary.pieces_skipped = len(pieces), len(summary.report)
-    _write_if_changed(cache / "pieces.jsonl", "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in pieces))
+    summary.pieces = sum(len(r["pieces"]) for r in records)
+    summary.pieces_skipped = len(summary.report)
+    return summary
+
+
+NUM_SHARDS = 16  # adding or changing one source rewrites one shard: about 1/16 of the notes
+FORMAT = "midi-rae notes 1"
+
+
+def _shard_of(key: str) -> int:
+    return int(key[:8], 16) % NUM_SHARDS
+
+
+class _Reader:
+    """The notes of pieces located by (file, offset, count), with the last few files kept open."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache, self.open = cache, {}
+
+    def __call__(self, p: dict[str, Any]) -> np.ndarray:
+        if p["file"] not in self.open:
+            if len(self.open) > 32:  # pieces come file by file: a few maps suffice, thousands would not
+                self.open.clear()
+            self.open[p["file"]] = np.load(self.cache / p["file"], mmap_mode="r")
+        return self.open[p["file"]][p["offset"]:p["offset"] + p["count"]]
+
+
+def _pack(cache: Path, records: list[dict[str, Any]], settings: RollSettings, progress: bool) -> Summary:
+    """Pack the staged notes into shards and write the index, tables and report (in source order
+    of `records`); commit with `index.json`; then remove what it does not name."""
+    summary = _summarize(cache, records)
+    keyed = [r for r in records if "key" in r]
+    pieces = sorted(((p, r["key"]) for r in keyed for p in r["pieces"]), key=lambda t: t[0]["piece_id"])
+    members: list[list[tuple[dict[str, Any], str]]] = [[] for _ in range(NUM_SHARDS)]
+    for p, key in pieces:
+        members[_shard_of(key)].append((p, key))
+    read = _Reader(cache)
+    shards: list[str | None] = []
+    for n, group in enumerate(tqdm(members, desc="pack", unit="shard", disable=not progress or not any(
+            p["file"].startswith("staging/") for p, _ in pieces))):
+        if not group:
+            shards.append(None)
+            continue
+        # Named by what it holds (key = content + settings): an unchanged shard keeps its file.
+        digest = hashlib.sha1("\n".join(f"{k}-{p['index']}" for p, k in group).encode()).hexdigest()[:16]
+        name = f"notes/{n:02d}-{digest}.npy"
+        if not (cache / name).exists():
+            _save_notes(cache / name, (read(p) for p, _ in group), total=sum(p["count"] for p, _ in group))
+        shards.append(name)
+        offset = 0
+        for p, _ in group:
+            p["file"], p["offset"] = name, offset
+            offset += p["count"]
+    read.open.clear()
+    width = max([len(p["piece_id"].encode()) for p, _ in pieces], default=1)
+    index = np.zeros(len(pieces), _index_dtype(width))
+    for i, (p, key) in enumerate(pieces):
+        index[i] = (p["piece_id"].encode(), _shard_of(key), p["offset"], p["count"], p["steps"], split_hash(p["piece_id"]))
+    data = _npy_bytes(index)
+    index_name = f"index-{hashlib.sha1(data).hexdigest()[:16]}.npy"
+    if not (cache / index_name).exists():
+        _atomic_write(cache / index_name, data)
+    _write_if_changed(cache / "done.jsonl", "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
+                                                    for r in sorted(keyed, key=lambda r: r["key"])))
+    _write_if_changed(cache / "pieces.jsonl", "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p, _ in pieces))
     _write_if_changed(cache / "report.txt", "".join(l + "\n" for l in summary.report) + summary.line() + "\n")
     _write_if_changed(cache / "settings.json", json.dumps(asdict(settings), sort_keys=True, indent=1) + "\n")
+    _write_if_changed(cache / "index.json", json.dumps({"format": FORMAT, "index": index_name, "shards": shards}, indent=1) + "\n")
+    # Committed: the records are in done.jsonl, the notes in the shards; the rest is leftovers.
+    keep = {index_name, *filter(None, shards)}
+    for f in [*(cache / "done").glob("*.json"), *(cache / "staging").iterdir(), *(cache / "notes").iterdir(), *cache.glob("index-*.npy")]:
+        if f.relative_to(cache).as_posix() not in keep:
+            f.unlink()
     return summary
+
+
+def _index_dtype(width: int) -> np.dtype:
+    return np.dtype([("piece_id", f"S{width}"), ("shard", "<u2"), ("offset", "<u8"), ("count", "<u4"),
+                     ("steps", "<u4"), ("split", "<f8")])
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -282,6 +446,11 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- reading a cache
+
+
+def is_dense(cache_dir: str | os.PathLike) -> bool:
+    """Whether `cache_dir` holds a dense roll cache of an earlier version (`rolls/`, no `index.json`)."""
+    return (Path(cache_dir) / "rolls").is_dir() and not (Path(cache_dir) / "index.json").exists()
 
 
 def load_settings(cache_dir: str | os.PathLike) -> RollSettings:
@@ -296,8 +465,9 @@ def load_settings(cache_dir: str | os.PathLike) -> RollSettings:
 def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The pieces of a prepared cache with their metadata (one dict per `pieces.jsonl` line).
 
-    Keys: piece_id, roll (file name under `rolls/`), source, index, steps, notes, collection,
-    composer, title, time_signature, key, format (and tune_id for ABC tunes).
+    Keys: piece_id, file, offset, count (where its notes are; a dense cache of an earlier version
+    has `roll` instead), source, index, steps, notes, collection, composer, title,
+    time_signature, key, format (and tune_id for ABC tunes).
     """
     path = Path(cache_dir) / "pieces.jsonl"
     if not path.exists():
@@ -306,9 +476,106 @@ def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def load_notes(cache_dir: str | os.PathLike, piece: dict[str, Any]) -> np.ndarray:
+    """The notes of one piece of a note cache, `(N,)` NOTE_DTYPE sorted by start (memory-mapped)."""
+    return np.load(Path(cache_dir) / piece["file"], mmap_mode="r")[piece["offset"]:piece["offset"] + piece["count"]]
+
+
 def load_roll(cache_dir: str | os.PathLike, piece: dict[str, Any], mmap: bool = True) -> np.ndarray:
-    """The `(C, 128, T)` uint8 roll of one piece; memory-mapped, so a crop reads only its columns."""
-    return np.load(Path(cache_dir) / "rolls" / piece["roll"], mmap_mode="r" if mmap else None)
+    """The `(C, 128, T)` uint8 roll of one piece (`load_index`'s dict): painted from its notes, or
+    read from a dense cache of an earlier version (memory-mapped unless `mmap=False`)."""
+    if "roll" in piece:
+        return np.load(Path(cache_dir) / "rolls" / piece["roll"], mmap_mode="r" if mmap else None)
+    return render(load_notes(cache_dir, piece), piece["steps"], load_settings(cache_dir))
+
+
+class CachedPiece:
+    """One piece of a cache, for crops: its length, where it sounds, and windows of its roll."""
+
+    def __init__(self, steps: int, settings: RollSettings, notes: np.ndarray | None = None, roll: np.ndarray | None = None) -> None:
+        self.steps, self.settings, self.notes, self.roll = steps, settings, notes, roll
+
+    def sounding(self) -> np.ndarray:
+        """(T,) bool: columns where a note sounds."""
+        return self.roll[0].any(axis=0) if self.roll is not None else sounding(self.notes, self.steps)
+
+    def window(self, start: int, width: int, pitch_shift: int = 0, channels: int | None = None) -> np.ndarray:
+        """(C, 128, width) uint8: columns `start .. start+width`, moved up `pitch_shift` semitones, zero-filled."""
+        if self.roll is not None:
+            return crop(self.roll, start, width, pitch_shift)[:channels]
+        return render(self.notes, self.steps, self.settings, start, width, pitch_shift, channels)
+
+
+class CacheReader:
+    """Random access to the pieces of a prepared cache by row (piece id order).
+
+    What it holds per piece is numpy columns of the memory-mapped index (`piece_id`, `steps`,
+    `split`, and where the notes are), so every loader worker shares one copy through the page
+    cache and start-up costs no Python object per piece. Shards are mapped on first use, per
+    process. A dense cache of an earlier version is read too (its index built from pieces.jsonl).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.settings = load_settings(cache_dir)
+        manifest = self.cache_dir / "index.json"
+        self._shards: dict[int, np.ndarray] = {}
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            if m.get("format") != FORMAT:
+                raise ValueError(f"{cache_dir} is a cache of format {m.get('format')!r}, this version reads {FORMAT!r}: "
+                                 f"rebuild it with `midi-rae prepare --cache-dir {cache_dir}` (and the inputs it was made of)")
+            self.index = np.load(self.cache_dir / m["index"], mmap_mode="r")
+            self._shard_files, self._rolls = m["shards"], None
+        else:  # a dense cache of an earlier version
+            pieces = load_index(cache_dir)
+            width = max([len(p["piece_id"].encode()) for p in pieces], default=1)
+            self.index = np.zeros(len(pieces), _index_dtype(width))
+            self.index["piece_id"] = [p["piece_id"].encode() for p in pieces]
+            self.index["steps"] = [p["steps"] for p in pieces]
+            self.index["split"] = [split_hash(p["piece_id"]) for p in pieces]
+            self._shard_files, self._rolls = [], np.array([p["roll"] for p in pieces])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned loader worker maps the files itself
+        return {"cache_dir": self.cache_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cache_dir"])
+
+    def piece_id(self, row: int) -> str:
+        return bytes(self.index["piece_id"][row]).decode()
+
+    def piece(self, row: int) -> CachedPiece:
+        r = self.index[row]
+        if self._rolls is not None:
+            return CachedPiece(int(r["steps"]), self.settings, roll=np.load(self.cache_dir / "rolls" / self._rolls[row], mmap_mode="r"))
+        shard = int(r["shard"])
+        if shard not in self._shards:
+            self._shards[shard] = np.load(self.cache_dir / self._shard_files[shard], mmap_mode="r")
+        offset = int(r["offset"])
+        return CachedPiece(int(r["steps"]), self.settings, notes=self._shards[shard][offset:offset + int(r["count"])])
+
+
+def crop(roll: np.ndarray, start: int, width: int, pitch_shift: int = 0) -> np.ndarray:
+    """Columns `start .. start+width` of `roll`, moved up by `pitch_shift` semitones.
+
+    Zero-filled, never wrapped: columns outside the piece and notes moved beyond 0..127 are empty.
+    (C, 128, T) -> (C, 128, width)
+    """
+    c, h, t = roll.shape
+    out = np.zeros((c, h, width), dtype=roll.dtype)
+    a, b = max(start, 0), min(start + width, t)
+    if a >= b or abs(pitch_shift) >= h:
+        return out
+    src = roll[:, :, a:b]
+    if pitch_shift >= 0:
+        out[:, pitch_shift:, a - start:b - start] = src[:, :h - pitch_shift]
+    else:
+        out[:, :h + pitch_shift, a - start:b - start] = src[:, -pitch_shift:]
+    return out
 
 
 def work_key(piece_id: str) -> str:
@@ -322,8 +589,12 @@ def work_key(piece_id: str) -> str:
     return source.lower() + sep + index
 
 
+def split_hash(piece_id: str) -> float:
+    """The hash of the piece's `work_key` as a number in [0, 1): the index's `split` column."""
+    return int.from_bytes(hashlib.sha1(work_key(piece_id).encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(piece_id: str, val_fraction: float = 0.05) -> str:
     """'train' or 'val' from a hash of the piece's `work_key`: the same on every machine, for any
     file order, and the same for every encoding of one work (no work on both sides)."""
-    h = int.from_bytes(hashlib.sha1(work_key(piece_id).encode()).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    return "val" if split_hash(piece_id) < val_fraction else "train"

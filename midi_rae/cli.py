@@ -22,14 +22,20 @@ COMMANDS = {"prepare": _add_from("prepare", "add_prepare"), "train": _add_from("
             "train-decoder": _add_from("train", "add_train_decoder"), "run": _add_from("train", "add_run"),
             "encode": _add_from("encode", "add_encode"), "reconstruct": _add_from("reconstruct", "add_reconstruct"),
             "eval": _add_from("eval", "add_eval"), "probe": _add_from("probe", "add_probe"),
-            "levels": _add_from("levels", "add_levels")}
+            "levels": _add_from("levels", "add_levels"), "finetune": _add_from("finetune", "add_finetune")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="midi-rae", description="Hierarchical representations of symbolic music.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners = {name: add(sub) for name, add in COMMANDS.items()}
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a list positional once: KEY=VALUE overrides given after an option (`finetune RUN
+    # --label x k=v`) come back unrecognised; they join the command's overrides, anything else is an error.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.parse_args(argv)  # exits with argparse's own message
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return runners[args.command](args)
     # User and system errors (bad paths and files, a full disk, a config that cannot work: ConfigError

@@ -174,6 +174,10 @@ class ObjectiveConfig:
     multiscale_weight: float = opt(0.0, "per-level heads predicting the max-pooled roll")
     multiscale_upsample: int = opt(1, "each multi-scale head predicts this many cells per token side")
     recon_levels: int | None = opt(None, "swin: the MAE decoder reads only this many coarsest levels; None: all")
+    coarse_ae_weight: float = opt(0.0, "swin: the second half of each batch is encoded unmasked and reconstructed "
+                                       "(every patch) by a second decoder reading only the coarse_ae_levels coarsest "
+                                       "levels; the first half feeds the other objectives (same compute as one pass)")
+    coarse_ae_levels: int = opt(2, "the coarsest levels that coarse_ae_weight's decoder reads")
     global_weight: float = opt(0.0, "one embedding per view (every level's non-empty mean, concatenated, "
                                     "through a projector MLP), pulled together across the two views")
     global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
@@ -183,10 +187,14 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight",
-                                                 "multiscale_weight", "global_weight")}
+                                                 "multiscale_weight", "global_weight", "coarse_ae_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
+        _require(self.coarse_ae_weight == 0 or any(w > 0 for k, w in weights.items() if k != "coarse_ae_weight"),
+                 "objective.coarse_ae_weight shares each batch with another objective, and every other weight is 0; "
+                 "for a plain coarse autoencoder set objective.mask_ratio=0 objective.recon_visible_weight=1 "
+                 "objective.recon_levels=2 instead")
         # mask_ratio 0 with recon_visible_weight > 0 is a plain autoencoder (through the levels
         # the MAE decoder reads, see recon_levels); with both 0 there is nothing to reconstruct.
         _require(self.recon_weight == 0 or self.mask_ratio > 0 or self.recon_visible_weight > 0,
@@ -294,6 +302,42 @@ class DecoderConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (`midi-rae finetune`): the encoder plus a classification head (one
+    level pooled, LayerNorm, Linear) trained on a label of the cache metadata, split grouped by
+    piece as the probe suite splits it (`labels.find_tasks`), so the two score the same test crops."""
+
+    label: str = opt("collection", "the metadata label to predict (collection, composer, time_signature, mode, "
+                                   "source_set, or another metadata key)")
+    classes: list[str] | None = opt(None, "label values to keep; None: the most frequent (max_classes)")
+    level: int = opt(0, "the level the head pools (0 = coarsest, the last stage's output)")
+    pool: str = opt("mean", "'mean' over all tokens of the level, or 'non-empty' (tokens with notes)")
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    head_init: str = opt("probe", "'probe': the head starts as the linear probe (L-BFGS, L2 chosen on a grouped hold-out) "
+                                  "of the initial encoder's features of the training pieces' fixed crops, then all is "
+                                  "fine-tuned (LP-FT, https://arxiv.org/abs/2202.10054); 'random': truncated normal")
+    scratch: bool = opt(False, "train the encoder from its random initialisation (the baseline), not the run's weights")
+    val_fraction: float = opt(0.1, "share of the training pieces held out (grouped by piece) to validate and pick the best checkpoint")
+    test_fraction: float | None = opt(None, "share of pieces on the test side; None: data.val_fraction (the pieces pretraining never saw)")
+    max_classes: int = opt(8, "the most frequent classes kept")
+    max_pieces_per_class: int = opt(150, "training pieces per class (test: a quarter), as the probe suite picks them")
+    min_pieces: int = opt(20, "training pieces a class needs (test: a fifth, at least 2)")
+    test_crops_per_piece: int = opt(4, "fixed test crops per piece (the probe suite's crops_per_piece)")
+
+    def __post_init__(self) -> None:
+        _require(self.level >= 0, f"finetune.level must be >= 0 (0 = coarsest), got {self.level}")
+        _require(self.pool in ("mean", "non-empty"), f"finetune.pool must be 'mean' or 'non-empty', got {self.pool!r}")
+        _require(self.head_init in ("probe", "random"), f"finetune.head_init must be 'probe' or 'random', got {self.head_init!r}")
+        _require(0.0 <= self.label_smoothing < 1.0, f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _require(self.test_fraction is None or 0.0 < self.test_fraction < 1.0,
+                 f"finetune.test_fraction must be in (0, 1) or null, got {self.test_fraction}")
+        _require(self.max_classes >= 2, f"finetune.max_classes must be >= 2, got {self.max_classes}")
+        _require(self.max_pieces_per_class > 0 and self.min_pieces > 0 and self.test_crops_per_piece > 0,
+                 "finetune.max_pieces_per_class, min_pieces and test_crops_per_piece must be positive")
+
+
+@dataclass
 class Config:
     name: str = opt("run", "run folder name under out_dir")
     out_dir: str = opt("runs", "run folders are <out_dir>/<name>/")
@@ -303,6 +347,9 @@ class Config:
     train: TrainConfig = opt(factory=TrainConfig, help="encoder pretraining")
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     decoder_train: TrainConfig = opt(factory=TrainConfig, help="decoder training")
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune_train: TrainConfig = opt(factory=lambda: TrainConfig(lr=1e-4, warmup_steps=50, layer_decay=0.75),
+                                      help="fine-tuning (`midi-rae finetune`)")
 
     def __post_init__(self) -> None:
         # The run folder is out_dir/name: a name that climbs out of out_dir or nests would write elsewhere.
@@ -338,7 +385,17 @@ class Config:
         _require(self.objective.lejepa_weight == 0 or d.view_mode == "shift",
                  "objective.lejepa_weight compares aligned positions of two shifted views; set data.view_mode=shift "
                  "(or use objective.global_weight with data.view_mode=piece)")
-        rl = self.objective.recon_levels
+        levels = m.num_stages
+        _require(self.finetune.level < levels, f"finetune.level={self.finetune.level} (--level) is out of range: this "
+                 f"encoder has {levels} levels, 0 (coarsest) to {levels - 1} (finest); choose one of them")
+        o = self.objective
+        if o.coarse_ae_weight > 0:
+            _require(m.encoder == "swin" and 1 <= o.coarse_ae_levels <= m.num_stages,
+                     f"objective.coarse_ae_levels must be 1..{m.num_stages} (Swin levels), got {o.coarse_ae_levels} "
+                     f"for the {m.encoder} encoder; or set objective.coarse_ae_weight=0")
+            _require(self.train.batch_size >= 2, "objective.coarse_ae_weight splits each batch in two; set "
+                     f"train.batch_size >= 2 (got {self.train.batch_size})")
+        rl = o.recon_levels
         if rl is not None:
             _require(m.encoder == "swin" and rl <= m.num_stages, f"objective.recon_levels must be 1..{m.num_stages} "
                      f"(Swin levels) or null, got {rl} for the {m.encoder} encoder")
@@ -475,6 +532,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             problem = getattr(e, "problem", None) or " ".join(str(e).split())
             raise ConfigError(f"config file {str(path)!r} is not plain YAML{where}: {problem}; fix it, or start "
                               f"from a preset (midi-rae train --print-config)") from None
+    return _with_overrides(tree, overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` (e.g. a run's own, read from its weights) with dotted `key=value` overrides applied, validated."""
+    return _with_overrides(cfg.to_dict(), overrides)
+
+
+def _with_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")

@@ -18,31 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from midi_rae.cache import load_index, load_roll, load_settings, split_of
+from midi_rae.cache import CacheReader, CachedPiece, load_index, load_roll, load_settings
 from midi_rae.roll import RollSettings, read_pieces
 
 
 def _stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "big")
-
-
-def crop(roll: np.ndarray, start: int, width: int, pitch_shift: int = 0) -> np.ndarray:
-    """Columns `start .. start+width` of `roll`, moved up by `pitch_shift` semitones.
-
-    Zero-filled, never wrapped: columns outside the piece and notes moved beyond 0..127 are empty.
-    (C, 128, T) -> (C, 128, width)
-    """
-    c, h, t = roll.shape
-    out = np.zeros((c, h, width), dtype=roll.dtype)
-    a, b = max(start, 0), min(start + width, t)
-    if a >= b or abs(pitch_shift) >= h:
-        return out
-    src = roll[:, :, a:b]
-    if pitch_shift >= 0:
-        out[:, pitch_shift:, a - start:b - start] = src[:, :h - pitch_shift]
-    else:
-        out[:, :h + pitch_shift, a - start:b - start] = src[:, -pitch_shift:]
-    return out
 
 
 class PianoRollDataset(Dataset):
@@ -53,7 +34,7 @@ class PianoRollDataset(Dataset):
     from its own anchor), and `shift1`, `shift2`: each view's (time, pitch) offset
     from the shared anchor crop, as a long tensor `[dt, dp]`. View k shows the anchor's music
     moved up by dp semitones, starting dt steps later in the piece (zero fill, no wrap).
-    Also `piece` (index into `self.pieces`), `start` (anchor's first column), `steps` (the
+    Also `piece` (index of the piece in this split: `piece_id(piece)`), `start` (anchor's first column), `steps` (the
     piece's length: columns of `x` at or past `steps - start` are padding) and `piece_id`.
 
     Each piece contributes `ceil(T / crop_width)` items per epoch, so long pieces are not
@@ -61,6 +42,8 @@ class PianoRollDataset(Dataset):
     any number of loader workers; call `set_epoch` to get new crops. The validation split is
     a fixed set of crops and shifts (no augmentation), identical on every run.
     Near-empty crops (fewer than `min_active` columns with a sounding note) are redrawn.
+    `pieces`: these records of the cache's index instead of a split of it (`split` then only says
+    whether crops are augmented); `labels`: piece id -> class index, given to each item as `y`.
     """
 
     def __init__(
@@ -77,11 +60,14 @@ class PianoRollDataset(Dataset):
         channels: int | None = None,
         seed: int = 0,
         view_mode: str = "shift",
+        pieces: list[dict[str, Any]] | None = None,
+        labels: dict[str, int] | None = None,
     ) -> None:
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         self.cache_dir = Path(cache_dir)
-        self.settings = load_settings(cache_dir)
+        self.cache = CacheReader(cache_dir)
+        self.settings = self.cache.settings
         self.split, self.crop_width, self.pair = split, crop_width, pair
         self.max_time_shift, self.max_pitch_shift = max_time_shift, max_pitch_shift
         self.transpose = transpose if split != "val" else 0  # the validation set is never augmented
@@ -94,11 +80,27 @@ class PianoRollDataset(Dataset):
         self.view_mode = view_mode
         self.seed, self.epoch = seed, 0
         self.scale = self.settings.scale
-        self.pieces = [p for p in load_index(cache_dir) if split == "all" or split_of(p["piece_id"], val_fraction) == split]
-        if not self.pieces:
+        if pieces is not None:  # these records of the index, in their order
+            row_of = {self.cache.piece_id(r): r for r in range(len(self.cache.index))}
+            self.rows = np.array([row_of[p["piece_id"]] for p in pieces], dtype=np.int64)  # (P,)
+        else:
+            # Numpy columns, not a list of dicts: start-up and every worker's memory stay small for any corpus size.
+            in_val = self.cache.index["split"] < val_fraction  # what split_of(piece_id, val_fraction) says, for all pieces at once
+            self.rows = np.flatnonzero(in_val if split == "val" else ~in_val if split == "train" else np.ones_like(in_val))  # (P,)
+        if not len(self.rows):
             raise ValueError(f"no pieces in split {split!r} of {cache_dir}")
-        counts = [max(1, -(-p["steps"] // crop_width)) for p in self.pieces]
-        self._item_end = np.cumsum(counts)  # item i belongs to piece searchsorted(_item_end, i, 'right')
+        steps = self.cache.index["steps"][self.rows].astype(np.int64)
+        self._item_end = np.cumsum(np.maximum(1, -(-steps // crop_width)))  # item i belongs to piece searchsorted(_item_end, i, 'right')
+        # (P,) the class of each piece, or None
+        self.labels = None if labels is None else np.array([labels[self.piece_id(i)] for i in range(len(self.rows))])
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.rows)
+
+    def piece_id(self, i: int) -> str:
+        """The id of piece `i` of this split (an item's `piece`)."""
+        return self.cache.piece_id(int(self.rows[i]))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -111,10 +113,10 @@ class PianoRollDataset(Dataset):
         epoch = self.epoch if self.split != "val" else -1
         return np.random.default_rng(_stable_seed(self.seed, epoch, index))
 
-    def _anchor(self, roll: np.ndarray, rng: np.random.Generator) -> int:
-        """A crop start whose window has at least `min_active` sounding columns, if one is found."""
-        t = roll.shape[-1]
-        sounding = roll[0].any(axis=0)  # (T,)
+    def _anchor(self, sounding: np.ndarray, rng: np.random.Generator) -> int:
+        """A crop start whose window has at least `min_active` sounding columns, if one is found.
+        sounding: (T,) bool, the piece's columns with a note."""
+        t = len(sounding)
         best, best_count = 0, -1
         for _ in range(10):
             start = int(rng.integers(0, max(t - self.crop_width, 0) + 1))
@@ -125,27 +127,29 @@ class PianoRollDataset(Dataset):
                 best, best_count = start, count
         return best
 
-    def _view(self, roll: np.ndarray, start: int, dt: int, dp: int) -> torch.Tensor:
-        x = crop(roll, start + dt, self.crop_width, dp)[: self.channels]
+    def _view(self, piece: CachedPiece, start: int, dt: int, dp: int) -> torch.Tensor:
+        x = piece.window(start + dt, self.crop_width, dp, self.channels)
         return torch.from_numpy(x).float().div_(self.scale)  # (C, 128, W)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(np.searchsorted(self._item_end, index, side="right"))
-        piece = self.pieces[i]
-        roll = load_roll(self.cache_dir, piece)
+        piece = self.cache.piece(int(self.rows[i]))
+        sounding = piece.sounding()
         rng = self._rng(index)
-        start = self._anchor(roll, rng)
+        start = self._anchor(sounding, rng)
         base = int(rng.integers(-self.transpose, self.transpose + 1)) if self.transpose else 0
-        item: dict[str, Any] = {"piece": i, "piece_id": piece["piece_id"], "start": start, "steps": int(roll.shape[-1])}
+        item: dict[str, Any] = {"piece": i, "piece_id": self.piece_id(i), "start": start, "steps": piece.steps}
+        if self.labels is not None:
+            item["y"] = int(self.labels[i])
         if not self.pair:
-            item["x"] = self._view(roll, start, 0, base)
+            item["x"] = self._view(piece, start, 0, base)
             return item
         t, p = self.max_time_shift, self.max_pitch_shift
         shifts = [(int(rng.integers(-t, t + 1)), int(rng.integers(-p, p + 1))) for _ in range(2)]
-        item["x"] = self._view(roll, start, shifts[0][0], base + shifts[0][1])
+        item["x"] = self._view(piece, start, shifts[0][0], base + shifts[0][1])
         # 'piece': view 2 is another passage of the same piece (its own anchor), in its own key.
-        start2 = self._anchor(roll, rng) if self.view_mode == "piece" else start
-        item["x2"] = self._view(roll, start2, shifts[1][0], base + shifts[1][1])
+        start2 = self._anchor(sounding, rng) if self.view_mode == "piece" else start
+        item["x2"] = self._view(piece, start2, shifts[1][0], base + shifts[1][1])
         item["shift1"] = torch.tensor(shifts[0])
         item["shift2"] = torch.tensor(shifts[1])
         return item

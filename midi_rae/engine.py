@@ -13,12 +13,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from midi_rae.config import TrainConfig
 from midi_rae.losses import recon_bce
-from midi_rae.metrics import THRESHOLDS, MaskedPatchMeter, PixelMeter, best_f1, inside_piece, threshold_sweep
+from midi_rae.metrics import THRESHOLDS, MaskedPatchMeter, PixelMeter, best_f1, inside_piece, scores, threshold_sweep
 from midi_rae.utils import submodule_no_weight_decay
 
 class NonFiniteLoss(RuntimeError):
@@ -228,3 +229,28 @@ def evaluate_decoder(model: nn.Module, loader: Iterable, device: torch.device, t
         meter.update(logits[:, :1].sigmoid(), x[:, :1], inside)
     model.train(was_training)
     return {"loss": total / max(n, 1), **meter.compute()}
+
+
+@torch.no_grad()
+def classify(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False) -> tuple[Tensor, Tensor, float]:
+    """A `Classifier` over `loader`: (predicted classes (N,), true classes (N,), mean cross-entropy
+    without label smoothing, so that it reads the same whatever smoothing the training used)."""
+    was_training = model.training
+    model.eval()
+    preds, trues, total = [], [], 0.0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            logits = model.logits(batch["x"]).float()  # (B, classes)
+        total += float(F.cross_entropy(logits, batch["y"], reduction="sum"))
+        preds.append(logits.argmax(1).cpu())
+        trues.append(batch["y"].cpu())
+    model.train(was_training)
+    true = torch.cat(trues)
+    return torch.cat(preds), true, total / max(len(true), 1)
+
+
+def evaluate_classifier(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False) -> dict[str, float]:
+    """Validation of a `Classifier`: loss, accuracy and balanced accuracy."""
+    pred, true, loss = classify(model, loader, device, amp)
+    return {"loss": loss, **scores(pred, true)}

@@ -6,6 +6,8 @@ note) and predicted a note when its probability is > `threshold`. Counts are sum
 metrics) or the ratios are taken per sample and then averaged over the samples where they are
 defined (masked-patch metrics: a sample whose masked patches hold no note and got none
 predicted has no precision, recall or F1 and does not enter their means).
+
+Classification metrics (probes, fine-tuning): accuracy, balanced accuracy, the confusion matrix.
 """
 from __future__ import annotations
 
@@ -134,3 +136,17 @@ def variance_components(emb: Tensor, fraction: float = 0.9) -> tuple[Tensor, int
     s = torch.linalg.svdvals(emb.double() - emb.double().mean(0))
     share = torch.cumsum(s.square(), 0) / s.square().sum().clamp_min(1e-300)
     return s.float(), int(torch.searchsorted(share, torch.tensor(fraction, dtype=share.dtype)).clamp_max(len(s) - 1)) + 1
+
+
+# ----------------------------------------------------------------------------- classification (probes, fine-tuning)
+
+
+def scores(pred: Tensor, true: Tensor) -> dict[str, float]:
+    """accuracy and balanced accuracy (mean recall over the classes present in `true`)."""
+    recalls = [float((pred[true == c] == c).float().mean()) for c in true.unique()]
+    return {"accuracy": float((pred == true).float().mean()), "balanced_accuracy": sum(recalls) / len(recalls)}
+
+
+def class_confusion(pred: Tensor, true: Tensor, n_classes: int) -> Tensor:
+    """(n_classes, n_classes) long counts: row = true class, column = predicted class."""
+    return torch.bincount(true * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)

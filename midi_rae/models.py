@@ -7,6 +7,7 @@ not care which objectives are on.
   loss need no head.
 - `DecoderTrainer`: a frozen (or fine-tuned) encoder and a full decoder trained to
   reconstruct the roll.
+- `Classifier`: the encoder and a classification head on one pooled level, fine-tuned together.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from midi_rae.config import Config
@@ -25,6 +27,7 @@ from midi_rae.masking import patch_non_empty
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor, positions
 from midi_rae.roll import PITCHES
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
+from midi_rae.utils import init_linears
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
 
 
@@ -53,15 +56,16 @@ def build_encoder(cfg: Config) -> nn.Module:
     return cls(**kw)
 
 
-def build_mae_decoder(cfg: Config) -> nn.Module:
-    """The lightweight decoder of masked reconstruction during pretraining."""
+def build_mae_decoder(cfg: Config, read_levels: int | None = None) -> nn.Module:
+    """The lightweight decoder of masked reconstruction during pretraining; read_levels (Swin):
+    the coarsest levels it reads, None: `objective.recon_levels`."""
     m, d = cfg.model, cfg.data
     if m.encoder == "vit":
         return ViTMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
                              m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads)
     return SwinMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, len(m.depths),
                           m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size,
-                          read_levels=cfg.objective.recon_levels)
+                          read_levels=read_levels or cfg.objective.recon_levels)
 
 
 def level_dims(encoder: nn.Module) -> list[int]:
@@ -156,6 +160,7 @@ class Pretrainer(nn.Module):
         self.encoder = build_encoder(cfg)
         self.patch_size = (cfg.model.patch_h, cfg.model.patch_w)
         self.mae_decoder = build_mae_decoder(cfg) if o.recon_weight > 0 else None
+        self.coarse_decoder = build_mae_decoder(cfg, o.coarse_ae_levels) if o.coarse_ae_weight > 0 else None
         self.predictor = build_predictor(cfg, self.encoder) if o.mep_weight > 0 else None
         self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
                          if o.multiscale_weight > 0 else None)
@@ -223,6 +228,17 @@ class Pretrainer(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         o, x = self.objective, batch["x"]
         parts: dict[str, Tensor] = {}
+        if self.coarse_decoder is not None:
+            # An autoencoder through the coarse levels on the second half of the batch: masking is
+            # what empties the coarse levels (benchmarks/RESULTS.md), so this half sees all of
+            # its roll, and the first half feeds the masked objectives below.
+            n = len(x) - len(x) // 2
+            x_ae = x[n:]
+            batch = {k: v[:n] if isinstance(v, Tensor) else v for k, v in batch.items()}
+            x = batch["x"]
+            ae = self.encoder(x_ae, mask_ratio=0.0)
+            parts["coarse_ae"] = masked_recon_loss(self.coarse_decoder(ae), x_ae, ae.mae_mask, self.patch_size,
+                                                   1.0, o.pos_weight)
         student = None
         if self.mae_decoder is not None or self.predictor is not None or self.ms_heads is not None:
             student = self.encoder(x, mask_ratio=o.mask_ratio)  # the masked view
@@ -253,7 +269,8 @@ class Pretrainer(nn.Module):
                          for out in outs for lvl in out.patches]
             parts["anchor"] = torch.stack(per_level).mean()
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
-                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight}
+                   "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight,
+                   "coarse_ae": o.coarse_ae_weight}
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 
@@ -283,3 +300,33 @@ class DecoderTrainer(nn.Module):
         x = batch["x"]
         loss = recon_bce(self.logits(x), x, self.pos_weight)
         return loss, {"bce": loss}
+
+
+class Classifier(nn.Module):
+    """The encoder and a head on one of its levels (`level`, 0 = coarsest): the level's tokens
+    pooled (the mean over all of them, or over the non-empty ones), LayerNorm, Linear, as timm's
+    Swin head pools its last stage. Trained with label-smoothed cross-entropy on `batch['y']`."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, level: int = 0, pool: str = "mean",
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        dims = level_dims(encoder)
+        if not 0 <= level < len(dims):
+            raise ValueError(f"level {level} is out of range: the encoder has {len(dims)} levels, 0 (coarsest) to "
+                             f"{len(dims) - 1} (finest)")
+        self.encoder, self.level, self.pool, self.label_smoothing = encoder, level, pool, label_smoothing
+        self.norm = nn.LayerNorm(dims[level])
+        self.head = nn.Linear(dims[level], num_classes)
+        init_linears(self.head)
+
+    def features(self, x: Tensor) -> Tensor:
+        """(B, D): the pooled level after the LayerNorm, what the linear head reads."""
+        lvl = self.encoder(x).patches[self.level]
+        return self.norm(lvl.pooled(non_empty_only=self.pool == "non-empty"))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))  # (B, num_classes)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = F.cross_entropy(self.logits(batch["x"]).float(), batch["y"], label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss}

@@ -141,3 +141,23 @@ def rate_distortion_figure(curves: dict[str, list[tuple[int, float | None, float
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def confusion_figure(counts: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
+    """A confusion matrix (K, K) of counts, rows = true class, columns = predicted: each cell
+    shaded by its share of the row (the class's recall on the diagonal) and labelled with its count."""
+    counts = np.asarray(counts)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(2.4 + 0.55 * k, 1.8 + 0.5 * k), constrained_layout=True)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

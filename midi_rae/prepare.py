@@ -1,4 +1,4 @@
-"""`midi-rae prepare`: convert music files into the roll cache that training reads (`midi_rae.cache`)."""
+"""`midi-rae prepare`: convert music files into the note cache that training reads (`midi_rae.cache`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +12,9 @@ from midi_rae.roll import RollSettings
 def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser(
         "prepare",
-        help="convert music files (default: the bundled music21 corpus) into a roll cache",
+        help="convert music files (default: the bundled music21 corpus) into a note cache",
         description="Convert MIDI (.mid .midi .kar), ABC, MusicXML, kern and other formats music21 reads "
-        "into piano rolls plus a metadata table. With no PATH, the music corpus bundled with music21 is used. "
+        "into a note cache (each piece's notes, from which training paints piano-roll crops) plus a metadata table. With no PATH, the music corpus bundled with music21 is used. "
         "Resumable: finished files are not converted again.",
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (searched recursively)")
@@ -37,6 +37,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
         if not args.quiet:
             for line in summary.report:
                 print(line)
+        if summary.notice:
+            print(summary.notice)
         print(summary.line())
         print(f"{summary.processed} files converted in this run, {summary.files - summary.processed} were already in the cache")
         print(f"cache: {summary.cache_dir}  (report: {summary.cache_dir / 'report.txt'})")

@@ -6,6 +6,11 @@ A roll is a `(C, 128, T)` uint8 array: row index = MIDI pitch, one column per ti
 channel 1 marks onsets, so that a repeated note stays two notes. With `velocity=True` the
 channels hold MIDI velocities (1..127) instead of 1.
 
+Between a score and its roll sit its notes, quantised to steps (`NOTE_DTYPE`, sorted by start):
+what the cache stores, and what `render` paints any window of the roll from. A roll is the
+notes painted in order of increasing velocity, so where notes of one pitch overlap, a pixel
+holds the highest velocity among them (its maximum: independent of the order).
+
 Readers: MIDI (.mid .midi .kar) and ABC go through symusic (C++, fast; ABC via its bundled
 abc2midi, which also expands repeats); MusicXML, kern and everything else music21 reads go
 through music21 and are converted to a symusic `Score`, so that one function makes every roll.
@@ -75,11 +80,18 @@ class RollSettings:
 
 @dataclass
 class Piece:
-    """One piece read from a source file: its roll and its metadata."""
+    """One piece read from a source file: its notes and its metadata."""
 
     index: int  # position within the source file (tunes of an ABC book, scores of an opus)
-    roll: np.ndarray  # (C, 128, T) uint8
+    notes: np.ndarray  # (N,) NOTE_DTYPE, sorted by start
+    steps: int  # length of the roll
     meta: dict[str, Any]
+    settings: RollSettings
+
+    @property
+    def roll(self) -> np.ndarray:
+        """The whole piece as a `(C, 128, T)` uint8 roll."""
+        return render(self.notes, self.steps, self.settings)
 
 
 # ----------------------------------------------------------------------------- MIDI <-> roll
@@ -95,12 +107,14 @@ def _key_name(sharps: int, minor: bool | None) -> str:
     return f"{abs(sharps)} {word}" + ("s" if abs(sharps) > 1 else "")
 
 
-def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings()) -> np.ndarray:
-    """Merge all (non-drum) tracks of a symusic score into a `(C, 128, T)` uint8 roll.
+# One note of a roll, in steps: 10 bytes. `start` and `duration` need 32 bits (a roll may be
+# MAX_STEPS long); packed, so a piece's notes are one contiguous run of bytes.
+NOTE_DTYPE = np.dtype([("start", "<u4"), ("duration", "<u4"), ("pitch", "u1"), ("velocity", "u1")])
 
-    The tracks' notes are merged into one track before rendering, so memory follows the roll's
-    size, not tracks x steps (a small file with 1000 tracks would otherwise ask for tens of GB).
-    Where notes of one pitch overlap, the pixel holds the highest velocity."""
+
+def score_to_notes(score: symusic.Score, settings: RollSettings = RollSettings()) -> tuple[np.ndarray, int]:
+    """The notes of all (non-drum) tracks of a symusic score, quantised to steps, and the length
+    of its roll in steps: `(notes (N,) NOTE_DTYPE sorted by start, steps)`."""
     tracks = [t for t in score.tracks if settings.drums or not t.is_drum]
     if not any(t.note_num() for t in tracks):
         has_drums = any(t.is_drum and t.note_num() for t in score.tracks)
@@ -111,20 +125,69 @@ def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings())
     # min_dur=1: a note shorter than a step still sounds for one step instead of vanishing.
     merged = merged.resample(tpq=settings.steps_per_beat, min_dur=1)
     parts = [t.notes.numpy() for t in merged.tracks]
-    notes = {k: np.concatenate([n[k] for n in parts]) for k in ("time", "duration", "pitch", "velocity")}
-    steps = int((notes["time"] + notes["duration"]).max())
+    cols = {k: np.concatenate([n[k] for n in parts]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
+    steps = int((cols["time"] + cols["duration"]).max())
     if steps > MAX_STEPS:
         raise BadInput(f"too long: {steps} steps at {settings.steps_per_beat} per beat (limit {MAX_STEPS})")
-    # A later note overwrites an earlier one where they overlap: ascending velocity makes that the maximum.
-    order = np.argsort(notes["velocity"], kind="stable")
-    one = symusic.Track("merged", 0, False)
-    one.notes = symusic.Note.from_numpy(*(notes[k][order] for k in ("time", "duration", "pitch", "velocity")))
-    modes = ["frame", "onset"] if settings.onset else ["frame"]
-    pr = one.pianoroll(modes=modes, pitch_range=(0, PITCHES), encode_velocity=settings.velocity)  # (C, 128, T')
-    roll = np.zeros((len(modes), PITCHES, steps), dtype=np.uint8)
-    t = min(steps, pr.shape[-1])
-    roll[..., :t] = pr[..., :t]
-    return roll
+    # Only what paints a pixel: pitches of the roll, and (with velocities) notes that are not silent.
+    keep = (cols["pitch"] >= 0) & (cols["pitch"] < PITCHES) & (cols["time"] >= 0)
+    if settings.velocity:
+        keep &= cols["velocity"] > 0
+    notes = np.empty(int(keep.sum()), NOTE_DTYPE)
+    for name, col in (("start", "time"), ("duration", "duration"), ("pitch", "pitch"), ("velocity", "velocity")):
+        notes[name] = cols[col][keep]
+    order = np.lexsort((notes["velocity"], notes["duration"], notes["pitch"], notes["start"]))
+    return notes[order], steps
+
+
+def sounding(notes: np.ndarray, steps: int) -> np.ndarray:
+    """(T,) bool: the columns of the roll where a note sounds (`roll[0].any(axis=0)`)."""
+    end = notes["start"].astype(np.int64) + notes["duration"]
+    edges = np.bincount(notes["start"], minlength=steps + 1)[: steps + 1] - np.bincount(end, minlength=steps + 1)[: steps + 1]
+    return np.cumsum(edges[:steps]) > 0
+
+
+def render(notes: np.ndarray, steps: int, settings: RollSettings, start: int = 0, width: int | None = None,
+           pitch_shift: int = 0, channels: int | None = None) -> np.ndarray:
+    """Columns `start .. start+width` of the piece's roll, moved up by `pitch_shift` semitones,
+    painted from its notes: (C, 128, width) uint8, C = `channels` (default: all of `settings`).
+
+    Zero-filled, never wrapped: columns outside `0 .. steps` and notes moved beyond 0..127 are
+    empty. Equal to cropping the whole roll (`dataset.crop(render(notes, steps, s), ...)`), at
+    the cost of the notes in the window instead of the piece's length.
+    """
+    width = steps - start if width is None else width
+    channels = settings.channels if channels is None else min(channels, settings.channels)
+    out = np.zeros((channels, PITCHES, width), dtype=np.uint8)
+    lo, hi = max(start, 0), min(start + width, steps)
+    if lo >= hi or abs(pitch_shift) >= PITCHES:
+        return out
+    n = notes[: np.searchsorted(notes["start"], hi)]  # notes starting before the window's end
+    t0 = n["start"].astype(np.int64)
+    t1 = t0 + n["duration"]
+    pitch = n["pitch"].astype(np.int64) + pitch_shift
+    keep = (t1 > lo) & (pitch >= 0) & (pitch < PITCHES)
+    t0, t1, pitch, vel = t0[keep], t1[keep], pitch[keep], n["velocity"][keep]
+    a, b = np.maximum(t0, lo) - start, np.minimum(t1, hi) - start  # each note's columns in the window
+    lens = b - a
+    rows = np.repeat(pitch, lens)
+    cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens - a, lens)  # a_k .. b_k - 1, note by note
+    on = t0 >= lo  # notes whose onset lies in the window
+    if settings.velocity:  # overlapping notes of one pitch: the loudest one's velocity
+        np.maximum.at(out[0], (rows, cols), np.repeat(vel, lens))
+        if channels > 1:
+            np.maximum.at(out[1], (pitch[on], t0[on] - start), vel[on])
+    else:
+        out[0, rows, cols] = 1
+        if channels > 1:
+            out[1, pitch[on], t0[on] - start] = 1
+    return out
+
+
+def score_to_roll(score: symusic.Score, settings: RollSettings = RollSettings()) -> np.ndarray:
+    """Merge all (non-drum) tracks of a symusic score into a `(C, 128, T)` uint8 roll."""
+    notes, steps = score_to_notes(score, settings)
+    return render(notes, steps, settings)
 
 
 def midi_to_roll(source: str | os.PathLike | bytes, settings: RollSettings = RollSettings()) -> np.ndarray:
@@ -332,7 +395,7 @@ def read_pieces(path: str | os.PathLike, settings: RollSettings = RollSettings()
     if suffix in MIDI_SUFFIXES:
         score = _read_midi(path)
         meta = {"format": "midi", "title": path.stem, **_symusic_meta(score)}
-        return [Piece(0, score_to_roll(score, settings), meta)], []
+        return [Piece(0, *score_to_notes(score, settings), meta, settings)], []
     if suffix in ABC_SUFFIXES:
         return _read_abc(path, settings)
     return _read_music21(path, settings)
@@ -350,7 +413,7 @@ def _read_abc(path: Path, settings: RollSettings) -> tuple[list[Piece], list[tup
         meta = {"format": "abc", "title": f.get("T") or None, "tune_id": f.get("N") or f.get("X"),
                 "time_signature": f.get("M") or None, "key": f.get("K") or None}
         try:
-            pieces.append(Piece(i, score_to_roll(abc_tune_to_score(tune), settings), meta))
+            pieces.append(Piece(i, *score_to_notes(abc_tune_to_score(tune), settings), meta, settings))
         except BadInput as e:
             skipped.append((i, str(e)))
     if not pieces:
@@ -374,7 +437,7 @@ def _read_music21(path: Path, settings: RollSettings) -> tuple[list[Piece], list
         try:
             meta = {"format": path.suffix.lower().lstrip("."), **_music21_meta(s)}
             meta["title"] = meta["title"] or path.stem
-            pieces.append(Piece(i, score_to_roll(music21_to_score(s), settings), meta))
+            pieces.append(Piece(i, *score_to_notes(music21_to_score(s), settings), meta, settings))
         except BadInput as e:
             skipped.append((i, str(e)))
     if not pieces:

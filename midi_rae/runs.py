@@ -192,13 +192,20 @@ def load_encoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.devic
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
     moved = window_size is not None or crop_width is not None
     cfg = transfer_config(ck.config, window_size, crop_width) if moved else ck.config
+    return trained_encoder(ck, cfg).to(device).eval(), cfg
+
+
+def trained_encoder(ck: Checkpoint, cfg: Config) -> nn.Module:
+    """The encoder of `cfg` (`ck.config`, or a `transfer_config` of it, or it with other settings
+    that hold no weights, such as `model.drop_path_rate`) holding `ck`'s weights, loaded strictly;
+    V1 bias tables are resized where the windows differ from those they were trained at."""
     encoder = build_encoder(cfg)
     adapt = None
-    if moved and cfg.model.encoder == "swin" and cfg.model.version == 1:
+    if cfg.model.encoder == "swin" and cfg.model.version == 1 and trained_windows(cfg) != trained_windows(ck.config):
         windows = trained_windows(ck.config)
         adapt = lambda state: resize_position_tables(state, encoder, windows)  # noqa: E731
     load_weights(encoder, ck.encoder.path, ck.encoder.prefix, adapt)
-    return encoder.to(device).eval(), cfg
+    return encoder
 
 
 def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.device | str = "cpu") -> tuple[DecoderTrainer, Config]:

@@ -34,6 +34,8 @@ def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe
     if rank == 0:  # other processes wait at the first barrier of pretraining
         summary = prepare(cfg.data.paths or None, cache, RollSettings(),
                           workers=workers, progress=sys.stderr.isatty(), collections=cfg.data.collections)
+        if summary.notice:
+            print(f"[prepare] {summary.notice}", flush=True)
         print(f"[prepare] {summary.line()} -> {cache} ({time.time() - t0:.0f} s)", flush=True)
         if summary.pieces == 0:
             raise ValueError(f"none of the {summary.files} input files gave a usable piece (reasons in "

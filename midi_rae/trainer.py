@@ -27,11 +27,11 @@ from midi_rae.logger import Logger
 from midi_rae.utils import atomic_write_text, param_count
 
 # The config section that holds each stage's training settings.
-SECTIONS = {"pretrain": "train", "decoder": "decoder_train"}
+SECTIONS = {"pretrain": "train", "decoder": "decoder_train", "finetune": "finetune_train"}
 
 # Fields that may differ between a run and its resumption: they do not change the result.
-RESUMABLE_CHANGES = ("train.progress", "train.tensorboard", "train.wandb", "decoder_train.progress",
-                     "decoder_train.tensorboard", "decoder_train.wandb", "data.num_workers", "model.grad_checkpointing")
+RESUMABLE_CHANGES = (*(f"{s}.{k}" for s in SECTIONS.values() for k in ("progress", "tensorboard", "wandb")),
+                     "data.num_workers", "model.grad_checkpointing")
 # Fields that change the result from the resumed step on, and that the advice after a non-finite
 # loss asks for: allowed on resume, and named in the log.
 TUNABLE_ON_RESUME = ("lr", "min_lr", "warmup_steps", "clip_grad", "amp")
@@ -68,13 +68,16 @@ def val_loader(val: Subset, batch_size: int, num_workers: int) -> DataLoader:
 # ----------------------------------------------------------------------------- resuming and the final check
 
 
-def config_diff(a: dict, b: dict, prefix: str = "", allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """`key: checkpoint A, now B` for each field that differs, except those under `allowed`."""
+def config_diff(a: dict, b: dict, prefix: str = "", allowed: tuple[str, ...] = RESUMABLE_CHANGES,
+                defaults: dict | None = None) -> list[str]:
+    """`key: checkpoint A, now B` for each field that differs, except those under `allowed`. A
+    field missing from the checkpoint's config A (added to the package since) counts as its default."""
+    defaults = Config().to_dict() if defaults is None else defaults
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
+        va, vb = a.get(k, defaults.get(k)), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, f"{prefix}{k}.", allowed)
+            out += config_diff(va, vb, f"{prefix}{k}.", allowed, defaults.get(k) or {})
         elif va != vb and not any(f"{prefix}{k}".startswith(r) for r in allowed):
             out.append(f"{prefix}{k}: checkpoint {va!r}, now {vb!r}")
     return out

@@ -9,7 +9,7 @@ import pytest
 import midi_rae
 
 PACKAGE = Path(midi_rae.__file__).parent
-COMMANDS = {"train", "encode", "reconstruct", "eval", "probe", "levels", "prepare"}
+COMMANDS = {"train", "encode", "reconstruct", "eval", "probe", "levels", "prepare", "finetune"}
 # Every module below the commands: all but the commands and the command line (one table of them).
 LOWER = sorted(p for p in PACKAGE.rglob("*.py")
                if p.stem not in COMMANDS and p.relative_to(PACKAGE).as_posix() not in ("cli.py", "__main__.py"))
@@ -48,7 +48,7 @@ def test_every_command_module_exists() -> None:
 
 # The data layer (formats <-> roll, the cache, the Dataset) is the bottom one: it knows no config,
 # model, training or run module.
-DATA = {"roll", "corpus", "cache", "dataset", "descriptors"}
+DATA = {"roll", "corpus", "cache", "dataset", "descriptors", "labels"}
 # The training loop is handed its model and data by the stages: it knows no model by name, no run
 # folder and no stage.
 LOOP = {"distributed", "logger", "trainer", "engine"}

@@ -142,15 +142,17 @@ def test_every_field_carries_its_help_text() -> None:
     an installed wheel need not ship): every field has one, and `describe` lists them all."""
     from dataclasses import fields
 
-    from midi_rae.config import DataConfig, DecoderConfig, ModelConfig, ObjectiveConfig, TrainConfig, describe
+    from midi_rae.config import DataConfig, DecoderConfig, FinetuneConfig, ModelConfig, ObjectiveConfig, TrainConfig, describe
 
-    sections = {"data", "model", "objective", "train", "decoder", "decoder_train"}
+    sections = {"data", "model", "objective", "train", "decoder", "decoder_train", "finetune", "finetune_train"}
     top = [f for f in fields(Config) if f.name not in sections]
-    for cls, own in ((Config, top), *((c, fields(c)) for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, DecoderConfig))):
+    for cls, own in ((Config, top), *((c, fields(c)) for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig,
+                                                                 DecoderConfig, FinetuneConfig))):
         for f in own:
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
     text = describe()
     assert "  train.lr = 0.001  # peak learning rate (AdamW)" in text
     assert "  name = 'run'  # run folder name under out_dir" in text
     assert len([line for line in text.splitlines() if "  # " in line]) == len(top) + sum(
-        len(fields(c)) * (2 if c is TrainConfig else 1) for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, DecoderConfig))
+        len(fields(c)) * (3 if c is TrainConfig else 1)
+        for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, DecoderConfig, FinetuneConfig))

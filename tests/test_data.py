@@ -8,7 +8,8 @@ import symusic
 import torch
 
 from midi_rae.cache import load_settings, prepare, split_of
-from midi_rae.dataset import PianoRollDataset, crop
+from midi_rae.cache import crop, load_index, load_roll
+from midi_rae.dataset import PianoRollDataset
 from midi_rae.roll import BadInput, RollSettings, abc_tune_to_score, midi_to_roll, roll_to_midi, split_abc
 
 WHEEL_MIDI = sorted(Path(music21.__file__).parent.rglob("*.mid"))
@@ -135,7 +136,7 @@ def test_dataset_pairs(cache: Path) -> None:
     assert 0 <= item["x"].min() and item["x"].max() <= 1
     for i in range(len(ds)):
         it = ds[i]
-        roll = np.load(cache / "rolls" / ds.pieces[it["piece"]]["roll"])
+        roll = load_roll(cache, next(p for p in load_index(cache) if p["piece_id"] == it["piece_id"]))
         for key, shift in (("x", "shift1"), ("x2", "shift2")):
             dt, dp = it[shift].tolist()
             assert abs(dt) <= 4 and abs(dp) <= 3
@@ -147,8 +148,9 @@ def test_dataset_pairs(cache: Path) -> None:
 def test_dataset_determinism_and_split(cache: Path) -> None:
     train = PianoRollDataset(cache, "train", crop_width=32, val_fraction=0.2)
     val = PianoRollDataset(cache, "val", crop_width=32, val_fraction=0.2)
-    assert not {p["piece_id"] for p in train.pieces} & {p["piece_id"] for p in val.pieces}
-    assert len(train.pieces) + len(val.pieces) == 40
+    ids = lambda ds: {ds.piece_id(i) for i in range(ds.num_pieces)}
+    assert not ids(train) & ids(val) and len(ids(train)) + len(ids(val)) == 40
+    assert all(split_of(i, 0.2) == "val" for i in ids(val)) and all(split_of(i, 0.2) == "train" for i in ids(train))
     again = PianoRollDataset(cache, "val", crop_width=32, val_fraction=0.2)
     again.set_epoch(5)
     for i in range(len(val)):

@@ -81,11 +81,38 @@ def test_mask_ratio_zero_is_a_plain_coarse_autoencoder(tiny_cache: Path) -> None
     assert torch.allclose(loss, recon_bce(model.mae_decoder(out), x, 4.0), atol=1e-6)
 
 
+def test_coarse_ae_splits_the_batch_between_masked_and_coarse_autoencoding(tiny_cache: Path) -> None:
+    """coarse_ae_weight: the first half of the batch feeds the masked objective, the second half
+    is encoded unmasked and decoded from the coarsest level alone; the total is the weighted sum."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.coarse_ae_weight=0.5",
+                             "objective.coarse_ae_levels=1", "objective.pos_weight=4"])
+    model = Pretrainer(cfg).eval()
+    assert model.mae_decoder.read_levels == 3 and model.coarse_decoder.read_levels == 1
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(5)])
+    torch.manual_seed(0)
+    loss, parts = model({"x": x})
+    ae = recon_bce(model.coarse_decoder(model.encoder(x[3:])), x[3:], 4.0)
+    plain = Pretrainer(load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.pos_weight=4"])).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("coarse_decoder.")})
+    torch.manual_seed(0)  # the same mask, drawn for the first three crops only
+    assert torch.allclose(parts["recon"], plain({"x": x[:3]})[1]["recon"], atol=1e-6)
+    assert set(parts) == {"recon", "coarse_ae"}
+    assert torch.allclose(parts["coarse_ae"], ae, atol=1e-6)
+    assert torch.allclose(loss, parts["recon"] + 0.5 * parts["coarse_ae"])
+    loss.backward()
+    assert all(p.grad is not None for p in model.coarse_decoder.lateral.parameters())
+
+
 def test_impossible_objective_configs_are_refused() -> None:
     with pytest.raises(ConfigError, match="data.view_mode=shift"):
         load_config(None, ["objective.lejepa_weight=1", "data.view_mode=piece"])
     with pytest.raises(ConfigError, match="recon_levels must be 1..6"):
         load_config(None, ["objective.recon_levels=7"])
+    with pytest.raises(ConfigError, match="coarse_ae_levels must be 1..6"):
+        load_config(None, ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=0"])
+    with pytest.raises(ConfigError, match="objective.recon_levels=2 instead"):
+        load_config(None, ["objective.coarse_ae_weight=1", "objective.recon_weight=0"])
     with pytest.raises(ConfigError, match="global_loss"):
         load_config(None, ["objective.global_loss=simclr"])
 

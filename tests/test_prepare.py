@@ -126,8 +126,9 @@ def test_resume_after_kill(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
     prepare([src], fresh, workers=2, progress=False)
     assert (fresh / "pieces.jsonl").read_bytes() == (cache / "pieces.jsonl").read_bytes()
+    assert sorted(f.name for f in fresh.rglob("*")) == sorted(f.name for f in cache.rglob("*"))
     for p in load_index(fresh):
-        assert (fresh / "rolls" / p["roll"]).read_bytes() == (cache / "rolls" / p["roll"]).read_bytes()
+        assert (fresh / p["file"]).read_bytes() == (cache / p["file"]).read_bytes()
 
 
 def test_cli(hostile: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,17 +2,17 @@
 (majority, pixels, descriptors, random encoder), and one table for a Swin and a ViT run."""
 from pathlib import Path
 
-import numpy as np
 import pytest
-import symusic
 import torch
 from tiny_runs import isolated, trained_run
 
-from midi_rae.cache import load_index, prepare
+from midi_rae.cache import load_index
 from midi_rae.cli import main
 from midi_rae.models import build_encoder
 from midi_rae.core import PatchState, grid_positions
-from midi_rae.probes import find_tasks, fit_logistic, probe, scores, time_self_similarity
+from midi_rae.labels import find_tasks
+from midi_rae.metrics import scores
+from midi_rae.probes import fit_logistic, probe, time_self_similarity
 from midi_rae.runs import initial_encoder
 from midi_rae.runs import load_encoder
 
@@ -21,28 +21,6 @@ from midi_rae.runs import load_encoder
 def one_thread_own_rng():
     with isolated():
         yield
-
-
-@pytest.fixture(scope="module")
-def labelled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two 'collections' (folder names): dense low chords of short notes vs a sparse high melody of long notes."""
-    root = tmp_path_factory.mktemp("labelled")
-    rng = np.random.default_rng(1)
-    for collection in ("chords", "melody"):
-        (root / collection).mkdir()
-        for i in range(24):
-            score, track = symusic.Score(480), symusic.Track("t", 0, False)
-            for beat in range(int(rng.integers(12, 32))):
-                if collection == "chords":
-                    for pitch in rng.integers(40, 60, 4):
-                        track.notes.append(symusic.Note(beat * 480, 240, int(pitch), 90))
-                elif beat % 2 == 0:
-                    track.notes.append(symusic.Note(beat * 480, 960, int(rng.integers(72, 84)), 90))
-            score.tracks.append(track)
-            score.dump_midi(str(root / collection / f"{collection}{i:02d}.mid"))
-    cache = root / "cache"
-    prepare([root / "chords", root / "melody"], cache, workers=1, progress=False)
-    return cache
 
 
 def test_logistic_regression_separates_and_scores() -> None:
@@ -132,7 +110,7 @@ def test_probe_needs_two_classes(tiny_cache: Path, tmp_path_factory, capsys) -> 
 
 def test_picked_pieces_are_independent_of_the_split() -> None:
     from midi_rae.cache import split_of
-    from midi_rae.probes import pick_pieces
+    from midi_rae.labels import pick_pieces
 
     members = [{"piece_id": f"music21/essenFolksong/tune{i}"} for i in range(2000)]
     picked = pick_pieces(members, 200)

@@ -1,0 +1,67 @@
+"""`midi-rae prepare` as the corpus grows: time per 1,000 files and peak memory at N files.
+
+    python benchmarks/bench_scale.py --sizes 1000 5000 10000 --seed 0 --workers 2
+
+For each N: a fresh corpus from `make_corpus.py` (same seed: the smaller corpora are the first
+files of the larger), prepared into a fresh cache by `python -m midi_rae prepare` in its own
+process; wall time, and the peak RSS of the largest process (prepare or one of its workers,
+from the children's rusage). Then the start-up of the training Dataset on that cache.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(n: int, seed: int, workers: int, root: Path) -> None:
+    corpus, cache = root / f"gen{n}", root / f"cache{n}"
+    t = time.perf_counter()
+    load("make_corpus").make_corpus(corpus, n, seed, bad_every=500)
+    made = time.perf_counter() - t
+    # ru_maxrss of the children is the largest single process reaped so far: run each N in a
+    # fresh child of a fresh child, so that one N's peak does not hide the next one's.
+    code = (f"import resource, subprocess, sys, time; t = time.perf_counter(); "
+            f"r = subprocess.run([sys.executable, '-m', 'midi_rae', 'prepare', {str(corpus)!r}, '--cache-dir', {str(cache)!r}, "
+            f"'--workers', '{workers}', '--quiet'], capture_output=True, text=True); "
+            f"print(r.stdout.strip().splitlines()[0]); print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    seconds, rss = float(out[-1].split()[0]), int(out[-1].split()[1])
+    size = sum(f.stat().st_blocks * 512 for f in cache.rglob("*") if f.is_file())
+    startup = load("bench_notecache").startup(cache)
+    print(f"N={n}: made in {made:.0f} s; prepare {seconds:.1f} s = {seconds / n * 1000:.1f} s per 1,000 files; "
+          f"peak RSS {rss / 1024:.0f} MB; {out[0]}; cache {size / 1e6:.1f} MB; "
+          f"Dataset start-up {startup['seconds'] * 1e3:.0f} ms, +{startup['rss_kb'] / 1024:.1f} MB", flush=True)
+    shutil.rmtree(corpus)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", type=Path, help="keep the caches here (default: a temporary folder, removed)")
+    args = ap.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="midi-rae-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        for n in args.sizes:
+            run(n, args.seed, args.workers, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""A generated corpus (benchmarks/make_corpus.py, the small version of the scale test) through
+`midi-rae prepare` and into a Dataset: every good file a piece, every broken one reported."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from midi_rae.cache import load_index, load_roll
+from midi_rae.cli import main
+from midi_rae.dataset import PianoRollDataset
+from midi_rae.roll import midi_to_roll
+
+spec = importlib.util.spec_from_file_location("make_corpus", Path(__file__).parents[1] / "benchmarks" / "make_corpus.py")
+make_corpus = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_corpus)
+
+
+def test_generated_corpus_prepares(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    paths = make_corpus.make_corpus(tmp_path / "gen", 200, seed=0, bad_every=50)
+    again = make_corpus.make_corpus(tmp_path / "gen2", 200, seed=0, bad_every=50)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]  # the seed fixes the corpus
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(tmp_path / "gen"), "--cache-dir", str(cache), "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "prepare: 100%" in captured.err and "200/200" in captured.err  # the progress bar
+    skips = [l for l in captured.out.splitlines() if l.startswith("SKIP")]
+    assert skips == ["SKIP gen/0000/piece000049.mid: not a readable MIDI file (MiniMidi: Invaild midi file! File header is not MThd!)",
+                     "SKIP gen/0000/piece000099.mid: not a readable MIDI file (MiniMidi: Invalid chunk length 466 (remaining bytes after header: 222))",
+                     "SKIP gen/0000/piece000149.mid: not a readable MIDI file (MiniMidi: Invaild midi file! File header is not MThd!)",
+                     "SKIP gen/0000/piece000199.mid: not a readable MIDI file (MiniMidi: Invalid chunk length 407 (remaining bytes after header: 192))"]
+    assert "196 pieces good, 4 skipped (196/200 files readable)" in captured.out
+    index = load_index(cache)
+    assert len(index) == 196 and not list((cache / "staging").iterdir()) and not list((cache / "done").iterdir())
+    good = next(p for p in paths if p.name == "piece000007.mid")
+    np.testing.assert_array_equal(load_roll(cache, next(p for p in index if p["piece_id"].endswith("piece000007.mid"))),
+                                  midi_to_roll(good))
+    ds = PianoRollDataset(cache, "train")
+    assert ds[0]["x"].shape == (2, 128, 128) and ds.num_pieces + PianoRollDataset(cache, "val").num_pieces == 196
