@@ -3,17 +3,15 @@ probe suite's piece-grouped split, layer decay and label smoothing reaching the 
 loss, a tiny end-to-end run (and its scratch baseline), the error lines, and resume after SIGKILL."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny_runs import isolated, trained_run
+from tiny_runs import isolated, kill_after_first_checkpoint, trained_run
 
 from midi_rae import stages
 from midi_rae.checkpoint import latest_checkpoint
@@ -166,16 +164,9 @@ def test_resume_after_sigkill_is_exact(labelled_cache: Path, tiny_cache: Path, t
     run = trained_run("swin", tiny_cache, tmp_path_factory)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     subprocess.run(_cmd(run, labelled_cache, tmp_path / "a"), check=True, env=env, capture_output=True, cwd=REPO)
-    proc = subprocess.Popen(_cmd(run, labelled_cache, tmp_path / "b"), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "b" / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert json.loads(latest.read_text())["step"] < 12 and not (tmp_path / "b" / "summary.json").exists()
+    killed_at = kill_after_first_checkpoint(_cmd(run, labelled_cache, tmp_path / "b"),
+                                            tmp_path / "b" / "checkpoints" / "latest.json")
+    assert killed_at < 12 and not (tmp_path / "b" / "summary.json").exists()
     resumed = subprocess.run([*_cmd(run, labelled_cache, tmp_path / "b"), "--resume"], env=env, capture_output=True,
                              cwd=REPO, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -3,15 +3,14 @@ decoder training, the run report, and resume-after-SIGKILL equivalence."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import kill_after_first_checkpoint
 from torch import nn
 
 from midi_rae import stages, trainer
@@ -420,16 +419,8 @@ def _train_cmd(cache: Path, out: Path, *extra: str) -> list[str]:
 def test_resume_after_sigkill_is_exact(tiny_cache: Path, tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     subprocess.run(_train_cmd(tiny_cache, tmp_path / "a"), check=True, env=env, capture_output=True, cwd=REPO)
-    proc = subprocess.Popen(_train_cmd(tiny_cache, tmp_path / "b"), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "b" / "r" / "pretrain" / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = kill_after_first_checkpoint(_train_cmd(tiny_cache, tmp_path / "b"),
+                                            tmp_path / "b" / "r" / "pretrain" / "checkpoints" / "latest.json")
     assert killed_at < 40 and not (tmp_path / "b" / "r" / "pretrain" / "encoder.safetensors").exists()
     resumed = subprocess.run([*_train_cmd(tiny_cache, tmp_path / "b"), "--resume"], env=env, capture_output=True,
                              cwd=REPO, text=True)

@@ -1,6 +1,11 @@
 """Tiny trained runs (encoder + decoder, a few steps) shared by the encode / eval / probe tests:
 trained once per test session and per encoder type."""
+import json
+import os
 import random
+import signal
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -11,6 +16,8 @@ import torch
 
 from midi_rae.config import load_config
 from midi_rae.stages import pretrain, train_decoder
+
+REPO = Path(__file__).resolve().parent.parent
 
 ENCODERS = {
     "swin": ["model.embed_dim=8", "model.depths=[1,1]", "model.num_heads=[1,2]", "model.window_size=4"],
@@ -51,3 +58,17 @@ def trained_run(kind: str, cache: Path, factory: pytest.TempPathFactory) -> Path
             train_decoder(cfg)
         _RUNS[kind] = out / kind
     return _RUNS[kind]
+
+
+def kill_after_first_checkpoint(cmd: list[str], latest: Path) -> int:
+    """Start the command (one thread, this checkout on the path), SIGKILL it as soon as it has
+    written `latest` (its checkpoints' latest.json), and return the step that checkpoint holds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    return json.loads(latest.read_text())["step"]
