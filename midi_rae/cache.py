@@ -38,6 +38,7 @@ cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (se
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import threading
@@ -431,8 +432,6 @@ def _index_dtype(width: int) -> np.dtype:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()

@@ -153,7 +153,7 @@ def render(notes: np.ndarray, steps: int, settings: RollSettings, start: int = 0
     painted from its notes: (C, 128, width) uint8, C = `channels` (default: all of `settings`).
 
     Zero-filled, never wrapped: columns outside `0 .. steps` and notes moved beyond 0..127 are
-    empty. Equal to cropping the whole roll (`dataset.crop(render(notes, steps, s), ...)`), at
+    empty. Equal to cropping the whole roll (`cache.crop(render(notes, steps, s), ...)`), at
     the cost of the notes in the window instead of the piece's length.
     """
     width = steps - start if width is None else width

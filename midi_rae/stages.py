@@ -25,7 +25,7 @@ from midi_rae.engine import classify, evaluate_classifier, evaluate_decoder, eva
 from midi_rae.labels import TASKS, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import class_confusion, scores
 from midi_rae.models import Classifier, DecoderTrainer, Pretrainer, build_decoder, build_encoder
-from midi_rae.probes import fit_linear, select_and_fit
+from midi_rae.probes import select_and_fit
 from midi_rae.runs import Checkpoint, datasets, encoder_config, resolve_cache_dir, stage_dirs, trained_encoder, with_encoder_config
 from midi_rae.trainer import Trainer
 
@@ -152,8 +152,7 @@ def probe_head(model: Classifier, crops: list[dict[str, Any]], n_classes: int, d
                        for i in range(0, len(crops), batch_size)])  # (N, D)
     model.train(was_training)
     y = torch.tensor([c["y"] for c in crops])
-    _, l2, inner = select_and_fit(feats, y, [c["piece_id"] for c in crops], n_classes)
-    lin = fit_linear(feats, y, n_classes, l2)
+    lin, l2, inner = select_and_fit(feats, y, [c["piece_id"] for c in crops], n_classes)
     model.head.weight.copy_(lin.weight)
     model.head.bias.copy_(lin.bias)
     return {"l2": l2, "holdout_balanced_accuracy": inner, **scores(lin(feats.double()).argmax(1), y)}
