@@ -44,6 +44,9 @@ ROWS: dict[str, list[str]] = {
                                "objective.mask_ratio=0.25"],  # the mask ratio between coarse_ae and coarse_ae_m0
     "coarse_ae_m75": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                                "objective.mask_ratio=0.75"],
+    # the encoder also reads the onset channel, which the descriptor baseline uses (the frame channel
+    # alone merges repeated notes of one pitch)
+    "coarse_ae_onsets": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "data.channels=2"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

@@ -84,16 +84,21 @@ class Summary:
         return f"{self.pieces} pieces good, {self.pieces_skipped} skipped ({self.files - self.files_skipped}/{self.files} files readable)"
 
 
-def default_cache_dir(paths: Iterable[str | os.PathLike] | None = None, collections: Iterable[str] | None = None) -> Path:
+def default_cache_dir(paths: Iterable[str | os.PathLike] | None = None, collections: Iterable[str] | None = None,
+                      settings: RollSettings = RollSettings()) -> Path:
     """`$MIDI_RAE_CACHE`, else the user cache dir (`$XDG_CACHE_HOME` or `~/.cache`)`/midi-rae/`,
     then `corpus` for the whole bundled corpus, `corpus-<collections>` for some of its folders
     (a subset never passes for, or replaces, the full cache), or `data-<hash of the resolved
-    input paths>`. `prepare` and `train` both resolve their cache here."""
+    input paths>`; a time grid other than the default adds its name (`corpus@spb12`,
+    `RollSettings.tag`), so that two resolutions of one corpus never replace each other. `prepare` and `train` both resolve
+    their cache here."""
     base = os.environ.get("MIDI_RAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "midi-rae"
     if not paths:
-        return Path(base) / "-".join(["corpus", *sorted(set(collections or ()))])
-    digest = hashlib.sha1("\0".join(sorted(str(Path(p).resolve()) for p in paths)).encode()).hexdigest()[:10]
-    return Path(base) / f"data-{digest}"
+        name = "-".join(["corpus", *sorted(set(collections or ()))])
+    else:
+        digest = hashlib.sha1("\0".join(sorted(str(Path(p).resolve()) for p in paths)).encode()).hexdigest()[:10]
+        name = f"data-{digest}"
+    return Path(base) / (name + settings.tag())
 
 
 def collect_sources(paths: Iterable[str | os.PathLike]) -> list[Source]:
@@ -132,7 +137,7 @@ def _key(source: Source, settings: RollSettings, max_bytes: int) -> str:
         sid = source.source_id.encode()
     except UnicodeEncodeError:  # a name decoded with surrogate escapes
         raise BadInput("the file name is not valid UTF-8; rename the file") from None
-    h = hashlib.sha1(sid + b"\0" + settings.to_json().encode() + b"\0")
+    h = hashlib.sha1(sid + b"\0" + settings.key_json(source.path.suffix.lower()).encode() + b"\0")
     try:
         size = source.path.stat().st_size
         if size > max_bytes:
@@ -296,7 +301,7 @@ def prepare(
         sources = collect_sources(paths)
     else:
         sources = [Source(f.path, f.source_id, f.collection, f.composer) for f in corpus_files(collections)]
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths, collections)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths, collections, settings)
     keys: list[str | None] = []
     unreadable: dict[int, dict[str, Any]] = {}  # source index -> its error record (never written to done/)
     for i, s in enumerate(sources):

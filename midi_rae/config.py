@@ -47,6 +47,10 @@ class DataConfig:
     paths: list[str] = opt(factory=list, help="sources `midi-rae run` prepares; empty: bundled corpus")
     collections: list[str] | None = opt(None, "bundled corpus only: restrict to these folders")
     crop_width: int = opt(128, "time steps per crop = the encoder's img_width")
+    steps_per_beat: int = opt(4, "time steps per quarter note: what `midi-rae run` prepares at, what training requires "
+                                 "of its cache, and what `encode` / `reconstruct` read music files at (12: triplets)")
+    expand_repeats: bool = opt(True, "`midi-rae run`'s prepare: repeated sections played as written out (MusicXML, "
+                                     "kern, ABC); false: each once, as notated")
     channels: int = opt(1, "1: frame only; 2: frame + onset (prepare with onsets, the default)")
     max_time_shift: int = opt(16, "the two views' random offsets (steps / semitones)")
     max_pitch_shift: int = opt(6, "see max_time_shift")
@@ -61,6 +65,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.crop_width > 0, f"data.crop_width must be positive, got {self.crop_width}")
         _require(self.channels in (1, 2), f"data.channels must be 1 (frame) or 2 (frame + onset), got {self.channels}")
+        _require(1 <= self.steps_per_beat <= 96, f"data.steps_per_beat must be in 1..96, got {self.steps_per_beat}")
         _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.max_time_shift >= 0 and self.max_pitch_shift >= 0 and self.transpose >= 0,
                  "data.max_time_shift, data.max_pitch_shift and data.transpose must be >= 0")

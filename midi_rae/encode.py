@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from midi_rae.core import LevelInfo
 from midi_rae.dataset import read_inputs, windows
-from midi_rae.runs import load_encoder
+from midi_rae.roll import RollSettings
+from midi_rae.runs import check_time_grid, load_encoder, roll_settings
 from midi_rae.utils import atomic_write, resolve_device
 
 FORMAT = "midi-rae-embeddings/1"
@@ -157,17 +158,21 @@ def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os
            crop_width: int | None = None) -> list[Embeddings]:
     """Python API: embeddings of a roll (one entry) or of every piece of a file / cache id
     pattern. `checkpoint` is a run folder, a weights file or an encoder module; `window_size` /
-    `crop_width` load a checkpoint at another geometry (`runs.load_encoder`)."""
+    `crop_width` load a checkpoint at another geometry (`runs.load_encoder`). Music files are
+    read at the run's time grid (`data.steps_per_beat`); a bare module reads them at the default."""
     if isinstance(checkpoint, nn.Module):
         if window_size is not None or crop_width is not None:
             raise ValueError("window_size / crop_width move a checkpoint's weights to another geometry; give the "
                              "checkpoint path, not a built encoder")
-        encoder = checkpoint
+        encoder, settings = checkpoint, RollSettings()
     else:
-        encoder = load_encoder(checkpoint, window_size=window_size, crop_width=crop_width)[0]
+        encoder, cfg = load_encoder(checkpoint, window_size=window_size, crop_width=crop_width)
+        settings = roll_settings(cfg)
+        if cache_dir is not None:
+            check_time_grid(cfg, Path(cache_dir))
     if isinstance(source, (Tensor, np.ndarray)):
         return [encode_roll(encoder, source, hop)]
-    return [encode_roll(encoder, p.roll, hop, meta=p.meta) for p in read_inputs([str(source)], cache_dir)]
+    return [encode_roll(encoder, p.roll, hop, meta=p.meta) for p in read_inputs([str(source)], cache_dir, settings)]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -191,7 +196,9 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
 
     def run(args: argparse.Namespace) -> int:
         encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device), args.window_size, args.crop_width)
-        pieces = read_inputs(args.inputs, args.cache_dir)
+        if args.cache_dir:
+            check_time_grid(cfg, Path(args.cache_dir))
+        pieces = read_inputs(args.inputs, args.cache_dir, roll_settings(cfg))
         out = Path(args.out)
         single = out.suffix == ".safetensors"
         if single and len(pieces) != 1:

@@ -38,7 +38,7 @@ from midi_rae.logger import last_record
 from midi_rae.masking import note_mask
 from midi_rae.metrics import (inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
-from midi_rae.runs import (datasets, load_autoencoder, resolve_cache_dir, resolve_checkpoint, stage_dirs,
+from midi_rae.runs import (check_time_grid, datasets, load_autoencoder, resolve_cache_dir, resolve_checkpoint, stage_dirs,
                            with_encoder_config)
 from midi_rae.utils import atomic_write_text
 
@@ -115,6 +115,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
     out.mkdir(parents=True, exist_ok=True)
     thr = cfg.decoder.threshold if threshold is None else threshold
     cache = Path(cache_dir) if cache_dir else resolve_cache_dir(cfg)
+    check_time_grid(cfg, cache)
     d = cfg.data
     ds = PianoRollDataset(cache, split, crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
                           channels=d.channels, seed=cfg.decoder_train.seed)

@@ -20,7 +20,12 @@ def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (searched recursively)")
     p.add_argument("--cache-dir", help="where to write the cache (default: $MIDI_RAE_CACHE or ~/.cache/midi-rae, "
                    "then /corpus for the bundled corpus, /corpus-<NAMEs> with --collections, or /data-<hash of the PATHs>)")
-    p.add_argument("--steps-per-beat", type=int, default=4, help="time steps per quarter note (default 4)")
+    p.add_argument("--steps-per-beat", type=int, default=4,
+                   help="time steps per quarter note (default 4; 12 places eighth and sixteenth triplets exactly). "
+                        "A run reads it with data.steps_per_beat set to the same value")
+    p.add_argument("--expand-repeats", action=argparse.BooleanOptionalAction, default=True,
+                   help="play repeated sections (repeat signs, first / second endings, da capo) as written out: "
+                        "MusicXML, kern and ABC; MIDI is already played out (default: on)")
     p.add_argument("--no-onset", action="store_true", help="store the frame channel only (no onset channel)")
     p.add_argument("--velocity", action="store_true", help="store velocities (1..127) instead of 0/1")
     p.add_argument("--drums", action="store_true", help="include drum tracks")
@@ -31,7 +36,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
                    help=f"skip (and report) files larger than this (default {MAX_FILE_MB})")
 
     def run(args: argparse.Namespace) -> int:
-        settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums)
+        settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums,
+                                expand_repeats=args.expand_repeats)
         summary = prepare(args.paths or None, args.cache_dir, settings, workers=args.workers,
                           progress=not args.quiet, collections=args.collections, max_file_mb=args.max_file_mb)
         if not args.quiet:

@@ -39,7 +39,7 @@ from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
 from midi_rae.labels import TASKS, Crops, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.runs import initial_encoder, load_encoder
+from midi_rae.runs import check_time_grid, initial_encoder, load_encoder
 from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
@@ -204,6 +204,8 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
     the hold-out choice; `test_fraction`: default the first run's `data.val_fraction`; a class
     needs `min_pieces` training pieces and a fifth of that (at least 2) test pieces."""
     models = load_models(checkpoints, random_baseline)
+    for m in models:
+        check_time_grid(m.config, Path(cache_dir))
     widths = {m.encoder.img_size[1] for m in models}
     if len(widths) > 1:
         raise ValueError(f"the runs read crops of different widths {sorted(widths)}; probe them separately")

@@ -24,7 +24,7 @@ from torch import Tensor
 from midi_rae.dataset import read_inputs, windows
 from midi_rae.models import DecoderTrainer
 from midi_rae.roll import MIDI_SUFFIXES, TPQ, roll_to_score
-from midi_rae.runs import load_autoencoder
+from midi_rae.runs import load_autoencoder, roll_settings
 from midi_rae.utils import atomic_write, check_output, resolve_device
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
@@ -141,7 +141,7 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
         if Path(args.out).is_dir():
             check_output(args.out)
         model, cfg = load_autoencoder(args.checkpoint, resolve_device(args.device))
-        pieces = read_inputs([args.input])
+        pieces = read_inputs([args.input], settings=roll_settings(cfg))
         if not 0 <= args.piece < len(pieces):
             raise ValueError(f"{args.input} holds {len(pieces)} piece(s); --piece must be in 0..{len(pieces) - 1}")
         pc = pieces[args.piece]

@@ -13,7 +13,8 @@ holds the highest velocity among them (its maximum: independent of the order).
 
 Readers: MIDI (.mid .midi .kar) and ABC go through symusic (C++, fast; ABC via its bundled
 abc2midi, which also expands repeats); MusicXML, kern and everything else music21 reads go
-through music21 and are converted to a symusic `Score`, so that one function makes every roll.
+through music21 (its repeat expander plays repeated sections as written, `expanded`) and are
+converted to a symusic `Score`, so that one function makes every roll.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ class RollSettings:
     onset: bool = True
     velocity: bool = False
     drums: bool = False
+    # Repeated sections played as written out (MusicXML, kern and the rest of music21's formats via
+    # its repeat expander; ABC via abc2midi). False: each section once, as notated.
+    expand_repeats: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps_per_beat <= 96:
@@ -74,8 +78,22 @@ class RollSettings:
         """What a stored uint8 roll is divided by to give the model's [0, 1] input."""
         return 127.0 if self.velocity else 1.0
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+    def tag(self) -> str:
+        """A default cache folder's suffix: '' at the default time grid, else its names
+        ('@spb12', '@spb12-as-written'). Only what a run's config names (`data.steps_per_beat`,
+        `data.expand_repeats`), so that training finds the cache that `prepare` made for it."""
+        parts = [f"spb{self.steps_per_beat}"] if self.steps_per_beat != 4 else []
+        parts += [] if self.expand_repeats else ["as-written"]
+        return "@" + "-".join(parts) if parts else ""
+
+    def key_json(self, suffix: str) -> str:
+        """The settings that can change what a file of this suffix becomes, as JSON (part of its
+        cache key). A MIDI file has no repeats to expand, so its key stays that of caches made
+        before `expand_repeats` existed."""
+        d = asdict(self)
+        if suffix in MIDI_SUFFIXES:
+            del d["expand_repeats"]
+        return json.dumps(d, sort_keys=True)
 
 
 @dataclass
@@ -280,9 +298,12 @@ def _abc_fields(tune: str) -> dict[str, str]:
 _REPEAT_ERROR = re.compile(r"^Error.*(repeat|variant|\|:|:\||::)", re.IGNORECASE)
 
 
-def abc_tune_to_score(tune: str) -> symusic.Score:
+def abc_tune_to_score(tune: str, expand_repeats: bool = True) -> symusic.Score:
     """Parse one ABC tune with symusic (music21 where abc2midi fails); badly formed repeats
-    are rejected rather than guessed at."""
+    are rejected rather than guessed at. abc2midi always expands repeats, so a tune to be read
+    as written (`expand_repeats=False`) goes through music21, which keeps them as notated."""
+    if not expand_repeats:
+        return _abc_with_music21(tune, "")
     with _captured_stdout() as log:
         try:
             score = symusic.Score.from_abc(tune)
@@ -296,21 +317,44 @@ def abc_tune_to_score(tune: str) -> symusic.Score:
     if error is None:
         return score
     # abc2midi gave up (its error names a temp file; the message below stays deterministic).
+    return _abc_with_music21(tune, "abc2midi failed; ", expand_repeats=True)
+
+
+def _abc_with_music21(tune: str, why: str, expand_repeats: bool = False) -> symusic.Score:
     from music21 import converter
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return music21_to_score(converter.parse(tune, format="abc"))
+            parsed = converter.parse(tune, format="abc")
     except Exception as e:
-        raise BadInput(f"unreadable ABC tune (abc2midi failed; music21: {type(e).__name__}: {str(e)[:120]})") from None
+        raise BadInput(f"unreadable ABC tune ({why}music21: {type(e).__name__}: {str(e)[:120]})") from None
+    return music21_to_score(expanded(parsed)[0] if expand_repeats else parsed)
+
+
+def expanded(score: Any) -> tuple[Any, str]:
+    """A music21 score with its repeats (repeat barlines, first and second endings, da capo / dal
+    segno marks) played as written out, and how: (score, 'expanded' | 'none' | 'as written: REASON').
+    A score whose repeat marks music21 cannot resolve is kept as notated rather than guessed at."""
+    from music21 import bar, repeat, spanner
+
+    marks = [*score.recurse().getElementsByClass((bar.Repeat, repeat.RepeatExpression)),
+             *score.recurse().getElementsByClass(spanner.RepeatBracket)]
+    if not marks:
+        return score, "none"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return score.expandRepeats(), "expanded"
+    except Exception as e:  # music21's ExpanderException and whatever an odd score trips inside it
+        return score, f"as written: {type(e).__name__}: {str(e)[:80]}"
 
 
 def music21_to_score(stream: Any) -> symusic.Score:
     """Convert a music21 score to a symusic score: one track per part, tied notes merged.
 
     Chord symbols (harmony annotations) and grace notes (zero duration) are not sounding
-    notes of the score and are left out; repeats are played as written (not expanded).
+    notes of the score and are left out; repeats are played once, as notated (see `expanded`).
     """
     from music21 import chord, harmony, note
 
@@ -413,7 +457,7 @@ def _read_abc(path: Path, settings: RollSettings) -> tuple[list[Piece], list[tup
         meta = {"format": "abc", "title": f.get("T") or None, "tune_id": f.get("N") or f.get("X"),
                 "time_signature": f.get("M") or None, "key": f.get("K") or None}
         try:
-            pieces.append(Piece(i, *score_to_notes(abc_tune_to_score(tune), settings), meta, settings))
+            pieces.append(Piece(i, *score_to_notes(abc_tune_to_score(tune, settings.expand_repeats), settings), meta, settings))
         except BadInput as e:
             skipped.append((i, str(e)))
     if not pieces:
@@ -437,6 +481,8 @@ def _read_music21(path: Path, settings: RollSettings) -> tuple[list[Piece], list
         try:
             meta = {"format": path.suffix.lower().lstrip("."), **_music21_meta(s)}
             meta["title"] = meta["title"] or path.stem
+            if settings.expand_repeats:
+                s, meta["repeats"] = expanded(s)
             pieces.append(Piece(i, *score_to_notes(music21_to_score(s), settings), meta, settings))
         except BadInput as e:
             skipped.append((i, str(e)))

@@ -19,12 +19,12 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Subset
 
-from midi_rae.cache import default_cache_dir
+from midi_rae.cache import default_cache_dir, load_settings
 from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.models import DecoderTrainer, build_decoder, build_encoder
-from midi_rae.roll import PITCHES
+from midi_rae.roll import PITCHES, RollSettings
 from midi_rae.swin import resize_position_tables, stage_windows
 
 # ----------------------------------------------------------------------------- folders and data
@@ -36,12 +36,28 @@ def stage_dirs(cfg: Config) -> tuple[Path, Path, Path]:
     return run, run / "pretrain", run / "decoder"
 
 
+def roll_settings(cfg: Config) -> RollSettings:
+    """How the run turns music files into rolls: what `midi-rae run` prepares with, and what
+    `encode` / `reconstruct` read a file with (its time grid is the one the encoder learned)."""
+    return RollSettings(cfg.data.steps_per_beat, expand_repeats=cfg.data.expand_repeats)
+
+
 def resolve_cache_dir(cfg: Config) -> Path:
     """`data.cache_dir`, else the cache `midi-rae prepare` makes of `data.paths` (or of the
-    bundled corpus, restricted to `data.collections`)."""
+    bundled corpus, restricted to `data.collections`) at the run's time grid."""
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser()
-    return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None)
+    return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None, roll_settings(cfg))
+
+
+def check_time_grid(cfg: Config, cache: Path) -> None:
+    """A run reads only a cache on its own time grid: crops of another would silently stretch or
+    squeeze time, and its encoder would read music files at a grid it never saw."""
+    spb = load_settings(cache).steps_per_beat
+    if spb != cfg.data.steps_per_beat:
+        raise ValueError(f"the cache {cache} was prepared at {spb} steps per beat, the run says data.steps_per_beat="
+                         f"{cfg.data.steps_per_beat}; set data.steps_per_beat={spb}, or prepare a cache with "
+                         f"--steps-per-beat {cfg.data.steps_per_beat}")
 
 
 def datasets(cfg: Config, seed: int, pair: bool) -> tuple[PianoRollDataset, Subset]:
@@ -51,6 +67,7 @@ def datasets(cfg: Config, seed: int, pair: bool) -> tuple[PianoRollDataset, Subs
     if not (cache / "pieces.jsonl").exists():
         raise FileNotFoundError(f"no prepared cache at {cache}: run `midi-rae prepare --cache-dir {cache}` "
                                 f"(or `midi-rae run`, which prepares first), or set data.cache_dir")
+    check_time_grid(cfg, cache)
     d = cfg.data
     kw = dict(crop_width=d.crop_width, pair=pair, max_time_shift=d.max_time_shift, max_pitch_shift=d.max_pitch_shift,
               val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode)

@@ -26,7 +26,7 @@ from midi_rae.labels import TASKS, Task, find_tasks, grouped_split, label_of, pi
 from midi_rae.metrics import class_confusion, scores
 from midi_rae.models import Classifier, DecoderTrainer, Pretrainer, build_decoder, build_encoder
 from midi_rae.probes import select_and_fit
-from midi_rae.runs import Checkpoint, datasets, encoder_config, resolve_cache_dir, stage_dirs, trained_encoder, with_encoder_config
+from midi_rae.runs import Checkpoint, check_time_grid, datasets, encoder_config, resolve_cache_dir, stage_dirs, trained_encoder, with_encoder_config
 from midi_rae.trainer import Trainer
 
 
@@ -170,6 +170,7 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
         raise ValueError("fine-tuning needs the run to start from; or pass --scratch for the random-initialisation baseline")
     d = setup(tcfg)
     cache = resolve_cache_dir(cfg)
+    check_time_grid(cfg, cache)
     task, train_pieces, val_pieces = finetune_split(cfg, cache)
     labels = {p["piece_id"]: task.classes.index(label_of(p, task.name)) for p in task.train + task.test}
     seed_all(tcfg.seed)  # the same initial weights (and head) in every process

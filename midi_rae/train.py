@@ -20,8 +20,7 @@ from midi_rae.cache import prepare
 from midi_rae.config import Config
 from midi_rae.distributed import barrier, setup
 from midi_rae.evaluate import run_summary
-from midi_rae.roll import RollSettings
-from midi_rae.runs import resolve_cache_dir, stage_dirs
+from midi_rae.runs import resolve_cache_dir, roll_settings, stage_dirs
 from midi_rae.stages import pretrain, train_decoder
 from midi_rae.utils import atomic_write_text
 
@@ -32,7 +31,7 @@ def run_all(cfg: Config, resume: bool = False, workers: int | None = None, probe
     rank = int(os.environ.get("RANK", "0"))
     cache = resolve_cache_dir(cfg)
     if rank == 0:  # other processes wait at the first barrier of pretraining
-        summary = prepare(cfg.data.paths or None, cache, RollSettings(),
+        summary = prepare(cfg.data.paths or None, cache, roll_settings(cfg),
                           workers=workers, progress=sys.stderr.isatty(), collections=cfg.data.collections)
         if summary.notice:
             print(f"[prepare] {summary.notice}", flush=True)
