@@ -5,7 +5,7 @@ import torch
 
 from midi_rae.config import ConfigError, load_config
 from midi_rae.core import EncoderOutput
-from midi_rae.layers import DropPath
+from midi_rae.layers import DropPath, SwinBlock, WindowAttention
 from midi_rae.models import build_encoder
 from midi_rae.swin import SwinEncoder
 from midi_rae.vit import ViTEncoder
@@ -280,3 +280,69 @@ def test_grad_checkpointing_from_config() -> None:
     with pytest.raises(ConfigError, match="model.grad_checkpointing applies to the Swin encoder only; set it to false"):
         load_config("vit_baseline", ["model.grad_checkpointing=true"])
 
+
+
+def melody_roll(B: int, H: int, W: int) -> torch.Tensor:
+    """(B, 1, H, W) one voice in a fifth of the pitch range: most windows hold no note."""
+    x = torch.zeros(B, 1, H, W)
+    for b in range(B):
+        for t in range(0, W, 4):
+            x[b, 0, 60 + (t * 7 + 3 * b) % 14, t:t + 3] = 1
+    return x
+
+
+def forward_backward(enc: SwinEncoder, x: torch.Tensor, sparse: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    for m in enc.modules():
+        if isinstance(m, SwinBlock):
+            m.sparse, m.sparse_min_share = sparse, 0.0  # sparse: every block takes the path, however few are constant
+            m.attn.clear_cache()  # in eval mode the position bias is cached detached after its first use
+    enc.zero_grad()
+    out = enc(x)
+    sum((lvl.emb * torch.linspace(-1, 1, lvl.emb.shape[-1])).square().mean() for lvl in out.patches).backward()
+    return [lvl.emb.detach() for lvl in out.patches], {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("train", [True, False])
+def test_constant_windows_path_equals_dense(version: int, train: bool, monkeypatch) -> None:
+    """Windows of equal tokens computed once (`SwinBlock._sparse_forward`) give the dense path's
+    outputs and gradients: shifted windows, a padded grid (12 columns, windows of 8) and both
+    block versions included; and the fast path really ran."""
+    torch.manual_seed(0)
+    enc = SwinEncoder(128, 96, embed_dim=8, depths=(2, 2), num_heads=(1, 2), drop_path_rate=0.0, version=version)
+    if version == 2:
+        randomize_post_norms(enc)
+    enc.train(train)
+    x = melody_roll(3, 128, 96)
+    calls = []
+    constant = WindowAttention.constant
+    monkeypatch.setattr(WindowAttention, "constant", lambda self, t: calls.append(len(t)) or constant(self, t))
+    dense_out, dense_grad = forward_backward(enc, x, sparse=False)
+    assert not calls
+    sparse_out, sparse_grad = forward_backward(enc, x, sparse=True)
+    assert len(calls) == 4 and calls[0] > 0 and calls[1] > 0  # stage 0's blocks had constant windows
+    for a, b in zip(dense_out, sparse_out):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert dense_grad.keys() == sparse_grad.keys()
+    scale = max(float(g.abs().max()) for g in dense_grad.values())
+    for name, g in dense_grad.items():
+        torch.testing.assert_close(sparse_grad[name], g, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_constant_windows_path_is_chosen_by_occupancy(monkeypatch) -> None:
+    """Automatic: sparse on the CPU where enough windows are constant; dense on a busy roll, and
+    under drop path in training (it draws per sample)."""
+    calls = []
+    constant = WindowAttention.constant
+    monkeypatch.setattr(WindowAttention, "constant", lambda self, t: calls.append(len(t)) or constant(self, t))
+    enc = SwinEncoder(128, 64, embed_dim=8, depths=(1, 1), num_heads=(1, 2), drop_path_rate=0.0).eval()
+    enc((torch.rand(2, 1, 128, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float())  # no window constant
+    assert not calls
+    enc(melody_roll(2, 128, 64))
+    assert calls
+    ran = []
+    sparse_forward = SwinBlock._sparse_forward
+    monkeypatch.setattr(SwinBlock, "_sparse_forward", lambda self, x: ran.append(self) or sparse_forward(self, x))
+    enc = SwinEncoder(128, 64, embed_dim=8, depths=(2, 2), num_heads=(1, 2), drop_path_rate=0.1).train()
+    enc(melody_roll(2, 128, 64))
+    assert ran == [enc.stages[0].blocks[0]]  # the only block whose drop-path rate is 0

@@ -181,8 +181,17 @@ class WindowAttention(nn.Module):
             self._mask_cache[key] = mask.detach()
         return mask
 
-    def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
-        """x: (B*nW, N, C); shift_mask: (nW, N, N) additive or None -> (B*nW, N, C)."""
+    def constant(self, x: Tensor) -> Tensor:
+        """(K, C) tokens, each filling a whole window -> (K, C): the output at every token of such
+        a window. Each query's softmax weights sum to one over keys that all carry one value, so
+        the output is that value, projected, whatever the logits, position bias or shift mask."""
+        C = x.shape[-1]
+        bias = self.v_bias if self.version == 2 else None if self.qkv.bias is None else self.qkv.bias[2 * C:]
+        return self.proj_drop(self.proj(F.linear(x, self.qkv.weight[2 * C:], bias)))
+
+    def forward(self, x: Tensor, shift_mask: Tensor | None = None, window_ids: Tensor | None = None) -> Tensor:
+        """x: (B*nW, N, C); shift_mask: (nW, N, N) additive or None -> (B*nW, N, C). `window_ids`
+        (M,): x holds M windows picked from a batch, these their positions in 0..nW-1."""
         B_, N, C = x.shape
         if self.version == 2:
             bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
@@ -201,6 +210,8 @@ class WindowAttention(nn.Module):
         else:
             q = q * (q.shape[-1] ** -0.5)
         mask = self.additive_mask(shift_mask, x.device)
+        if window_ids is not None and mask.dim() == 4:
+            mask = mask[window_ids]  # (M, nH, N, N): one batch of M windows, each with its own mask
         fused = x.device.type != "cpu" if self.fused is None else self.fused
         x = attend(q, k, v, mask, fused, self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B_, N, C)

@@ -38,11 +38,16 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.norm2 = norm_layer(dim)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # None: windows of equal tokens computed once on the CPU (`_sparse_forward`); True / False forces.
+        self.sparse: bool | None = None
+        # Below this share of constant windows the gathers cost more than they save (bench_sparse.py).
+        self.sparse_min_share = 0.25
         # Built once: the grid is fixed, so shift and padding masks never change.
         self.register_buffer("attn_mask", window_attention_mask(self.input_resolution, self.window_size, self.shift_size),
                              persistent=False)
 
-    def _attn(self, x: Tensor) -> Tensor:
+    def _windows(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B*nW, N, C): shifted, padded to whole windows, partitioned."""
         B, H, W, C = x.shape
         if (H, W) != self.input_resolution:
             raise ValueError(f"SwinBlock built for a {self.input_resolution} grid got {(H, W)}")
@@ -52,13 +57,20 @@ class SwinBlock(nn.Module):
         Hp, Wp = padded_size((H, W), self.window_size)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        windows = window_partition(x, self.window_size).flatten(1, 2)  # (B*nW, N, C)
-        windows = self.attn(windows, self.attn_mask)
-        x = window_reverse(windows.view(-1, *self.window_size, C), self.window_size, (Hp, Wp))
+        return window_partition(x, self.window_size).flatten(1, 2)
+
+    def _grid(self, windows: Tensor) -> Tensor:
+        """Inverse of `_windows`: (B*nW, N, C) -> (B, H, W, C)."""
+        (H, W), C = self.input_resolution, windows.shape[-1]
+        x = window_reverse(windows.view(-1, *self.window_size, C), self.window_size, padded_size((H, W), self.window_size))
         x = x[:, :H, :W]
+        sh, sw = self.shift_size
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
+
+    def _attn(self, x: Tensor) -> Tensor:
+        return self._grid(self.attn(self._windows(x), self.attn_mask))
 
     def mix(self, x: Tensor) -> Tensor:
         """The attention half: (B, H, W, C) -> (B, H, W, C)."""
@@ -75,4 +87,48 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
+        if self._sparse_ok(x):
+            return self._sparse_forward(x)
         return self.ffn(self.mix(x))
+
+    def _sparse_ok(self, x: Tensor) -> bool:
+        """Whether the constant-window path may run: it is exact only without dropout and drop
+        path while training (they draw per token or per sample), it needs data-dependent shapes
+        (not under torch.compile), and its count of constant windows is a host sync (so by
+        default CPU only, where there is no device to wait for)."""
+        if self.sparse is False or torch.compiler.is_compiling():
+            return False
+        if self.training and (self.attn.attn_drop > 0 or self.attn.proj_drop.p > 0 or isinstance(self.drop_path1, DropPath)):
+            return False
+        return self.sparse is True or x.device.type == "cpu"
+
+    def _sparse_forward(self, x: Tensor) -> Tensor:
+        """The block, with every window whose tokens are all equal (the empty-patch token over
+        silence, and what such windows become block after block) computed as one token: attention
+        averages values that are all equal, whatever its weights, and the rest of the block works
+        token by token. Exact up to float rounding, gradients included. The other windows run as
+        in `mix` + `ffn`; under `sparse_min_share` constant windows, the whole grid does."""
+        win = self._windows(x)  # (B*nW, N, C)
+        const = (win == win[:, :1]).all(2).all(1)  # (B*nW,)
+        n_const = int(const.sum())
+        # With every window constant, the position bias and the query / key weights would drop out
+        # of the graph and get no gradient at all (not a zero one, which an optimizer treats apart).
+        if n_const < self.sparse_min_share * len(win) or (n_const == len(win) and torch.is_grad_enabled()):
+            return self.ffn(self.mix(x))
+        nW = self.attn_mask.shape[0] if self.attn_mask is not None else 1
+        out = torch.empty_like(win)
+        rows = (~const).nonzero().squeeze(1)  # (M,) windows that hold different tokens
+        if len(rows):
+            w = win[rows]  # (M, N, C)
+            out = out.index_copy(0, rows, self._tokens(w, self.attn(w if self.version == 2 else self.norm1(w),
+                                                                    self.attn_mask, rows % nW)))
+        rows = const.nonzero().squeeze(1)  # (K,) windows of one token repeated
+        t = win[rows, 0]  # (K, C)
+        a = self.attn.constant(t if self.version == 2 else self.norm1(t))
+        out = out.index_copy(0, rows, self._tokens(t, a)[:, None].expand(-1, win.shape[1], -1))
+        return self._grid(out)
+
+    def _tokens(self, x: Tensor, a: Tensor) -> Tensor:
+        """The rest of the block, token by token, from its input `x` and the attention output `a`."""
+        x = x + self.norm1(a) if self.version == 2 else x + a
+        return self.ffn(x)
