@@ -141,7 +141,12 @@ def main() -> int:
     probe = lambda run, extra: [*py, "probe", str(out / "runs" / run), "--cache-dir", args.cache_dir,  # noqa: E731
                                 *args.probe_args.split(), *extra, "-o", str(out / "probes" / f"{run}.json")]
     (out / "probes").mkdir(parents=True, exist_ok=True)
-    pcmds = [(n, probe(n, ["--no-random"])) for n in done[1:]] + [(done[0], probe(done[0], []))] if done else []
+    # The random-initialisation twin once per encoder shape (a row that changes the model or its
+    # input has its own), with the first finished job of that shape.
+    row_of = {n: r for n, r, _ in jobs}
+    shape = lambda n: tuple(o for o in ROWS[row_of[n]] if o.startswith(("model.", "data.channels=", "data.crop_width=")))  # noqa: E731
+    twins = set({shape(n): n for n in reversed(done)}.values())
+    pcmds = [(n, probe(n, [] if n in twins else ["--no-random"])) for n in done]
     t2 = time.time()
     pcodes = run_jobs(pcmds, args.threads, out / "logs" / "probe", args.probe_timeout)
     print(f"probes done in {time.time() - t2:.0f} s: {pcodes}", flush=True)
@@ -149,8 +154,7 @@ def main() -> int:
         levels = lambda run, extra: [*py, "levels", str(out / "runs" / run), "--cache-dir", args.cache_dir,  # noqa: E731
                                      "--subsets", *map(str, args.levels_subsets), "--steps", str(args.levels_steps),
                                      "--threads", str(args.threads), "--device", args.device, *extra]
-        # One random-encoder row set (the twin is the same for every job of one seed): with the first job.
-        lcmds = [(done[0], levels(done[0], []))] + [(n, levels(n, ["--no-random"])) for n in done[1:]]
+        lcmds = [(n, levels(n, [] if n in twins else ["--no-random"])) for n in done]
         t3 = time.time()
         lcodes = run_jobs(lcmds, args.threads, out / "logs" / "levels", 6 * 3600)
         print(f"rate-distortion done in {time.time() - t3:.0f} s: {lcodes}", flush=True)
