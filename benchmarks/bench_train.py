@@ -290,6 +290,9 @@ def print_table(preset: str, rows: dict[str, dict]) -> None:
         print(f"| {label} | {s['batch_size']} | {s['threads']} | {1e3 * s['median_step_s']:.1f} | {1e3 * s['median_step_cpu_s']:.1f} | {s['samples_per_s']:.1f} | "
               f"{phases} | {s['gflop_per_sample']:.4f} | {s['achieved_gflops']:.2f} | {s['matmul_gflops']:.1f} | "
               f"{100 * s['achieved_gflops'] / s['matmul_gflops']:.1f} | {s['peak_rss_mb']:.0f} | {s['step_rss_growth_mb']:.0f} |")
+    # The first step apart: under train.compile it is the compilation, forward and backward.
+    print("first step (compilation under train.compile=true): "
+          + ", ".join(f"{label} {s['first_step_s']:.1f} s" for label, s in rows.items()))
 
 
 def losses_agree(a: list[float], b: list[float]) -> tuple[bool, float]:
