@@ -11,6 +11,7 @@ Printed: the share of constant windows per stage, median times and the dense / s
 the largest output and gradient difference between the paths.
 
     PYTHONPATH=. python benchmarks/bench_sparse.py --cache-dir CACHE --threads 1
+    PYTHONPATH=. python benchmarks/bench_sparse.py --sweep --threads 1   # where it starts to pay
 """
 import argparse
 import statistics
@@ -63,16 +64,52 @@ def timed(fn, rounds: int) -> float:
     return statistics.median(ts)
 
 
+def sweep(rounds: int) -> None:
+    """Where the constant-window path starts to pay: one block of the reference's finest stage
+    (32 x 32 tokens of width 16, windows of 8 x 8) on 32 grids with a given share of constant
+    windows (the rest random), dense against sparse, inference and training."""
+    torch.manual_seed(0)
+    blk = SwinBlock(16, (32, 32), 1, (8, 8))
+    print("| share of constant windows | inference dense / sparse | train fwd+bwd dense / sparse |")
+    print("|---:|---:|---:|")
+    for share in (0.0, 0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75):
+        x = torch.randn(32, 32, 32, 16)
+        win = x.view(32, 4, 8, 4, 8, 16)  # (B, wy, 8, wx, 8, C)
+        const = torch.rand(32, 4, 1, 4, 1, 1) < share
+        x = torch.where(const, torch.full_like(win, 0.5), win).view(32, 32, 32, 16)
+        ratios = []
+        for train in (False, True):
+            blk.train(train)
+            times = {}
+            for flag in (False, True):
+                blk.sparse, blk.sparse_min_share = flag, 0.0
+
+                def f() -> None:
+                    if train:
+                        xi = x.clone().requires_grad_()
+                        blk(xi).square().mean().backward()
+                    else:
+                        with torch.no_grad():
+                            blk(x)
+                times[flag] = timed(f, rounds)
+            ratios.append(times[False] / times[True])
+        print(f"| {float(const.float().mean()):.2f} | {ratios[0]:.2f} | {ratios[1]:.2f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", required=True, help="a prepared cache of the bundled corpus (its collections are read)")
+    p.add_argument("--cache-dir", help="a prepared cache of the bundled corpus (its collections are read)")
     p.add_argument("--presets", nargs="+", default=["quickstart", "reference"])
     p.add_argument("--collections", nargs="+", default=["essenFolksong", "bach"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sweep", action="store_true", help="only the share sweep on one block (no cache needed)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        sweep(args.rounds)
+        return
     print("| preset | collection | constant windows per stage | inference dense ms | sparse ms | auto ms | "
           "dense / sparse | dense / auto | train fwd+bwd dense ms | sparse ms | dense / sparse | max output diff | max grad rel. diff |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -40,7 +40,7 @@ class SwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         # None: windows of equal tokens computed once on the CPU (`_sparse_forward`); True / False forces.
         self.sparse: bool | None = None
-        # Below this share of constant windows the gathers cost more than they save (bench_sparse.py).
+        # Below this share of constant windows the gathers cost about what they save (bench_sparse.py --sweep).
         self.sparse_min_share = 0.25
         # Built once: the grid is fixed, so shift and padding masks never change.
         self.register_buffer("attn_mask", window_attention_mask(self.input_resolution, self.window_size, self.shift_size),
