@@ -318,6 +318,9 @@ class FinetuneConfig:
     level: int = opt(0, "the level the head pools (0 = coarsest, the last stage's output)")
     pool: str = opt("mean", "'mean' over all tokens of the level, or 'non-empty' (tokens with notes)")
     label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    balance: bool = opt(True, "weight the cross-entropy by the inverse share of each class among the training crops: "
+                              "a piece gives crops in proportion to its length, so without it long pieces' classes "
+                              "dominate, while the balanced accuracy (and the probe's fixed crops) count pieces")
     head_init: str = opt("probe", "'probe': the head starts as the linear probe (L-BFGS, L2 chosen on a grouped hold-out) "
                                   "of the initial encoder's features of the training pieces' fixed crops, then all is "
                                   "fine-tuned (LP-FT, https://arxiv.org/abs/2202.10054); 'random': truncated normal")

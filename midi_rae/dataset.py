@@ -98,6 +98,10 @@ class PianoRollDataset(Dataset):
     def num_pieces(self) -> int:
         return len(self.rows)
 
+    def items_per_piece(self) -> np.ndarray:
+        """(P,) how many items (crops per epoch) each piece gives: its length in crop widths."""
+        return np.diff(self._item_end, prepend=0)
+
     def piece_id(self, i: int) -> str:
         """The id of piece `i` of this split (an item's `piece`)."""
         return self.cache.piece_id(int(self.rows[i]))

@@ -305,10 +305,11 @@ class DecoderTrainer(nn.Module):
 class Classifier(nn.Module):
     """The encoder and a head on one of its levels (`level`, 0 = coarsest): the level's tokens
     pooled (the mean over all of them, or over the non-empty ones), LayerNorm, Linear, as timm's
-    Swin head pools its last stage. Trained with label-smoothed cross-entropy on `batch['y']`."""
+    Swin head pools its last stage. Trained with label-smoothed cross-entropy on `batch['y']`,
+    weighted per class by `class_weight` when given."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, level: int = 0, pool: str = "mean",
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, class_weight: Tensor | None = None) -> None:
         super().__init__()
         dims = level_dims(encoder)
         if not 0 <= level < len(dims):
@@ -318,6 +319,8 @@ class Classifier(nn.Module):
         self.norm = nn.LayerNorm(dims[level])
         self.head = nn.Linear(dims[level], num_classes)
         init_linears(self.head)
+        # (num_classes,) cross-entropy weights, or None; recomputed from the data, never stored
+        self.register_buffer("class_weight", class_weight, persistent=False)
 
     def features(self, x: Tensor) -> Tensor:
         """(B, D): the pooled level after the LayerNorm, what the linear head reads."""
@@ -328,5 +331,6 @@ class Classifier(nn.Module):
         return self.head(self.features(x))  # (B, num_classes)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = F.cross_entropy(self.logits(batch["x"]).float(), batch["y"], label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(self.logits(batch["x"]).float(), batch["y"], weight=self.class_weight,
+                               label_smoothing=self.label_smoothing)
         return loss, {"ce": loss}

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from midi_rae.cache import load_index
@@ -140,6 +141,14 @@ def fixed_crops(cache: Path, pieces: list[dict[str, Any]], labels: dict[str, int
     return [{"x": x[i], "y": labels[pid], "piece_id": pid} for i, pid in enumerate(crops.pieces)]
 
 
+def class_weights(ds: PianoRollDataset, n_classes: int) -> Tensor:
+    """(n_classes,) inverse share of each class among the dataset's items (crops), mean 1 over the
+    items: every class then weighs as much in the loss, however long its pieces are."""
+    counts = np.bincount(ds.labels, weights=ds.items_per_piece(), minlength=n_classes)  # (n_classes,) crops
+    w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
 @torch.no_grad()
 def probe_head(model: Classifier, crops: list[dict[str, Any]], n_classes: int, device: torch.device,
                batch_size: int) -> dict[str, float]:
@@ -175,11 +184,12 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     labels = {p["piece_id"]: task.classes.index(label_of(p, task.name)) for p in task.train + task.test}
     seed_all(tcfg.seed)  # the same initial weights (and head) in every process
     encoder = build_encoder(cfg) if f.scratch else trained_encoder(checkpoint, cfg)
-    model = Classifier(encoder, len(task.classes), f.level, f.pool, f.label_smoothing).to(d.device)
-    seed_all(tcfg.seed + d.rank)
     dc = cfg.data
     train_ds = PianoRollDataset(cache, "train", crop_width=dc.crop_width, pair=False, transpose=dc.transpose,
                                 channels=dc.channels, seed=tcfg.seed, pieces=train_pieces, labels=labels)
+    model = Classifier(encoder, len(task.classes), f.level, f.pool, f.label_smoothing,
+                       class_weights(train_ds, len(task.classes)) if f.balance else None).to(d.device)
+    seed_all(tcfg.seed + d.rank)
     val, test = fixed_crops(cache, val_pieces, labels, cfg), fixed_crops(cache, task.test, labels, cfg)
     head: dict[str, float] = {}
     if f.head_init == "probe" and not (resume and has_checkpoints(stage_dir / "checkpoints")):  # else: resumed weights

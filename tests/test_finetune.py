@@ -64,6 +64,29 @@ def test_label_smoothing_enters_the_loss() -> None:
     assert not torch.allclose(loss, F.cross_entropy(logits, batch["y"])) and parts == {"ce": loss}
 
 
+def test_classes_weigh_alike_however_long_their_pieces(labelled_cache: Path) -> None:
+    """balance: each class's crops weigh the inverse of its share, so a class of long pieces (more
+    crops per epoch) does not set the head's prior; the weights reach the loss."""
+    from midi_rae.cache import load_index
+    from midi_rae.dataset import PianoRollDataset
+
+    pieces = load_index(labelled_cache)
+    labels = {p["piece_id"]: int(p["collection"] == "melody") for p in pieces}
+    ds = PianoRollDataset(labelled_cache, "all", crop_width=32, pair=False, pieces=pieces, labels=labels)
+    items = ds.items_per_piece()
+    assert items.sum() == len(ds) and (items >= 1).all()
+    w = stages.class_weights(ds, 3)  # a third class without crops weighs 0
+    crops = [items[ds.labels == c].sum() for c in (0, 1)]
+    assert crops[0] != crops[1]  # the two collections' pieces differ in length
+    assert w[2] == 0 and torch.allclose(w[:2] * torch.tensor(crops, dtype=torch.float32), torch.full((2,), len(ds) / 3))
+    torch.manual_seed(0)
+    batch = {"x": (torch.rand(4, 1, 32, 32) > 0.8).float(), "y": torch.tensor([0, 1, 1, 1])}
+    model = Classifier(tiny_encoder(), 3, class_weight=w).eval()
+    loss, _ = model(batch)
+    assert torch.allclose(loss, F.cross_entropy(model.logits(batch["x"]), batch["y"], weight=w))
+    assert "class_weight" not in model.state_dict()  # recomputed from the data, not stored with the weights
+
+
 def test_head_starts_as_the_linear_probe() -> None:
     """head_init=probe: the head is the probe's classifier of the model's own features (pooled, LayerNorm)."""
     torch.manual_seed(0)
