@@ -176,7 +176,8 @@ def _safe_name(text: str) -> str:
 def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
                 settings: RollSettings = RollSettings()) -> list[PieceRoll]:
     """Pieces from files (every format `prepare` reads; a multi-piece file gives several) and,
-    with `cache_dir`, from a prepared cache by piece id or shell pattern (`music21/bach/*`)."""
+    with `cache_dir`, from a prepared cache by piece id or shell pattern (`music21/bach/*`).
+    Files are read with `settings`; a cache on another time grid than `settings` is refused."""
     index = load_index(cache_dir) if cache_dir else None
     pieces: list[PieceRoll] = []
     for item in inputs:
@@ -194,6 +195,10 @@ def read_inputs(inputs: list[str], cache_dir: str | os.PathLike | None = None,
         if not matches:
             raise FileNotFoundError(f"no piece id matches {item!r} in {cache_dir}")
         cache_settings = load_settings(cache_dir)
+        if cache_settings.steps_per_beat != settings.steps_per_beat:
+            raise ValueError(f"the cache {cache_dir} was prepared at {cache_settings.steps_per_beat} steps per beat, the "
+                             f"encoder reads {settings.steps_per_beat} (its run's data.steps_per_beat); give a cache "
+                             f"prepared with --steps-per-beat {settings.steps_per_beat}")
         for p in matches:
             roll = load_roll(cache_dir, p, mmap=False).astype(np.float32) / cache_settings.scale
             pieces.append(PieceRoll(_safe_name(p["piece_id"]), roll,

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from midi_rae.core import LevelInfo
 from midi_rae.dataset import read_inputs, windows
 from midi_rae.roll import RollSettings
-from midi_rae.runs import check_time_grid, load_encoder, roll_settings
+from midi_rae.runs import load_encoder, roll_settings
 from midi_rae.utils import atomic_write, resolve_device
 
 FORMAT = "midi-rae-embeddings/1"
@@ -168,8 +168,6 @@ def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os
     else:
         encoder, cfg = load_encoder(checkpoint, window_size=window_size, crop_width=crop_width)
         settings = roll_settings(cfg)
-        if cache_dir is not None:
-            check_time_grid(cfg, Path(cache_dir))
     if isinstance(source, (Tensor, np.ndarray)):
         return [encode_roll(encoder, source, hop)]
     return [encode_roll(encoder, p.roll, hop, meta=p.meta) for p in read_inputs([str(source)], cache_dir, settings)]
@@ -196,8 +194,6 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
 
     def run(args: argparse.Namespace) -> int:
         encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device), args.window_size, args.crop_width)
-        if args.cache_dir:
-            check_time_grid(cfg, Path(args.cache_dir))
         pieces = read_inputs(args.inputs, args.cache_dir, roll_settings(cfg))
         out = Path(args.out)
         single = out.suffix == ".safetensors"

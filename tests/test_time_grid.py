@@ -126,9 +126,10 @@ def test_prepare_cli_flags(tmp_path: Path) -> None:
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "1..96" in bad.stderr
 
 
-def test_twelve_steps_per_beat_end_to_end(tmp_path: Path) -> None:
+def test_twelve_steps_per_beat_end_to_end(tmp_path: Path, tiny_cache: Path) -> None:
     """prepare at 12 per beat -> train and decode at 12 -> reconstruct reads a file at 12 and
-    writes MIDI on that grid; a run at another grid refuses the cache in one line."""
+    writes MIDI on that grid; a run at another grid refuses the cache in one line, and so does
+    `encode` asked for the pieces of a cache at 4."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
@@ -162,3 +163,7 @@ def test_twelve_steps_per_beat_end_to_end(tmp_path: Path) -> None:
                     str(tmp_path / "e.safetensors")], capture_output=True, text=True, check=True)
     e = Embeddings.load(tmp_path / "e.safetensors")
     assert (e.steps, e.meta["steps_per_beat"]) == (288, 12)
+    bad = subprocess.run([sys.executable, "-m", "midi_rae", "encode", str(run), "*", "--cache-dir", str(tiny_cache), "-o",
+                          str(tmp_path / "e4")], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1
+    assert "prepared at 4 steps per beat, the encoder reads 12" in bad.stderr
