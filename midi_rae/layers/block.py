@@ -69,14 +69,13 @@ class SwinBlock(nn.Module):
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
 
-    def _attn(self, x: Tensor) -> Tensor:
-        return self._grid(self.attn(self._windows(x), self.attn_mask))
-
-    def mix(self, x: Tensor) -> Tensor:
-        """The attention half: (B, H, W, C) -> (B, H, W, C)."""
+    def mix(self, x: Tensor, windows: Tensor | None = None) -> Tensor:
+        """The attention half: (B, H, W, C) -> (B, H, W, C). `windows`: V2's attention input
+        `_windows(x)`, when the caller has it already (V1 attends over its normed input)."""
         if self.version == 2:
-            return x + self.drop_path1(self.norm1(self._attn(x)))
-        return x + self.drop_path1(self._attn(self.norm1(x)))
+            windows = self._windows(x) if windows is None else windows
+            return x + self.drop_path1(self.norm1(self._grid(self.attn(windows, self.attn_mask))))
+        return x + self.drop_path1(self._grid(self.attn(self._windows(self.norm1(x)), self.attn_mask)))
 
     def ffn(self, x: Tensor) -> Tensor:
         """The MLP half, token by token: (B, H, W, C) -> (B, H, W, C), or (M, C) -> (M, C) for
@@ -114,7 +113,7 @@ class SwinBlock(nn.Module):
         # With every window constant, the position bias and the query / key weights would drop out
         # of the graph and get no gradient at all (not a zero one, which an optimizer treats apart).
         if n_const < self.sparse_min_share * len(win) or (n_const == len(win) and torch.is_grad_enabled()):
-            return self.ffn(self.mix(x))
+            return self.ffn(self.mix(x, win))
         nW = self.attn_mask.shape[0] if self.attn_mask is not None else 1
         out = torch.empty_like(win)
         rows = (~const).nonzero().squeeze(1)  # (M,) windows that hold different tokens
