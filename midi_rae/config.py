@@ -315,7 +315,8 @@ class FinetuneConfig:
     label: str = opt("collection", "the metadata label to predict (collection, composer, time_signature, mode, "
                                    "source_set, or another metadata key)")
     classes: list[str] | None = opt(None, "label values to keep; None: the most frequent (max_classes)")
-    level: int = opt(0, "the level the head pools (0 = coarsest, the last stage's output)")
+    level: int | None = opt(0, "the level the head pools (0 = coarsest, the last stage's output); null: every level, "
+                                "each pooled and normalised on its own, concatenated (the probe's headline features)")
     pool: str = opt("mean", "'mean' over all tokens of the level, or 'non-empty' (tokens with notes)")
     label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
     balance: bool = opt(True, "weight the cross-entropy by the inverse share of each class among the training crops: "
@@ -333,7 +334,7 @@ class FinetuneConfig:
     test_crops_per_piece: int = opt(4, "fixed test crops per piece (the probe suite's crops_per_piece)")
 
     def __post_init__(self) -> None:
-        _require(self.level >= 0, f"finetune.level must be >= 0 (0 = coarsest), got {self.level}")
+        _require(self.level is None or self.level >= 0, f"finetune.level must be >= 0 (0 = coarsest) or null (all levels), got {self.level}")
         _require(self.pool in ("mean", "non-empty"), f"finetune.pool must be 'mean' or 'non-empty', got {self.pool!r}")
         _require(self.head_init in ("probe", "random"), f"finetune.head_init must be 'probe' or 'random', got {self.head_init!r}")
         _require(0.0 <= self.label_smoothing < 1.0, f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -394,8 +395,9 @@ class Config:
                  "objective.lejepa_weight compares aligned positions of two shifted views; set data.view_mode=shift "
                  "(or use objective.global_weight with data.view_mode=piece)")
         levels = m.num_stages
-        _require(self.finetune.level < levels, f"finetune.level={self.finetune.level} (--level) is out of range: this "
-                 f"encoder has {levels} levels, 0 (coarsest) to {levels - 1} (finest); choose one of them")
+        _require(self.finetune.level is None or self.finetune.level < levels, f"finetune.level={self.finetune.level} "
+                 f"(--level) is out of range: this encoder has {levels} levels, 0 (coarsest) to {levels - 1} (finest); "
+                 f"choose one of them, or null (--level all) for every level")
         o = self.objective
         if o.coarse_ae_weight > 0:
             _require(m.encoder == "swin" and 1 <= o.coarse_ae_levels <= m.num_stages,

@@ -3,7 +3,9 @@ label of the cache metadata (`stages.finetune`), or of the same encoder from its
 initialisation (`--scratch`, the baseline at the same budget).
 
 The head pools one level (`--level`, 0 = coarsest, the last stage's output; the mean over its
-tokens, or over the non-empty ones with `finetune.pool=non-empty`), then LayerNorm and Linear.
+tokens, or over the non-empty ones with `finetune.pool=non-empty`), then LayerNorm and Linear;
+`--level all` pools every level, each with its own LayerNorm, into one Linear (the probe's
+headline features).
 The split is the probe suite's (`midi-rae probe`): the same classes, training pieces and test
 pieces, grouped by piece by a hash of its id, at the run's `data.val_fraction` (the pieces
 pretraining never saw), and the same fixed test crops; so `midi-rae probe RUN --label LABEL`
@@ -39,8 +41,9 @@ from midi_rae.utils import atomic_write_text
 def markdown(r: dict[str, Any]) -> str:
     t, final = r["test"], r["final"]
     start = "random initialisation (--scratch)" if r["scratch"] else "the run's encoder"
+    head = "all levels" if r["level"] is None else f"level {r['level']}"
     lines = [f"# Fine-tuning on {r['label']} ({len(r['classes'])} classes), from {start}", "",
-             f"Head on level {r['level']} ({r['pool']} pooling); {final['step']} steps in {final['seconds']:.0f} s; "
+             f"Head on {head} ({r['pool']} pooling); {final['step']} steps in {final['seconds']:.0f} s; "
              f"{r['train_pieces']} training pieces, {r['val_pieces']} validation pieces, test: {r['test_crops']} "
              f"crops of {r['test_pieces']} other pieces ({r['cache']}).", "",
              "| split | accuracy | balanced accuracy |", "|---|---|---|",
@@ -70,7 +73,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. finetune_train.max_steps=500 model.drop_path_rate=0.1")
     p.add_argument("--label", help="the metadata label to predict (finetune.label; default collection)")
-    p.add_argument("--level", type=int, help="the level the head pools, 0 = coarsest (finetune.level; default 0)")
+    p.add_argument("--level", help="the level the head pools, 0 = coarsest, or 'all': every level concatenated "
+                   "(finetune.level; default 0)")
     p.add_argument("--scratch", action="store_true", help="start from the random initialisation (finetune.scratch)")
     p.add_argument("-c", "--config", help="with --scratch and no RUN: the preset (or YAML) of the encoder to build")
     p.add_argument("--cache-dir", help="labelled roll cache (default: the one the run trained on)")
@@ -97,7 +101,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
             raise ValueError("give the RUN to fine-tune (a run folder or encoder weights), or --scratch -c PRESET "
                              "for an encoder from its random initialisation")
         flags = [f"finetune.label={args.label}"] if args.label else []
-        flags += [f"finetune.level={args.level}"] if args.level is not None else []
+        flags += [f"finetune.level={'null' if args.level == 'all' else args.level}"] if args.level is not None else []
         flags += ["finetune.scratch=true"] if args.scratch else []
         flags += [f"data.cache_dir={Path(args.cache_dir).resolve()}"] if args.cache_dir else []
         cfg = with_overrides(base, [*flags, *args.overrides])

@@ -303,29 +303,36 @@ class DecoderTrainer(nn.Module):
 
 
 class Classifier(nn.Module):
-    """The encoder and a head on one of its levels (`level`, 0 = coarsest): the level's tokens
-    pooled (the mean over all of them, or over the non-empty ones), LayerNorm, Linear, as timm's
-    Swin head pools its last stage. Trained with label-smoothed cross-entropy on `batch['y']`,
-    weighted per class by `class_weight` when given."""
+    """The encoder and a head on one of its levels (`level`, 0 = coarsest) or on all of them
+    (`level=None`): each level's tokens pooled (the mean over all of them, or over the non-empty
+    ones), LayerNorm, then one Linear on the concatenation, as timm's Swin head pools its last
+    stage. Every level has its own LayerNorm: their scales differ by orders of magnitude, and a
+    shared one would let the widest level set them. Trained with label-smoothed cross-entropy on
+    `batch['y']`, weighted per class by `class_weight` when given."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, level: int = 0, pool: str = "mean",
+    def __init__(self, encoder: nn.Module, num_classes: int, level: int | None = 0, pool: str = "mean",
                  label_smoothing: float = 0.0, class_weight: Tensor | None = None) -> None:
         super().__init__()
         dims = level_dims(encoder)
-        if not 0 <= level < len(dims):
+        if level is not None and not 0 <= level < len(dims):
             raise ValueError(f"level {level} is out of range: the encoder has {len(dims)} levels, 0 (coarsest) to "
-                             f"{len(dims) - 1} (finest)")
+                             f"{len(dims) - 1} (finest); or null for all of them")
         self.encoder, self.level, self.pool, self.label_smoothing = encoder, level, pool, label_smoothing
-        self.norm = nn.LayerNorm(dims[level])
-        self.head = nn.Linear(dims[level], num_classes)
+        self.levels = list(range(len(dims))) if level is None else [level]
+        # One level: `norm` is its LayerNorm (the state-dict keys of earlier versions); all: one per level.
+        norms = [nn.LayerNorm(dims[i]) for i in self.levels]
+        self.norm = norms[0] if level is not None else nn.ModuleList(norms)
+        self.head = nn.Linear(sum(dims[i] for i in self.levels), num_classes)
         init_linears(self.head)
         # (num_classes,) cross-entropy weights, or None; recomputed from the data, never stored
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     def features(self, x: Tensor) -> Tensor:
-        """(B, D): the pooled level after the LayerNorm, what the linear head reads."""
-        lvl = self.encoder(x).patches[self.level]
-        return self.norm(lvl.pooled(non_empty_only=self.pool == "non-empty"))
+        """(B, D): the pooled level(s) after their LayerNorm, what the linear head reads."""
+        patches = self.encoder(x).patches
+        pooled = [patches[i].pooled(non_empty_only=self.pool == "non-empty") for i in self.levels]
+        norms = self.norm if isinstance(self.norm, nn.ModuleList) else [self.norm]
+        return torch.cat([n(p) for n, p in zip(norms, pooled)], dim=-1)
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))  # (B, num_classes)

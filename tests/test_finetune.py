@@ -54,6 +54,21 @@ def test_head_pools_the_chosen_level() -> None:
         Classifier(tiny_encoder(), 5, level=2)
 
 
+def test_head_on_all_levels_normalises_each_level_on_its_own() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(3, 1, 32, 32) > 0.8).float()
+    model = Classifier(tiny_encoder(), 5, level=None).eval()
+    assert model.head.weight.shape == (5, 16 + 8) and [n.normalized_shape for n in model.norm] == [(16,), (8,)]
+    with torch.no_grad():  # levels of different scales: a shared LayerNorm would not give these
+        model.norm[0].weight.mul_(2.0)
+        model.norm[1].bias.add_(0.5)
+    patches = model.encoder(x).patches
+    expected = torch.cat([model.norm[0](patches[0].pooled(False)), model.norm[1](patches[1].pooled(False))], dim=-1)
+    assert torch.allclose(model.features(x), expected) and torch.allclose(model.logits(x), model.head(expected))
+    # one level keeps the state-dict keys of earlier versions' classifiers
+    assert {"norm.weight", "norm.bias"} <= set(Classifier(tiny_encoder(), 5, level=0).state_dict())
+
+
 def test_label_smoothing_enters_the_loss() -> None:
     torch.manual_seed(0)
     batch = {"x": (torch.rand(4, 1, 32, 32) > 0.8).float(), "y": torch.tensor([0, 1, 2, 1])}
@@ -151,11 +166,13 @@ def test_finetune_end_to_end_and_scratch(labelled_cache: Path, tiny_cache: Path,
     assert set(load_file(str(stage / "classifier.safetensors"))) >= {"head.weight", "head.bias", "norm.weight"}
     # The fine-tuned encoder is a run-like encoder: the probe suite and `encode` read it.
     assert resolve_checkpoint(stage).config.finetune.level == 1
-    # The baseline: the run's architecture from its random initialisation, in a folder of its own.
-    assert main(["finetune", str(run), "--scratch", *common]) == 0
-    capsys.readouterr()
+    # The baseline: the run's architecture from its random initialisation, in a folder of its own;
+    # here with the head on all levels, each with its own LayerNorm.
+    assert main(["finetune", str(run), "--scratch", "--level", "all", *common]) == 0
+    assert "Head on all levels" in capsys.readouterr().out
     scratch = load_file(str(run / "finetune-collection-scratch" / "classifier.safetensors"))
-    assert json.loads((run / "finetune-collection-scratch" / "summary.json").read_text())["scratch"]
+    r = json.loads((run / "finetune-collection-scratch" / "summary.json").read_text())
+    assert r["scratch"] and r["level"] is None and {"norm.0.weight", "norm.1.weight"} <= set(scratch)
     assert not torch.equal(scratch["encoder.patch_embed.proj.weight"],
                            load_file(str(stage / "classifier.safetensors"))["encoder.patch_embed.proj.weight"])
 
