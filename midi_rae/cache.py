@@ -37,6 +37,7 @@ cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (se
 """
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import io
 import json
@@ -44,11 +45,12 @@ import os
 import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from itertools import islice
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -79,6 +81,16 @@ class Summary:
     processed: int = 0  # source files converted in this run (the rest were already done)
     report: list[str] = field(default_factory=list)
     notice: str | None = None  # a line for the user about the cache itself (an earlier version's, ...)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Count one source's record (its pieces, or why it or some of its pieces were skipped)."""
+        self.files += 1
+        if "error" in record:
+            self.files_skipped += 1
+            self.report.append(f"SKIP {record['source']}: {record['error']}")
+        self.report += [f"SKIP {record['source']}#{i}: {reason}" for i, reason in record["skipped"]]
+        self.pieces_skipped += int("error" in record) + len(record["skipped"])
+        self.pieces += len(record["pieces"])
 
     def line(self) -> str:
         return f"{self.pieces} pieces good, {self.pieces_skipped} skipped ({self.files - self.files_skipped}/{self.files} files readable)"
@@ -232,26 +244,34 @@ def _crashed(source: Source, key: str, cache_dir: Path) -> None:
 def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path, workers: int, bar: tqdm) -> None:
     """Convert `todo` in a process pool. If a worker dies (e.g. a parser segfault), the files
     that were in flight are retried one per pool; one that kills its pool alone is reported.
-    An OSError writing the cache (a full disk) stops the run: nothing queued is started."""
+    An OSError writing the cache (a full disk) stops the run: nothing queued is started.
+    A few files per worker are queued at a time: the futures of a 100k-file corpus, each
+    holding its record once done, would otherwise all sit in memory until the end."""
     queue, suspects = list(todo), []
     while queue or suspects:
         solo = bool(suspects)
-        batch = [suspects.pop(0)] if solo else queue
+        batch = iter([suspects.pop(0)] if solo else queue)
         if not solo:
             queue = []
-        broken = []
+        broken: list[tuple[Source, str]] = []
         with ProcessPoolExecutor(1 if solo else workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in batch}
-            for f in as_completed(futures):
-                try:
-                    f.result()
-                    bar.update()
-                except BrokenProcessPool:
-                    broken.append(futures[f])
-                except OSError:
-                    for g in futures:
-                        g.cancel()
-                    raise
+            running = {pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in islice(batch, 4 * workers)}
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    item = running.pop(f)
+                    try:
+                        f.result()
+                        bar.update()
+                    except BrokenProcessPool:
+                        broken.append(item)
+                    except OSError:
+                        for g in running:
+                            g.cancel()
+                        raise
+                if not broken:
+                    running.update({pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in islice(batch, len(finished))})
+        broken += batch  # never submitted: the pool broke first
         if solo and broken:
             _crashed(*broken[0], cache_dir)
             bar.update()
@@ -273,13 +293,33 @@ def _rebuild_command(paths: list[str | os.PathLike] | None, cache: Path, collect
     return " ".join(["midi-rae prepare", *args, "--cache-dir", str(cache)])
 
 
-def _finished(cache: Path) -> dict[str, dict[str, Any]]:
-    """Every finished source by key: packed ones (`done.jsonl`) and those converted since (`done/`)."""
-    records = {f.stem: json.loads(f.read_text()) for f in sorted((cache / "done").glob("*.json"))}
-    if (cache / "done.jsonl").exists():
-        with (cache / "done.jsonl").open() as f:
-            records.update((r["key"], r) for r in map(json.loads, f))
-    return records
+class _Done:
+    """The records of finished sources by key: packed ones (lines of `done.jsonl`) and those
+    converted since (`done/<key>.json`). It holds where each record is, not the records, and
+    reads one when asked: memory then grows by a few dozen bytes per source, not by its record."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache, self.fresh, self.packed, self.file = cache, {f.stem for f in (cache / "done").glob("*.json")}, {}, None
+        if (cache / "done.jsonl").exists():
+            # Kept open: after `done.jsonl` is replaced, this handle still reads the file it indexed.
+            self.file = (cache / "done.jsonl").open("rb")
+            offset = 0
+            for line in self.file:
+                self.packed[json.loads(line)["key"]] = offset
+                offset += len(line)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fresh or key in self.packed
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        if key in self.fresh:  # newer than a line of done.jsonl with the same key
+            return json.loads((self.cache / "done" / f"{key}.json").read_bytes())
+        self.file.seek(self.packed[key])
+        return json.loads(self.file.readline())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def prepare(
@@ -317,16 +357,20 @@ def prepare(
     # Leftovers of a run that was killed: in-flight markers and half-written temporary files.
     for stale in [*(cache / "inflight").iterdir(), *cache.glob("*/.*.tmp"), *cache.glob(".*.tmp")]:
         stale.unlink()
-    done = _finished(cache)
+    done = _Done(cache)
     todo = [(s, k) for s, k in zip(sources, keys) if k is not None and k not in done]
-    # Largest files first, so that a long score does not start last and keep one core busy alone.
-    todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
-    with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress or not todo) as bar:
-        _run(todo, settings, cache, workers, bar)
-    done = _finished(cache) if todo else done
-    records = [unreadable[i] if k is None else done[k] for i, k in enumerate(keys)]
-    summary = _pack(cache, records, settings, progress)
+    if todo:
+        done.close()
+        # Largest files first, so that a long score does not start last and keep one core busy alone.
+        todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))
+        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
+        with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress) as bar:
+            _run(todo, settings, cache, workers, bar)
+        done = _Done(cache)
+    try:
+        summary = _pack(cache, keys, unreadable, done, settings, progress)
+    finally:
+        done.close()
     summary.processed = len(todo)
     return summary
 
@@ -348,15 +392,10 @@ def _old_cache(cache: Path, keys: list[str | None], unreadable: dict[int, dict[s
     return summary
 
 
-def _summarize(cache: Path, records: list[dict[str, Any]]) -> Summary:
-    summary = Summary(cache, files=len(records))
+def _summarize(cache: Path, records: Iterable[dict[str, Any]]) -> Summary:
+    summary = Summary(cache)
     for r in records:
-        if "error" in r:
-            summary.files_skipped += 1
-            summary.report.append(f"SKIP {r['source']}: {r['error']}")
-        summary.report += [f"SKIP {r['source']}#{i}: {reason}" for i, reason in r["skipped"]]
-    summary.pieces = sum(len(r["pieces"]) for r in records)
-    summary.pieces_skipped = len(summary.report)
+        summary.add(r)
     return summary
 
 
@@ -368,67 +407,104 @@ def _shard_of(key: str) -> int:
     return int(key[:8], 16) % NUM_SHARDS
 
 
-class _Reader:
-    """The notes of pieces located by (file, offset, count), with the last few files kept open."""
-
-    def __init__(self, cache: Path) -> None:
-        self.cache, self.open = cache, {}
-
-    def __call__(self, p: dict[str, Any]) -> np.ndarray:
-        if p["file"] not in self.open:
-            if len(self.open) > 32:  # pieces come file by file: a few maps suffice, thousands would not
-                self.open.clear()
-            self.open[p["file"]] = np.load(self.cache / p["file"], mmap_mode="r")
-        return self.open[p["file"]][p["offset"]:p["offset"] + p["count"]]
-
-
-def _pack(cache: Path, records: list[dict[str, Any]], settings: RollSettings, progress: bool) -> Summary:
-    """Pack the staged notes into shards and write the index, tables and report (in source order
-    of `records`); commit with `index.json`; then remove what it does not name."""
-    summary = _summarize(cache, records)
-    keyed = [r for r in records if "key" in r]
-    pieces = sorted(((p, r["key"]) for r in keyed for p in r["pieces"]), key=lambda t: t[0]["piece_id"])
-    members: list[list[tuple[dict[str, Any], str]]] = [[] for _ in range(NUM_SHARDS)]
-    for p, key in pieces:
-        members[_shard_of(key)].append((p, key))
-    read = _Reader(cache)
+def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, Any]], done: _Done,
+          settings: RollSettings, progress: bool) -> Summary:
+    """Pack the staged notes into shards and write the index, tables and report (the report in
+    source order of `keys`; None: the source `unreadable` holds); commit with `index.json`; then
+    remove what it does not name. Records are read one at a time, twice (here, then for the
+    tables); between the passes memory holds a few numbers per piece: flat in the corpus size
+    but for them (about 100 bytes a piece)."""
+    summary = Summary(cache)
+    # Pass 1, in source order: the report, and each piece's row: its source, where its notes
+    # are now (a staged file or a shard of the last pack), and what the index needs.
+    first = [0]  # the rows of source i are first[i] .. first[i+1]
+    ids, index_in_source, location, offset, count, steps = [], [], [], [], [], []
+    files: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        r = unreadable[i] if k is None else done[k]
+        summary.add(r)
+        for p in r["pieces"]:
+            ids.append(p["piece_id"].encode())
+            index_in_source.append(p["index"])
+            location.append(files.setdefault(p["file"], len(files)))
+            offset.append(p["offset"])
+            count.append(p["count"])
+            steps.append(p["steps"])
+        first.append(len(ids))
+    source = np.repeat(np.arange(len(keys)), np.diff(first))  # (P,) the source of each row
+    shard = np.array([_shard_of(k) if k is not None else 0 for k in keys], dtype=np.int64)[source]
+    order = np.argsort(np.array(ids, dtype=bytes), kind="stable")  # (P,) rows by piece id (bytes sort as str)
+    offset, count = np.array(offset, dtype=np.int64), np.array(count, dtype=np.int64)
+    location, file_names = np.array(location, dtype=np.int64), list(files)
     shards: list[str | None] = []
-    for n, group in enumerate(tqdm(members, desc="pack", unit="shard", disable=not progress or not any(
-            p["file"].startswith("staging/") for p, _ in pieces))):
-        if not group:
+    staged = any(f.startswith("staging/") for f in file_names)
+    for n in tqdm(range(NUM_SHARDS), desc="pack", unit="shard", disable=not progress or not staged):
+        group = order[shard[order] == n]  # this shard's rows, by piece id
+        if not len(group):
             shards.append(None)
             continue
         # Named by what it holds (key = content + settings): an unchanged shard keeps its file.
-        digest = hashlib.sha1("\n".join(f"{k}-{p['index']}" for p, k in group).encode()).hexdigest()[:16]
+        digest = hashlib.sha1("\n".join(f"{keys[source[i]]}-{index_in_source[i]}" for i in group).encode()).hexdigest()[:16]
         name = f"notes/{n:02d}-{digest}.npy"
         if not (cache / name).exists():
-            _save_notes(cache / name, (read(p) for p, _ in group), total=sum(p["count"] for p, _ in group))
+            _save_notes(cache / name, _notes(cache, file_names, location[group], offset[group], count[group]),
+                        total=int(count[group].sum()))
         shards.append(name)
-        offset = 0
-        for p, _ in group:
-            p["file"], p["offset"] = name, offset
-            offset += p["count"]
-    read.open.clear()
-    width = max([len(p["piece_id"].encode()) for p, _ in pieces], default=1)
-    index = np.zeros(len(pieces), _index_dtype(width))
-    for i, (p, key) in enumerate(pieces):
-        index[i] = (p["piece_id"].encode(), _shard_of(key), p["offset"], p["count"], p["steps"], split_hash(p["piece_id"]))
+        location[group] = files.setdefault(name, len(files))
+        offset[group] = np.cumsum(count[group]) - count[group]
+    file_names = list(files)
+    width = max(map(len, ids), default=1)
+    index = np.zeros(len(ids), _index_dtype(width))
+    index["piece_id"], index["shard"], index["offset"], index["count"], index["steps"] = ids, shard, offset, count, steps
+    index["split"] = [split_hash(i.decode()) for i in ids]
+    index = index[order]
     data = _npy_bytes(index)
     index_name = f"index-{hashlib.sha1(data).hexdigest()[:16]}.npy"
     if not (cache / index_name).exists():
         _atomic_write(cache / index_name, data)
-    _write_if_changed(cache / "done.jsonl", "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
-                                                    for r in sorted(keyed, key=lambda r: r["key"])))
-    _write_if_changed(cache / "pieces.jsonl", "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p, _ in pieces))
-    _write_if_changed(cache / "report.txt", "".join(l + "\n" for l in summary.report) + summary.line() + "\n")
-    _write_if_changed(cache / "settings.json", json.dumps(asdict(settings), sort_keys=True, indent=1) + "\n")
-    _write_if_changed(cache / "index.json", json.dumps({"format": FORMAT, "index": index_name, "shards": shards}, indent=1) + "\n")
+
+    def placed(i: int) -> dict[str, Any]:
+        """The record of source i, its pieces saying where the pack put their notes."""
+        r = done[keys[i]]
+        for row, p in enumerate(r["pieces"], first[i]):
+            p["file"], p["offset"] = file_names[location[row]], int(offset[row])
+        return r
+
+    def records() -> Iterator[str]:
+        for i in sorted((i for i, k in enumerate(keys) if k is not None), key=keys.__getitem__):
+            yield json.dumps(placed(i), sort_keys=True, ensure_ascii=False) + "\n"
+
+    def pieces() -> Iterator[str]:
+        last = None
+        for row in order.tolist():  # a source's pieces are mostly neighbours here: each record is read once
+            i = int(source[row])
+            if last != i:
+                last, held = i, placed(i)["pieces"]
+            yield json.dumps(held[row - first[i]], sort_keys=True, ensure_ascii=False) + "\n"
+
+    _write_if_changed(cache / "done.jsonl", records())
+    _write_if_changed(cache / "pieces.jsonl", pieces())
+    _write_if_changed(cache / "report.txt", [l + "\n" for l in summary.report] + [summary.line() + "\n"])
+    _write_if_changed(cache / "settings.json", [json.dumps(asdict(settings), sort_keys=True, indent=1) + "\n"])
+    _write_if_changed(cache / "index.json", [json.dumps({"format": FORMAT, "index": index_name, "shards": shards}, indent=1) + "\n"])
     # Committed: the records are in done.jsonl, the notes in the shards; the rest is leftovers.
     keep = {index_name, *filter(None, shards)}
     for f in [*(cache / "done").glob("*.json"), *(cache / "staging").iterdir(), *(cache / "notes").iterdir(), *cache.glob("index-*.npy")]:
         if f.relative_to(cache).as_posix() not in keep:
             f.unlink()
     return summary
+
+
+def _notes(cache: Path, file_names: list[str], location: np.ndarray, offset: np.ndarray, count: np.ndarray) -> Iterator[np.ndarray]:
+    """The notes of pieces, one array each, read from the files where they are now (a few kept open:
+    pieces come file by file)."""
+    open_files: dict[int, np.ndarray] = {}
+    for f, o, c in zip(location.tolist(), offset.tolist(), count.tolist()):
+        if f not in open_files:
+            if len(open_files) > 32:
+                open_files.clear()
+            open_files[f] = np.load(cache / file_names[f], mmap_mode="r")
+        yield open_files[f][o:o + c]
 
 
 def _index_dtype(width: int) -> np.dtype:
@@ -442,11 +518,22 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    # A second run over finished inputs then touches nothing at all.
-    data = text.encode()
-    if not path.exists() or path.read_bytes() != data:
-        _atomic_write(path, data)
+def _write_if_changed(path: Path, lines: Iterable[str]) -> None:
+    """Write `lines` to `path` through a temporary file, renamed over `path` only if the text
+    differs: a second run over finished inputs then touches nothing at all. Streamed: memory
+    holds one line at a time, whatever the length of the table."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(lines)
+        if not (path.exists() and filecmp.cmp(tmp, path, shallow=False)):
+            os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == str(tmp):  # name the file the caller asked for (disk full, ...), not ours
+            e.filename = str(path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- reading a cache

@@ -1,11 +1,13 @@
 """A generated corpus (benchmarks/make_corpus.py, the small version of the scale test) through
 `midi-rae prepare` and into a Dataset: every good file a piece, every broken one reported."""
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from midi_rae import cache as cache_module
 from midi_rae.cache import load_index, load_roll
 from midi_rae.cli import main
 from midi_rae.dataset import PianoRollDataset
@@ -37,3 +39,27 @@ def test_generated_corpus_prepares(tmp_path: Path, capsys: pytest.CaptureFixture
                                   midi_to_roll(good))
     ds = PianoRollDataset(cache, "train")
     assert ds[0]["x"].shape == (2, 128, 128) and ds.num_pieces + PianoRollDataset(cache, "val").num_pieces == 196
+
+
+def test_prepare_queues_a_few_files_per_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished future holds its file's record until it is reaped: queueing a 100k-file corpus at
+    once held every record in memory. At most four files per worker wait at any time."""
+    make_corpus.make_corpus(tmp_path / "gen", 40, seed=0)
+    most, pending, lock = [], set(), threading.Lock()  # futures not yet done (callbacks run in another thread)
+
+    def finished(future) -> None:
+        with lock:
+            pending.discard(future)
+
+    class Counting(cache_module.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            with lock:
+                pending.add(future)
+                most.append(len(pending))
+            future.add_done_callback(finished)
+            return future
+
+    monkeypatch.setattr(cache_module, "ProcessPoolExecutor", Counting)
+    summary = cache_module.prepare([tmp_path / "gen"], tmp_path / "cache", workers=1, progress=False)
+    assert summary.pieces == 40 and len(most) == 40 and max(most) <= 4
