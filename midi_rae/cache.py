@@ -38,6 +38,7 @@ cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (se
 from __future__ import annotations
 
 import filecmp
+import fnmatch
 import hashlib
 import io
 import json
@@ -308,7 +309,7 @@ class _Done:
     reads one when asked: memory then grows by a few dozen bytes per source, not by its record."""
 
     def __init__(self, cache: Path) -> None:
-        self.cache, self.fresh, self.packed, self.file = cache, {f.stem for f in (cache / "done").glob("*.json")}, {}, None
+        self.cache, self.fresh, self.packed, self.file = cache, {n[:-5] for n in os.listdir(cache / "done") if n.endswith(".json")}, {}, None
         if (cache / "done.jsonl").exists():
             # Kept open: after `done.jsonl` is replaced, this handle still reads the file it indexed.
             self.file = (cache / "done.jsonl").open("rb")
@@ -498,9 +499,12 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
     _write_if_changed(cache / "index.json", [json.dumps({"format": FORMAT, "index": index_name, "shards": shards}, indent=1) + "\n"])
     # Committed: the records are in done.jsonl, the notes in the shards; the rest is leftovers.
     keep = {index_name, *filter(None, shards)}
-    for f in [*(cache / "done").glob("*.json"), *(cache / "staging").iterdir(), *(cache / "notes").iterdir(), *cache.glob("index-*.npy")]:
-        if f.relative_to(cache).as_posix() not in keep:
-            f.unlink()
+    # Entry by entry: a list of Paths of a fresh 100k-file cache's done/ and staging/ held 100 MB.
+    for folder, pattern in (("done", "*.json"), ("staging", "*"), ("notes", "*"), ("", "index-*.npy")):
+        with os.scandir(cache / folder) as entries:
+            for e in entries:
+                if fnmatch.fnmatch(e.name, pattern) and posixpath.join(folder, e.name) not in keep:
+                    os.unlink(e.path)
     return summary
 
 
