@@ -37,7 +37,6 @@ cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (se
 """
 from __future__ import annotations
 
-import filecmp
 import fnmatch
 import hashlib
 import io
@@ -532,21 +531,13 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _write_if_changed(path: Path, lines: Iterable[str]) -> None:
-    """Write `lines` to `path` through a temporary file, renamed over `path` only if the text
-    differs: a second run over finished inputs then touches nothing at all. Streamed: memory
-    holds one line at a time, whatever the length of the table."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write `lines` to `path` unless it holds exactly them already: a second run over finished
+    inputs then touches nothing at all. Streamed: memory holds one line at a time."""
+    def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(lines)
-        if not (path.exists() and filecmp.cmp(tmp, path, shallow=False)):
-            os.replace(tmp, path)
-    except OSError as e:
-        if e.filename == str(tmp):  # name the file the caller asked for (disk full, ...), not ours
-            e.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write, keep_same=True)
 
 
 # ----------------------------------------------------------------------------- reading a cache

@@ -1,5 +1,6 @@
 """Small helpers used across the package."""
 import errno
+import filecmp
 import os
 from pathlib import Path
 from typing import Callable
@@ -19,15 +20,17 @@ def check_output(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], keep_same: bool = False) -> Path:
     """Write `path` by calling `write(tmp)` on a temporary name beside it, then renaming: a crash
     never leaves a half-written file, and a file already there stays whole until the rename.
-    The temporary name `.<name>.<pid>.tmp` is unique per process, and removed if `write` fails."""
+    The temporary name `.<name>.<pid>.tmp` is unique per process, and removed if `write` fails.
+    `keep_same`: a file already there with the same bytes is left untouched (not even its mtime)."""
     path = check_output(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if not (keep_same and path.exists() and filecmp.cmp(tmp, path, shallow=False)):
+            os.replace(tmp, path)
     except OSError as e:
         if e.filename == str(tmp):  # name the file the caller asked for (disk full, ...), not ours
             e.filename = str(path)
