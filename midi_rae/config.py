@@ -322,6 +322,9 @@ class FinetuneConfig:
     balance: bool = opt(True, "weight the cross-entropy by the inverse share of each class among the training crops: "
                               "a piece gives crops in proportion to its length, so without it long pieces' classes "
                               "dominate, while the balanced accuracy (and the probe's fixed crops) count pieces")
+    batch_norm: bool = opt(False, "a BatchNorm without affine between the pooled features and the Linear (as MAE's "
+                                  "linear probe): the head reads features standardised over the batch, so a common "
+                                  "drift of the encoder's output is taken out, not amplified by the probe's weights")
     head_init: str = opt("probe", "'probe': the head starts as the linear probe (L-BFGS, L2 chosen on a grouped hold-out) "
                                   "of the initial encoder's features of the training pieces' fixed crops, then all is "
                                   "fine-tuned (LP-FT, https://arxiv.org/abs/2202.10054); 'random': truncated normal")

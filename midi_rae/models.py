@@ -307,11 +307,12 @@ class Classifier(nn.Module):
     (`level=None`): each level's tokens pooled (the mean over all of them, or over the non-empty
     ones), LayerNorm, then one Linear on the concatenation, as timm's Swin head pools its last
     stage. Every level has its own LayerNorm: their scales differ by orders of magnitude, and a
-    shared one would let the widest level set them. Trained with label-smoothed cross-entropy on
+    shared one would let the widest level set them. `batch_norm` adds a BatchNorm without affine
+    in front of the Linear. Trained with label-smoothed cross-entropy on
     `batch['y']`, weighted per class by `class_weight` when given."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, level: int | None = 0, pool: str = "mean",
-                 label_smoothing: float = 0.0, class_weight: Tensor | None = None) -> None:
+                 label_smoothing: float = 0.0, class_weight: Tensor | None = None, batch_norm: bool = False) -> None:
         super().__init__()
         dims = level_dims(encoder)
         if level is not None and not 0 <= level < len(dims):
@@ -322,7 +323,13 @@ class Classifier(nn.Module):
         # One level: `norm` is its LayerNorm (the state-dict keys of earlier versions); all: one per level.
         norms = [nn.LayerNorm(dims[i]) for i in self.levels]
         self.norm = norms[0] if level is not None else nn.ModuleList(norms)
-        self.head = nn.Linear(sum(dims[i] for i in self.levels), num_classes)
+        width = sum(dims[i] for i in self.levels)
+        # batch_norm: the features standardised over the batch (running statistics in eval), as MAE's
+        # linear probe reads them. Pooled features vary between crops by ~1/200 of their scale, so a
+        # head fitted to them amplifies any common drift of the encoder's output by that much; the
+        # batch statistics take such a drift out. eps far below those variances (~3e-5).
+        self.bn = nn.BatchNorm1d(width, affine=False, eps=1e-10) if batch_norm else nn.Identity()
+        self.head = nn.Linear(width, num_classes)
         init_linears(self.head)
         # (num_classes,) cross-entropy weights, or None; recomputed from the data, never stored
         self.register_buffer("class_weight", class_weight, persistent=False)
@@ -335,7 +342,7 @@ class Classifier(nn.Module):
         return torch.cat([n(p) for n, p in zip(norms, pooled)], dim=-1)
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))  # (B, num_classes)
+        return self.head(self.bn(self.features(x)))  # (B, num_classes)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(self.logits(batch["x"]).float(), batch["y"], weight=self.class_weight,

@@ -162,9 +162,16 @@ def probe_head(model: Classifier, crops: list[dict[str, Any]], n_classes: int, d
     model.train(was_training)
     y = torch.tensor([c["y"] for c in crops])
     lin, l2, inner = select_and_fit(feats, y, [c["piece_id"] for c in crops], n_classes)
+    fitted = scores(lin(feats.double()).argmax(1), y)
+    if isinstance(model.bn, torch.nn.BatchNorm1d):  # its statistics: the probe's standardisation, unfolded from lin
+        mean, std = feats.double().mean(0), feats.double().std(0).clamp_min(1e-6)
+        model.bn.running_mean.copy_(mean)
+        model.bn.running_var.copy_(std.square())
+        lin.bias += lin.weight @ mean  # (W / std) x + b - (W / std) mean  ->  W z + b, z standardised
+        lin.weight *= std
     model.head.weight.copy_(lin.weight)
     model.head.bias.copy_(lin.bias)
-    return {"l2": l2, "holdout_balanced_accuracy": inner, **scores(lin(feats.double()).argmax(1), y)}
+    return {"l2": l2, "holdout_balanced_accuracy": inner, **fitted}
 
 
 def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None, resume: bool = False) -> dict[str, Any]:
@@ -188,7 +195,7 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     train_ds = PianoRollDataset(cache, "train", crop_width=dc.crop_width, pair=False, transpose=dc.transpose,
                                 channels=dc.channels, seed=tcfg.seed, pieces=train_pieces, labels=labels)
     model = Classifier(encoder, len(task.classes), f.level, f.pool, f.label_smoothing,
-                       class_weights(train_ds, len(task.classes)) if f.balance else None).to(d.device)
+                       class_weights(train_ds, len(task.classes)) if f.balance else None, f.batch_norm).to(d.device)
     seed_all(tcfg.seed + d.rank)
     val, test = fixed_crops(cache, val_pieces, labels, cfg), fixed_crops(cache, task.test, labels, cfg)
     head: dict[str, float] = {}

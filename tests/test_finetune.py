@@ -117,6 +117,23 @@ def test_head_starts_as_the_linear_probe() -> None:
     assert fit["balanced_accuracy"] == 1.0 and pred.tolist() == [0] * 12 + [1] * 12
 
 
+def test_batch_norm_head_starts_as_the_same_probe() -> None:
+    """finetune.batch_norm: the probe's standardisation becomes the BatchNorm's running statistics
+    and the head reads standardised features; in eval the logits are the plain head's."""
+    torch.manual_seed(0)
+    x = (torch.rand(24, 1, 32, 32) > 0.7).float()
+    crops = [{"x": x[i], "y": i % 3, "piece_id": f"p{i // 2}"} for i in range(24)]
+    encoder = tiny_encoder()
+    plain, normed = Classifier(encoder, 3), Classifier(encoder, 3, batch_norm=True)
+    for model in (plain, normed):
+        stages.probe_head(model, crops, 3, torch.device("cpu"), batch_size=5)
+    feats = plain.eval().features(x)
+    assert torch.allclose(normed.bn.running_mean, feats.mean(0), atol=1e-6)
+    assert torch.allclose(normed.eval().logits(x), plain.logits(x), rtol=1e-4, atol=1e-4)
+    # the head's weights are of the standardised features' scale, not of 1 / their spread
+    assert normed.head.weight.abs().max() < plain.head.weight.abs().max()
+
+
 def test_split_is_grouped_by_piece_and_is_the_probes(labelled_cache: Path, tiny_cache: Path, tmp_path_factory) -> None:
     run = resolve_checkpoint(trained_run("swin", tiny_cache, tmp_path_factory))
     cfg = with_overrides(run.config, [f"data.cache_dir={labelled_cache}", *SMALL])
