@@ -322,6 +322,9 @@ class FinetuneConfig:
     balance: bool = opt(True, "weight the cross-entropy by the inverse share of each class among the training crops: "
                               "a piece gives crops in proportion to its length, so without it long pieces' classes "
                               "dominate, while the balanced accuracy (and the probe's fixed crops) count pieces")
+    train_crops: str = opt("random", "'random': crops drawn anywhere in the training pieces, a new draw each epoch; "
+                                     "'start': the fixed crops from each training piece's start (test_crops_per_piece of "
+                                     "them), those the probe fits its head on and cut as the test crops are")
     batch_norm: bool = opt(False, "a BatchNorm without affine between the pooled features and the Linear (as MAE's "
                                   "linear probe): the head reads features standardised over the batch, so a common "
                                   "drift of the encoder's output is taken out, not amplified by the probe's weights")
@@ -339,6 +342,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _require(self.level is None or self.level >= 0, f"finetune.level must be >= 0 (0 = coarsest) or null (all levels), got {self.level}")
         _require(self.pool in ("mean", "non-empty"), f"finetune.pool must be 'mean' or 'non-empty', got {self.pool!r}")
+        _require(self.train_crops in ("random", "start"), f"finetune.train_crops must be 'random' or 'start', got {self.train_crops!r}")
         _require(self.head_init in ("probe", "random"), f"finetune.head_init must be 'probe' or 'random', got {self.head_init!r}")
         _require(0.0 <= self.label_smoothing < 1.0, f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")

@@ -141,7 +141,27 @@ def fixed_crops(cache: Path, pieces: list[dict[str, Any]], labels: dict[str, int
     return [{"x": x[i], "y": labels[pid], "piece_id": pid} for i, pid in enumerate(crops.pieces)]
 
 
-def class_weights(ds: PianoRollDataset, n_classes: int) -> Tensor:
+class StartCrops(torch.utils.data.Dataset):
+    """Fixed crops (`fixed_crops`) as a training set, with the interface the trainer and
+    `class_weights` read: every crop an item of its own, the same ones every epoch."""
+
+    def __init__(self, crops: list[dict[str, Any]]) -> None:
+        self.crops, self.labels = crops, np.array([c["y"] for c in crops])
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.crops[i]["x"], "y": self.crops[i]["y"]}
+
+    def items_per_piece(self) -> np.ndarray:
+        return np.ones(len(self.crops))  # (N,) one item per crop
+
+    def set_epoch(self, epoch: int) -> None:  # the crops do not change between epochs
+        pass
+
+
+def class_weights(ds: PianoRollDataset | StartCrops, n_classes: int) -> Tensor:
     """(n_classes,) inverse share of each class among the dataset's items (crops), mean 1 over the
     items: every class then weighs as much in the loss, however long its pieces are."""
     counts = np.bincount(ds.labels, weights=ds.items_per_piece(), minlength=n_classes)  # (n_classes,) crops
@@ -192,15 +212,19 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     seed_all(tcfg.seed)  # the same initial weights (and head) in every process
     encoder = build_encoder(cfg) if f.scratch else trained_encoder(checkpoint, cfg)
     dc = cfg.data
-    train_ds = PianoRollDataset(cache, "train", crop_width=dc.crop_width, pair=False, transpose=dc.transpose,
-                                channels=dc.channels, seed=tcfg.seed, pieces=train_pieces, labels=labels)
+    start = fixed_crops(cache, train_pieces, labels, cfg)
+    if f.train_crops == "start":
+        train_ds = StartCrops(start)
+    else:
+        train_ds = PianoRollDataset(cache, "train", crop_width=dc.crop_width, pair=False, transpose=dc.transpose,
+                                    channels=dc.channels, seed=tcfg.seed, pieces=train_pieces, labels=labels)
     model = Classifier(encoder, len(task.classes), f.level, f.pool, f.label_smoothing,
                        class_weights(train_ds, len(task.classes)) if f.balance else None, f.batch_norm).to(d.device)
     seed_all(tcfg.seed + d.rank)
     val, test = fixed_crops(cache, val_pieces, labels, cfg), fixed_crops(cache, task.test, labels, cfg)
     head: dict[str, float] = {}
     if f.head_init == "probe" and not (resume and has_checkpoints(stage_dir / "checkpoints")):  # else: resumed weights
-        head = probe_head(model, fixed_crops(cache, train_pieces, labels, cfg), len(task.classes), d.device, tcfg.batch_size * 8)
+        head = probe_head(model, start, len(task.classes), d.device, tcfg.batch_size * 8)
         say(d, f"[finetune] head initialised as the linear probe of the training crops: training balanced accuracy "
                f"{head['balanced_accuracy']:.3f} (L2 {head['l2']:g})")
     evaluate = lambda m, loader: evaluate_classifier(m, loader, d.device, tcfg.amp)  # noqa: E731

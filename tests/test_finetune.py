@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,26 @@ def test_layer_decay_and_label_smoothing_reach_the_training(labelled_cache: Path
     assert got == want
     # Two blocks and the final norm: the patch embedding at 0.5**3, the head and final norm at the full rate.
     assert {s for s, _ in got} == {1.0, 0.5, 0.25, 0.125}
+
+
+def test_start_crops_train_on_the_probes_crops(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """finetune.train_crops=start: the training set is the fixed crops of the training pieces, the
+    ones the probe fits its head on, with their labels and class weights."""
+    run = resolve_checkpoint(trained_run("swin", tiny_cache, tmp_path_factory))
+    cfg = with_overrides(run.config, [f"data.cache_dir={labelled_cache}", *SMALL, "finetune_train.max_steps=2",
+                                      "finetune.train_crops=start"])
+    seen, trainer = [], stages.Trainer
+    monkeypatch.setattr(stages, "Trainer", lambda *a, **kw: seen.append(a[5]) or trainer(*a, **kw))  # a[5]: train_ds
+    stages.finetune(cfg, tmp_path / "ft", run)
+    (ds,) = seen
+    _, train, _ = stages.finetune_split(cfg, labelled_cache)
+    labels = {p["piece_id"]: int(p["collection"] == "melody") for p in train}
+    want = stages.fixed_crops(labelled_cache, train, labels, cfg)
+    assert isinstance(ds, stages.StartCrops) and len(ds) == len(want)
+    assert all(torch.equal(ds[i]["x"], c["x"]) for i, c in enumerate(want))
+    counts = np.bincount(ds.labels, minlength=2)
+    assert torch.allclose(stages.class_weights(ds, 2), torch.tensor(len(ds) / (2 * counts), dtype=torch.float32))
 
 
 def test_finetune_end_to_end_and_scratch(labelled_cache: Path, tiny_cache: Path, tmp_path_factory, capsys) -> None:
