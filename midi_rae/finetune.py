@@ -10,7 +10,8 @@ The split is the probe suite's (`midi-rae probe`): the same classes, training pi
 pieces, grouped by piece by a hash of its id, at the run's `data.val_fraction` (the pieces
 pretraining never saw), and the same fixed test crops; so `midi-rae probe RUN --label LABEL`
 scores the linear probe on the very crops the fine-tuned model is scored on. Training draws
-random crops of the training pieces, less a grouped tenth (`finetune.val_fraction`) that
+random crops of the training pieces (or, with `finetune.train_crops=start`, their fixed crops
+from each piece's start, the probe's), less a grouped tenth (`finetune.val_fraction`) that
 validates and picks `checkpoints/best`; the final weights are scored on the test pieces.
 
 The head starts as the linear probe of the initial encoder's features on the training pieces'
