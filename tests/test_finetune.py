@@ -219,6 +219,7 @@ def test_finetune_end_to_end_and_scratch(labelled_cache: Path, tiny_cache: Path,
     (["--label", "nope"], "no piece of .* has a 'nope' label; use --label with one of: collection"),
     (["--label", "collection", "--cache-dir", "TINY"], "--label collection has 1 class\\(es\\) .* a classifier needs two"),
     (["--level", "2"], r"finetune.level=2 \(--level\) is out of range: this encoder has 2 levels, 0 \(coarsest\) to 1"),
+    (["--level", "top"], r"--level takes a level number \(0 = coarsest\) or 'all', got 'top'"),
 ])
 def test_errors_are_one_line(args: list[str], message: str, labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
                              tmp_path: Path, capsys) -> None:
