@@ -6,6 +6,8 @@ import errno
 import sys
 from typing import Callable
 
+import torch.distributed as dist
+
 
 def _add_from(module: str, name: str) -> Callable[[argparse._SubParsersAction], Callable[[argparse.Namespace], int]]:
     """A command defined as `add_<name>(sub)` in `midi_rae.<module>` (imported when the CLI starts)."""
@@ -43,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"midi-rae {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun: leave the process group before the interpreter exits; a gloo group left to
+        # the exit's teardown now and then aborts its process ("terminate called without an active
+        # exception"), failing a run that had finished.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # What to change, by the errno of an OSError (the OS's own text says what went wrong).

@@ -27,3 +27,23 @@ def test_torchrun_two_processes(tiny_cache: Path, tmp_path: Path) -> None:
     state_rngs = __import__("torch").load(tmp_path / "ddp" / "pretrain" / "checkpoints" / "step_00000004" / "state.pt",
                                           weights_only=True)["rng"]
     assert len(state_rngs) == 2  # each process's RNG is saved, so a resumed DDP run continues exactly
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_a_command_leaves_no_process_group_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gloo group left to the interpreter's exit now and then aborted a finished torchrun process
+    (SIGABRT, "terminate called without an active exception"): `main` destroys it, on success and error."""
+    from midi_rae import cli
+
+    def command(fail: bool):
+        def run(args) -> int:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            if fail:
+                raise ValueError("bad input")
+            return 0
+        return lambda sub: (sub.add_parser("probe"), run)[1]
+
+    for fail in (False, True):
+        monkeypatch.setattr(cli, "COMMANDS", {"probe": command(fail)})
+        assert cli.main(["probe"]) == (2 if fail else 0)
+        assert not dist.is_initialized()
