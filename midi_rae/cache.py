@@ -308,7 +308,8 @@ class _Done:
     reads one when asked: memory then grows by a few dozen bytes per source, not by its record."""
 
     def __init__(self, cache: Path) -> None:
-        self.cache, self.fresh, self.packed, self.file = cache, {n[:-5] for n in os.listdir(cache / "done") if n.endswith(".json")}, {}, None
+        self.cache, self.packed, self.file = cache, {}, None
+        self.rescan()
         if (cache / "done.jsonl").exists():
             # Kept open: after `done.jsonl` is replaced, this handle still reads the file it indexed.
             self.file = (cache / "done.jsonl").open("rb")
@@ -316,6 +317,10 @@ class _Done:
             for line in self.file:
                 self.packed[json.loads(line)["key"]] = offset
                 offset += len(line)
+
+    def rescan(self) -> None:
+        """List `done/` again, after conversions added to it (`done.jsonl` changes only in a pack)."""
+        self.fresh = {n[:-5] for n in os.listdir(self.cache / "done") if n.endswith(".json")}
 
     def __contains__(self, key: str) -> bool:
         return key in self.fresh or key in self.packed
@@ -367,16 +372,15 @@ def prepare(
     for stale in [*(cache / "inflight").iterdir(), *cache.glob("*/.*.tmp"), *cache.glob(".*.tmp")]:
         stale.unlink()
     done = _Done(cache)
-    todo = [(s, k) for s, k in zip(sources, keys) if k is not None and k not in done]
-    if todo:
-        done.close()
-        # Largest files first, so that a long score does not start last and keep one core busy alone.
-        todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))
-        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
-        with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress) as bar:
-            _run(todo, settings, cache, workers, bar)
-        done = _Done(cache)
     try:
+        todo = [(s, k) for s, k in zip(sources, keys) if k is not None and k not in done]
+        if todo:
+            # Largest files first, so that a long score does not start last and keep one core busy alone.
+            todo.sort(key=lambda t: (-t[0].path.stat().st_size, t[0].source_id))
+            workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
+            with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress) as bar:
+                _run(todo, settings, cache, workers, bar)
+            done.rescan()
         summary = _pack(cache, keys, unreadable, done, settings, progress)
     finally:
         done.close()
@@ -420,9 +424,9 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
           settings: RollSettings, progress: bool) -> Summary:
     """Pack the staged notes into shards and write the index, tables and report (the report in
     source order of `keys`; None: the source `unreadable` holds); commit with `index.json`; then
-    remove what it does not name. Records are read one at a time, twice (here, then for the
-    tables); between the passes memory holds a few numbers per piece: flat in the corpus size
-    but for them (about 100 bytes a piece)."""
+    remove what it does not name. Records are read one at a time, in three passes (here, then
+    for each table: `done.jsonl` in key order, `pieces.jsonl` in piece-id order); between the
+    passes memory holds a few numbers per piece (about 100 bytes a piece)."""
     summary = Summary(cache)
     # Pass 1, in source order: the report, and each piece's row: its source, where its notes
     # are now (a staged file or a shard of the last pack), and what the index needs.
