@@ -102,9 +102,10 @@ def add_finetune(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespac
             raise ValueError("give the RUN to fine-tune (a run folder or encoder weights), or --scratch -c PRESET "
                              "for an encoder from its random initialisation")
         flags = [f"finetune.label={args.label}"] if args.label else []
-        if args.level is not None and args.level != "all" and not args.level.isdigit():
-            raise ValueError(f"--level takes a level number (0 = coarsest) or 'all', got {args.level!r}")
-        flags += [f"finetune.level={'null' if args.level == 'all' else args.level}"] if args.level is not None else []
+        if args.level is not None:
+            if args.level != "all" and not args.level.isdigit():
+                raise ValueError(f"--level takes a level number (0 = coarsest) or 'all', got {args.level!r}")
+            flags.append(f"finetune.level={'null' if args.level == 'all' else args.level}")
         flags += ["finetune.scratch=true"] if args.scratch else []
         flags += [f"data.cache_dir={Path(args.cache_dir).resolve()}"] if args.cache_dir else []
         cfg = with_overrides(base, [*flags, *args.overrides])

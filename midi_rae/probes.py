@@ -103,10 +103,15 @@ def pixel_features(x: Tensor, pool: tuple[int, int] = (4, 4)) -> Tensor:
     return F.avg_pool2d(x[:, :1], pool).flatten(1)
 
 
+def standardization(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(F,), (F,) float64: the per-feature mean and spread `fit_linear` standardizes (N, F) features with."""
+    return x.double().mean(0), x.double().std(0).clamp_min(1e-6)
+
+
 def fit_linear(x: Tensor, y: Tensor, n_classes: int, l2: float = 1e-2, max_iter: int = 200) -> nn.Linear:
     """Multinomial logistic regression on standardized features, fitted full-batch with L-BFGS; the
     standardization is folded into the returned float64 layer, which reads `x` itself."""
-    mean, std = x.double().mean(0), x.double().std(0).clamp_min(1e-6)
+    mean, std = standardization(x)
     zd = (x.double() - mean) / std
     lin = nn.Linear(x.shape[1], n_classes).double()
     nn.init.zeros_(lin.weight)

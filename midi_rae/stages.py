@@ -7,6 +7,7 @@ training loop (`trainer.Trainer`); shared by the commands that train (`train`, `
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,7 @@ from midi_rae.engine import classify, evaluate_classifier, evaluate_decoder, eva
 from midi_rae.labels import TASKS, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import class_confusion, scores
 from midi_rae.models import Classifier, DecoderTrainer, Pretrainer, build_decoder, build_encoder
-from midi_rae.probes import select_and_fit
+from midi_rae.probes import select_and_fit, standardization
 from midi_rae.runs import Checkpoint, check_time_grid, datasets, encoder_config, resolve_cache_dir, stage_dirs, trained_encoder, with_encoder_config
 from midi_rae.trainer import Trainer
 
@@ -184,7 +185,7 @@ def probe_head(model: Classifier, crops: list[dict[str, Any]], n_classes: int, d
     lin, l2, inner = select_and_fit(feats, y, [c["piece_id"] for c in crops], n_classes)
     fitted = scores(lin(feats.double()).argmax(1), y)
     if isinstance(model.bn, torch.nn.BatchNorm1d):  # its statistics: the probe's standardisation, unfolded from lin
-        mean, std = feats.double().mean(0), feats.double().std(0).clamp_min(1e-6)
+        mean, std = standardization(feats)
         model.bn.running_mean.copy_(mean)
         model.bn.running_var.copy_(std.square())
         lin.bias += lin.weight @ mean  # (W / std) x + b - (W / std) mean  ->  W z + b, z standardised
@@ -212,9 +213,9 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     seed_all(tcfg.seed)  # the same initial weights (and head) in every process
     encoder = build_encoder(cfg) if f.scratch else trained_encoder(checkpoint, cfg)
     dc = cfg.data
-    start = fixed_crops(cache, train_pieces, labels, cfg)
+    start = functools.cache(lambda: fixed_crops(cache, train_pieces, labels, cfg))  # rendered once, if used
     if f.train_crops == "start":
-        train_ds = StartCrops(start)
+        train_ds = StartCrops(start())
     else:
         train_ds = PianoRollDataset(cache, "train", crop_width=dc.crop_width, pair=False, transpose=dc.transpose,
                                     channels=dc.channels, seed=tcfg.seed, pieces=train_pieces, labels=labels)
@@ -224,7 +225,7 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     val, test = fixed_crops(cache, val_pieces, labels, cfg), fixed_crops(cache, task.test, labels, cfg)
     head: dict[str, float] = {}
     if f.head_init == "probe" and not (resume and has_checkpoints(stage_dir / "checkpoints")):  # else: resumed weights
-        head = probe_head(model, start, len(task.classes), d.device, tcfg.batch_size * 8)
+        head = probe_head(model, start(), len(task.classes), d.device, tcfg.batch_size * 8)
         say(d, f"[finetune] head initialised as the linear probe of the training crops: training balanced accuracy "
                f"{head['balanced_accuracy']:.3f} (L2 {head['l2']:g})")
     evaluate = lambda m, loader: evaluate_classifier(m, loader, d.device, tcfg.amp)  # noqa: E731
