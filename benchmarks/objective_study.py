@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 # Each row switches its objectives explicitly, so it means the same over any preset.
-OFF = ["objective.global_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
+OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
        "model.inter_stage_mask_ratio=0", "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
@@ -47,6 +47,9 @@ ROWS: dict[str, list[str]] = {
     # the encoder also reads the onset channel, which the descriptor baseline uses (the frame channel
     # alone merges repeated notes of one pitch)
     "coarse_ae_onsets": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "data.channels=2"],
+    # + a linear head on the pooled levels regressing the crop's hand-crafted descriptors (MaskFeat-style targets)
+    "coarse_ae_desc": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                "objective.descriptor_weight=1"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

@@ -183,6 +183,9 @@ class ObjectiveConfig:
                                        "(every patch) by a second decoder reading only the coarse_ae_levels coarsest "
                                        "levels; the first half feeds the other objectives (same compute as one pass)")
     coarse_ae_levels: int = opt(2, "the coarsest levels that coarse_ae_weight's decoder reads")
+    descriptor_weight: float = opt(0.0, "hand-crafted targets (MaskFeat's HOG, HuBERT's MFCC clusters): a linear head "
+                                        "on every level's non-empty mean regresses the crop's music descriptors "
+                                        "(midi_rae.descriptors, standardised by running statistics)")
     global_weight: float = opt(0.0, "one embedding per view (every level's non-empty mean, concatenated, "
                                     "through a projector MLP), pulled together across the two views")
     global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
@@ -192,7 +195,8 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight",
-                                                 "multiscale_weight", "global_weight", "coarse_ae_weight")}
+                                                 "multiscale_weight", "global_weight", "coarse_ae_weight",
+                                                 "descriptor_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
@@ -285,6 +289,8 @@ class DecoderConfig:
     decoder_dim: int = opt(128, "vit decoder width")
     vit_heads: int = opt(4, "vit decoder heads")
     skip_levels: list[int] | None = opt(None, "swin: encoder levels the decoder reads (0 = coarsest); None: all")
+    embed_dim: int | None = opt(None, "swin: width of the decoder's finest stage, doubling toward the coarsest; "
+                                      "None: the encoder's model.embed_dim")
     head: str = opt("linear", "unpatchify head: 'linear', 'pixelshuffle' or 'convtranspose'")
     drop_path_rate: float = opt(0.0, "stochastic depth of the decoder")
     finetune_encoder: bool = opt(False, "train the encoder too, at lr * encoder_lr_scale")

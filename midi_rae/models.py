@@ -3,8 +3,8 @@
 not care which objectives are on.
 
 - `Pretrainer`: encoder + whichever heads the objective weights switch on (MAE decoder,
-  masked-embedding predictor with an EMA teacher, multi-scale heads); LeJEPA and the anchor
-  loss need no head.
+  masked-embedding predictor with an EMA teacher, multi-scale heads, projector, descriptor
+  head); LeJEPA and the anchor loss need no head.
 - `DecoderTrainer`: a frozen (or fine-tuned) encoder and a full decoder trained to
   reconstruct the roll.
 - `Classifier`: the encoder and a classification head on one pooled level, fine-tuned together.
@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from midi_rae.config import Config
 from midi_rae.core import EncoderOutput
+from midi_rae.descriptors import NAMES as DESCRIPTOR_NAMES
+from midi_rae.descriptors import descriptors
 from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
                              multiscale_recon_loss, patch_recon_loss, patches_at, recon_bce)
 from midi_rae.masking import patch_non_empty
@@ -89,7 +91,7 @@ def build_decoder(cfg: Config) -> nn.Module:
     return SwinDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
                        depths=tuple(dc.depths or m.depths), num_heads=tuple(dc.num_heads or m.num_heads),
                        window_size=m.window_size, mlp_ratio=m.mlp_ratio, drop_path_rate=dc.drop_path_rate,
-                       skip_levels=dc.skip_levels, head=dc.head)
+                       skip_levels=dc.skip_levels, head=dc.head, width=dc.embed_dim)
 
 
 def align_levels(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shift2: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -134,6 +136,36 @@ class Projector(nn.Module):
         return self.mlp(torch.cat([lvl.pooled() for lvl in out.patches], dim=-1))  # (B, out_dim)
 
 
+class DescriptorHead(nn.Module):
+    """The head of the descriptor objective: every level's non-empty mean, concatenated, through
+    one Linear to the crop's hand-crafted music descriptors (`midi_rae.descriptors`). Linear, so
+    what it reads is linearly in the features the probes fit on. The targets are standardised by
+    running statistics (buffers, so a resumed run continues with them): the descriptors mix
+    histograms summing to 1 with pitches in [0, 1] and polyphony counts."""
+
+    def __init__(self, in_dim: int, momentum: float = 0.01, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, len(DESCRIPTOR_NAMES))
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("target_mean", torch.zeros(len(DESCRIPTOR_NAMES)))
+        self.register_buffer("target_var", torch.ones(len(DESCRIPTOR_NAMES)))
+        self.register_buffer("seen", torch.tensor(False))
+
+    def loss(self, out: EncoderOutput, x: Tensor) -> Tensor:
+        """Mean squared error of the standardised descriptors of x (B, C, H, W), the full crops."""
+        with torch.no_grad():
+            target = descriptors(x.detach().float().cpu()).to(x.device)  # (B, F)
+            if self.training:
+                mean, var = target.mean(0), target.var(0, unbiased=False)
+                rate = self.momentum if self.seen else 1.0  # the first batch sets the statistics
+                self.target_mean.lerp_(mean, rate)
+                self.target_var.lerp_(var, rate)
+                self.seen.fill_(True)
+            target = (target - self.target_mean) / (self.target_var + self.eps).sqrt()
+        pred = self.linear(torch.cat([lvl.pooled() for lvl in out.patches], dim=-1))  # (B, F)
+        return F.mse_loss(pred.float(), target)
+
+
 def clear_attention_caches(module: nn.Module) -> None:
     """Drop cached position biases: weights changed in place (EMA) would leave them stale."""
     for m in module.modules():
@@ -165,6 +197,7 @@ class Pretrainer(nn.Module):
         self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
                          if o.multiscale_weight > 0 else None)
         self.projector = Projector(sum(level_dims(self.encoder)), o.global_dim) if o.global_weight > 0 else None
+        self.descriptor_head = DescriptorHead(sum(level_dims(self.encoder))) if o.descriptor_weight > 0 else None
         self.teacher = None
         if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
@@ -268,9 +301,14 @@ class Pretrainer(nn.Module):
             per_level = [anchor_loss(lvl.emb, lvl.non_empty, lvl.emb.new_zeros(lvl.dim))
                          for out in outs for lvl in out.patches]
             parts["anchor"] = torch.stack(per_level).mean()
+        if self.descriptor_head is not None:
+            # The student's view, masked when the other objectives mask it (no extra forward):
+            # the descriptors are those of the whole crop, so hidden patches must be inferred.
+            out = student if student is not None else (views[0] if views else self.encoder(x))
+            parts["descriptors"] = self.descriptor_head.loss(out, x)
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
                    "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight,
-                   "coarse_ae": o.coarse_ae_weight}
+                   "coarse_ae": o.coarse_ae_weight, "descriptors": o.descriptor_weight}
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 

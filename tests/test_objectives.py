@@ -6,6 +6,7 @@ import torch
 
 from midi_rae.config import ConfigError, load_config
 from midi_rae.dataset import PianoRollDataset
+from midi_rae.descriptors import descriptors
 from midi_rae.losses import info_nce, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinEncoder, SwinMAEDecoder
@@ -104,6 +105,37 @@ def test_coarse_ae_splits_the_batch_between_masked_and_coarse_autoencoding(tiny_
     assert all(p.grad is not None for p in model.coarse_decoder.lateral.parameters())
 
 
+def test_descriptor_objective_regresses_the_whole_crops_standardised_descriptors(tiny_cache: Path) -> None:
+    """descriptor_weight: a linear head on every level's non-empty mean of the masked view
+    regresses the descriptors of the whole crop; the first training batch sets the running
+    statistics, later ones move them, and evaluation leaves them alone."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=0.5"])
+    model = Pretrainer(cfg).train()
+    head = model.descriptor_head
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(4)])
+    target = descriptors(x)
+    torch.manual_seed(0)
+    loss, parts = model({"x": x})
+    assert set(parts) == {"recon", "descriptors"}
+    assert torch.allclose(loss, parts["recon"] + 0.5 * parts["descriptors"])
+    assert torch.allclose(head.target_mean, target.mean(0)) and bool(head.seen)
+    torch.manual_seed(0)  # the same mask: the student's view the head read
+    out = model.encoder(x, mask_ratio=cfg.objective.mask_ratio)
+    pred = head.linear(torch.cat([lvl.pooled() for lvl in out.patches], -1))
+    z = (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()
+    assert torch.allclose(parts["descriptors"], ((pred - z) ** 2).mean(), atol=1e-5)
+    loss.backward()
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0 and head.linear.weight.grad is not None
+
+    model({"x": x.flip(-1)})  # a second batch moves the statistics by the momentum
+    moved = target.mean(0).lerp(descriptors(x.flip(-1)).mean(0), head.momentum)
+    assert torch.allclose(head.target_mean, moved, atol=1e-6)
+    model.eval()({"x": x})
+    assert torch.allclose(head.target_mean, moved, atol=1e-6)
+    assert {"descriptor_head.target_mean", "descriptor_head.target_var"} <= set(model.state_dict())
+
+
 def test_impossible_objective_configs_are_refused() -> None:
     with pytest.raises(ConfigError, match="data.view_mode=shift"):
         load_config(None, ["objective.lejepa_weight=1", "data.view_mode=piece"])
@@ -113,6 +145,8 @@ def test_impossible_objective_configs_are_refused() -> None:
         load_config(None, ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=0"])
     with pytest.raises(ConfigError, match="objective.recon_levels=2 instead"):
         load_config(None, ["objective.coarse_ae_weight=1", "objective.recon_weight=0"])
+    with pytest.raises(ConfigError, match="objective weights must be >= 0"):
+        load_config(None, ["objective.descriptor_weight=-1"])
     with pytest.raises(ConfigError, match="global_loss"):
         load_config(None, ["objective.global_loss=simclr"])
 
