@@ -49,7 +49,7 @@ from midi_rae.stages import train_decoder
 from midi_rae.utils import atomic_write_text
 
 ENCODERS = ("trained", "random")
-SETTINGS = ("steps", "batch_size", "encoder_sha1")  # a finished row is reused only when these match
+SETTINGS = ("steps", "batch_size", "encoder_sha1", "decoder_width")  # a finished row is reused only when these match
 
 
 # ----------------------------------------------------------------------------- rate
@@ -127,11 +127,14 @@ def spread(n: int, total: int) -> list[int]:
 
 
 def subset_config(cfg: Config, k: int, out_dir: Path, steps: int, batch_size: int | None,
-                  cache_dir: str | None, device: str | None, threads: int | None = None) -> Config:
+                  cache_dir: str | None, device: str | None, threads: int | None = None,
+                  decoder_width: int | None = None) -> Config:
     """The run's config for the decoder of the k coarsest levels, in `out_dir/<k>/decoder/`."""
     d = cfg.to_dict()
     d.update(name=str(k), out_dir=str(out_dir))
     d["decoder"].update(skip_levels=list(range(k)), finetune_encoder=False)
+    if decoder_width:
+        d["decoder"]["embed_dim"] = decoder_width
     d["decoder_train"].update(max_steps=steps, eval_every=0, progress=False, tensorboard=False, wandb=False,
                               ckpt_every=min(d["decoder_train"]["ckpt_every"], steps))
     if batch_size:
@@ -195,9 +198,10 @@ def finished(enc_dir: Path, settings: dict[str, Any]) -> list[int]:
 def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = None, steps: int = 1000,
                   batch_size: int | None = None, subsets: list[int] | None = None, random: bool = True,
                   overwrite: bool = False, cache_dir: str | None = None, device: str | None = None,
-                  threads: int | None = None) -> dict[str, Any]:
+                  threads: int | None = None, decoder_width: int | None = None) -> dict[str, Any]:
     """Train the decoders of every (encoder, coarsest-first subset) and write the report;
-    returns it as a dict (`rows`: one per (encoder, k))."""
+    returns it as a dict (`rows`: one per (encoder, k)). `decoder_width`: the decoders' finest
+    width (`decoder.embed_dim`), default the run's decoder config."""
     t0 = time.time()
     enc_path, run_dir = resolve_encoder(run)
     cfg = encoder_config(enc_path)
@@ -240,15 +244,16 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     rows = []
     for name, path in encoders.items():
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
-                    "encoder_sha1": weights_sha1(path)}
+                    "encoder_sha1": weights_sha1(path), "decoder_width": decoder_width or cfg.decoder.embed_dim}
         for k in ks + [k for k in finished(out / name, settings) if k not in ks]:  # earlier rows stay in the report
-            row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device, threads)
+            row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device, threads, decoder_width)
             row = run_row(row_cfg, name, k, path, out, settings, overwrite, data(row_cfg))
             floats = floats_per_crop(trained, k)
             rows.append({**row, "floats_per_crop": floats, "fraction_of_pixels": floats / crop_pixels(cfg)})
     rows.sort(key=lambda r: (ENCODERS.index(r["encoder"]), r["k"]))
     report = {"run": str(run_dir), "out": str(out), "encoder_weights": str(enc_path), "crop_pixels": crop_pixels(cfg),
               "crop": [PITCHES, cfg.data.crop_width, cfg.data.channels], "steps": steps,
+              "decoder_width": decoder_width or cfg.decoder.embed_dim or cfg.model.embed_dim,
               "levels": [{"grid": list(i.grid_size), "dim": i.dim, "name": i.name} for i in trained.feature_info],
               "random_init_seed": cfg.train.seed if random else None,
               "threshold_from": "train", "metric_split": "val", "rows": rows, "seconds": round(time.time() - t0, 1)}
@@ -259,7 +264,8 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
 def markdown(r: dict[str, Any]) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [f"# Rate-distortion report of {r['run']}", "",
-             f"One decoder per (encoder, k coarsest levels), {r['steps']} steps each on the frozen encoder. Floats "
+             f"One decoder per (encoder, k coarsest levels), {r['steps']} steps each on the frozen encoder (decoder "
+             f"width {r.get('decoder_width', 'of the encoder')}). Floats "
              f"per crop: tokens x dim summed over the levels read; a crop has {r['crop_pixels']:,} pixels "
              f"({' x '.join(map(str, r['crop']))}). F1 on validation crops (frame channel inside the piece; onsets: "
              f"same pitch and step) at the threshold with the best pixel F1 on training crops.", "",
@@ -302,10 +308,12 @@ def add_levels(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
     p.add_argument("--cache-dir", help="roll cache (default: the run's own data)")
     p.add_argument("--device", help="cpu or cuda (default: the run's decoder_train.device)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the run's decoder_train.threads)")
+    p.add_argument("--decoder-width", type=int, metavar="D",
+                   help="swin decoders' finest-stage width (decoder.embed_dim; default: the run's, else the encoder's)")
 
     def run(args: argparse.Namespace) -> int:
         r = levels_report(args.run, args.out, args.steps, args.batch_size, args.subsets, not args.no_random,
-                          args.overwrite, args.cache_dir, args.device, args.threads)
+                          args.overwrite, args.cache_dir, args.device, args.threads, args.decoder_width)
         print(markdown(r))
         print(f"\nwritten: {r['out']}/levels.json, levels.md, levels.png ({r['seconds']:.0f} s)")
         return 0

@@ -386,6 +386,9 @@ class SwinDecoder(nn.Module):
     skip_levels: indices (coarsest first) of the encoder levels the decoder may read; None reads
     all. Reading only coarse levels measures how much they alone carry. Levels not read are never
     touched; if level 0 is not read, decoding starts from a learned token.
+    width: the decoder's finest-stage width (doubling toward the coarsest), when it should differ
+    from the encoder's embed_dim: a decoder that reads few coarse floats has to invent the fine
+    detail, and at the encoder's width its own capacity, not the levels, may cap the result.
     """
 
     def __init__(self, img_height: int = 128, img_width: int = 128, patch_h: int = 4, patch_w: int = 4,
@@ -394,27 +397,29 @@ class SwinDecoder(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.1,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, skip_levels: Sequence[int] | None = None,
-                 head: str = "linear") -> None:
+                 head: str = "linear", width: int | None = None) -> None:
         super().__init__()
         depths, num_heads = tuple(depths)[::-1], tuple(num_heads)[::-1]  # coarsest first
         L = len(depths)
-        _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths[::-1], num_heads[::-1], 0.0, 2)
+        width = width or embed_dim
+        _validate(img_height, img_width, patch_h, patch_w, width, depths[::-1], num_heads[::-1], 0.0, 2)
         self.grids = pyramid_grids((img_height, img_width), (patch_h, patch_w), L)
-        self.dims = [embed_dim * 2 ** (L - 1 - i) for i in range(L)]
+        self.dims = [embed_dim * 2 ** (L - 1 - i) for i in range(L)]  # the encoder's levels, coarsest first
+        dims = [width * 2 ** (L - 1 - i) for i in range(L)]  # the decoder's stages
         self.skip_levels = sorted(set(range(L) if skip_levels is None else skip_levels))
         if not self.skip_levels or not all(0 <= i < L for i in self.skip_levels):
             raise ValueError(f"skip_levels must name at least one of the levels 0..{L - 1} (0 = coarsest), got {skip_levels}")
-        self.lateral = nn.ModuleDict({str(i): nn.Linear(self.dims[i], self.dims[i]) for i in self.skip_levels})
-        self.start_token = None if 0 in self.skip_levels else nn.Parameter(torch.zeros(self.dims[0]))
+        self.lateral = nn.ModuleDict({str(i): nn.Linear(self.dims[i], dims[i]) for i in self.skip_levels})
+        self.start_token = None if 0 in self.skip_levels else nn.Parameter(torch.zeros(dims[0]))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList([
-            SwinStage(self.dims[i], self.dims[i], self.grids[i], depths[i], num_heads[i], _pair(window_size),
+            SwinStage(dims[i], dims[i], self.grids[i], depths[i], num_heads[i], _pair(window_size),
                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                       drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])], norm_layer=norm_layer)
             for i in range(L)])
-        self.expand = nn.ModuleList([PatchExpand(self.dims[i], self.dims[i + 1], norm_layer) for i in range(L - 1)])
-        self.norm = norm_layer(self.dims[-1])
-        self.head = Unpatchify(self.dims[-1], out_channels, (patch_h, patch_w), head)
+        self.expand = nn.ModuleList([PatchExpand(dims[i], dims[i + 1], norm_layer) for i in range(L - 1)])
+        self.norm = norm_layer(dims[-1])
+        self.head = Unpatchify(dims[-1], out_channels, (patch_h, patch_w), head)
         init_weights(self, version=2)
         if self.start_token is not None:
             nn.init.normal_(self.start_token, std=0.02)

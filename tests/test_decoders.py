@@ -28,7 +28,8 @@ def randomize_norms(model: torch.nn.Module) -> None:
     lambda W: SwinDecoder(128, W, **SMALL),
     lambda W: SwinDecoder(128, W, **SMALL, head="pixelshuffle"),
     lambda W: SwinDecoder(128, W, **SMALL, head="convtranspose", skip_levels=(1, 3)),
-], ids=["mae", "swin-linear", "swin-pixelshuffle", "swin-convtranspose-skip"])
+    lambda W: SwinDecoder(128, W, **SMALL, skip_levels=(0, 1), width=16),
+], ids=["mae", "swin-linear", "swin-pixelshuffle", "swin-convtranspose-skip", "swin-wider"])
 def test_swin_decoders_shapes_and_gradients(W: int, make) -> None:
     enc, dec = SwinEncoder(128, W, **SMALL), make(W)
     randomize_norms(dec)
@@ -55,6 +56,15 @@ def test_skip_levels_reads_only_those_levels() -> None:
     assert fine_only.start_token is not None
     with pytest.raises(ValueError, match="skip_levels must name"):
         SwinDecoder(128, 128, **SMALL, skip_levels=[6])
+
+
+def test_a_wider_decoder_projects_the_encoders_levels_to_its_own_width() -> None:
+    """width: the decoder's stages are wider than the encoder's levels; the laterals map one to the other."""
+    dec = SwinDecoder(128, 128, **SMALL, skip_levels=[0, 1], width=32)
+    assert [tuple(dec.lateral[k].weight.shape) for k in ("0", "1")] == [(32 * 32, 8 * 32), (32 * 16, 8 * 16)]
+    assert dec.head.proj.in_features == 32 and dec.norm.normalized_shape == (32,)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        SwinDecoder(128, 128, **dict(SMALL, num_heads=(2, 2, 2, 4, 8, 16)), width=9)
 
 
 def test_mae_decoder_keeps_coarse_context_at_masked_patches() -> None:

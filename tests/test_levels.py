@@ -80,6 +80,16 @@ def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> No
     assert again["rows"] == r["rows"]  # finished rows stay in the report
     with pytest.raises(ValueError, match="other settings"):
         levels.levels_report(run, out, steps=3, batch_size=4, subsets=[1])
+    with pytest.raises(ValueError, match="decoder_width"):  # a wider decoder is another row
+        levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1], decoder_width=16)
+
+
+def test_decoder_width_sets_the_rows_decoders(report, tmp_path: Path) -> None:
+    _, run, _ = report
+    cfg = encoder_config(run / "pretrain" / "encoder.safetensors")
+    row_cfg = levels.subset_config(cfg, 1, tmp_path, 2, 4, None, None, decoder_width=16)
+    assert row_cfg.decoder.embed_dim == 16 and row_cfg.decoder.skip_levels == [0]
+    assert levels.subset_config(cfg, 1, tmp_path, 2, 4, None, None).decoder.embed_dim is None
 
 
 def test_cli_errors(report, capsys, tmp_path: Path) -> None:
