@@ -63,3 +63,29 @@ def test_prepare_queues_a_few_files_per_worker(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(cache_module, "ProcessPoolExecutor", Counting)
     summary = cache_module.prepare([tmp_path / "gen"], tmp_path / "cache", workers=1, progress=False)
     assert summary.pieces == 40 and len(most) == 40 and max(most) <= 4
+
+
+def test_keys_and_the_done_table_hold_no_per_file_python_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing a file builds no Path (a Path interns every part of its name for the life of the
+    process: about 200 bytes per file), and the finished records are found through sorted numpy
+    arrays of keys, including records converted after the last pack."""
+    make_corpus.make_corpus(tmp_path / "gen", 12, seed=0)
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(tmp_path / "gen"), "--cache-dir", str(cache), "--workers", "1"]) == 0
+    sources = cache_module.collect_sources([tmp_path / "gen"])
+    monkeypatch.setattr(cache_module.Source, "path", property(lambda s: pytest.fail("a Path was built")))
+    keys = [cache_module._key(s, cache_module.RollSettings(), 1 << 20) for s in sources]
+    assert [s.suffix for s in sources] == [".mid"] * 12
+    assert [cache_module.Source(f, "x").suffix for f in ("a/x.", "a/.mid", "a.b/c", "x.MID")] == ["", "", "", ".MID"]
+    monkeypatch.undo()
+    (cache / "done" / "0000000000000000000a.json").write_text('{"key": "0000000000000000000a", "fresh": 1}')
+    done = cache_module._Done(cache)
+    try:
+        assert done.packed.dtype.kind == "S" and list(done.packed) == sorted(done.packed) and len(done.packed) == 12
+        assert all(k in done for k in keys) and done[keys[3]]["key"] == keys[3]
+        assert "0000000000000000000a" in done and done["0000000000000000000a"]["fresh"] == 1
+        assert "ffffffffffffffffffff" not in done
+        with pytest.raises(KeyError):
+            done["ffffffffffffffffffff"]
+    finally:
+        done.close()
