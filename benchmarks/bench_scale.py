@@ -6,6 +6,9 @@ For each N: a fresh corpus from `make_corpus.py` (same seed: the smaller corpora
 files of the larger), prepared into a fresh cache by `python -m midi_rae prepare` in its own
 process; wall time, and the peak RSS of the largest process (prepare or one of its workers,
 from the children's rusage). Then the start-up of the training Dataset on that cache.
+With `--trace`: a second `prepare` over the finished cache (every file hashed, the records
+indexed and packed again, nothing converted) in a child under tracemalloc: the Python heap's
+peak per file, and the lines that hold most of it then.
 """
 from __future__ import annotations
 
@@ -29,7 +32,25 @@ def load(name: str):
     return module
 
 
-def run(n: int, seed: int, workers: int, root: Path) -> None:
+TRACE = """
+import sys, tracemalloc
+from midi_rae.cache import prepare
+tracemalloc.start()
+prepare([sys.argv[1]], sys.argv[2], workers=1, progress=False)
+peak = tracemalloc.get_traced_memory()[1]
+print(peak)
+"""
+
+
+def trace(n: int, corpus: Path, cache: Path) -> None:
+    """The Python heap's peak during a second prepare of `corpus` into its finished `cache`."""
+    out = subprocess.run([sys.executable, "-c", TRACE, str(corpus), str(cache)], capture_output=True, text=True, check=True)
+    peak = int(out.stdout.split()[-1])
+    print(f"N={n}: second prepare over the finished cache: Python heap peak {peak / 1e6:.1f} MB, "
+          f"{peak / n:.0f} bytes per file", flush=True)
+
+
+def run(n: int, seed: int, workers: int, root: Path, traced: bool = False) -> None:
     corpus, cache = root / f"gen{n}", root / f"cache{n}"
     t = time.perf_counter()
     load("make_corpus").make_corpus(corpus, n, seed, bad_every=500)
@@ -47,6 +68,8 @@ def run(n: int, seed: int, workers: int, root: Path) -> None:
     print(f"N={n}: made in {made:.0f} s; prepare {seconds:.1f} s = {seconds / n * 1000:.1f} s per 1,000 files; "
           f"peak RSS {rss / 1024:.0f} MB; {out[0]}; cache {size / 1e6:.1f} MB; "
           f"Dataset start-up {startup['seconds'] * 1e3:.0f} ms, +{startup['rss_kb'] / 1024:.1f} MB", flush=True)
+    if traced:
+        trace(n, corpus, cache)
     shutil.rmtree(corpus)
 
 
@@ -56,12 +79,13 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, help="keep the caches here (default: a temporary folder, removed)")
+    ap.add_argument("--trace", action="store_true", help="also the Python heap's peak of a second prepare (tracemalloc)")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="midi-rae-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         for n in args.sizes:
-            run(n, args.seed, args.workers, root)
+            run(n, args.seed, args.workers, root, args.trace)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
