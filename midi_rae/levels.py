@@ -4,7 +4,9 @@ For the run's pretrained encoder and for its random twin (the same config's enco
 initialisation, seeded with `train.seed`: the weights pretraining started from), one decoder
 per coarsest-first subset of levels (k = 1: the coarsest only, k = 2: the two coarsest, ...,
 k = L: all) is trained on the frozen encoder with `decoder.skip_levels = [0..k-1]` and the same
-step budget, by the ordinary decoder training (`stages.train_decoder`). Each (encoder, k) row
+step budget, by the ordinary decoder training (`stages.train_decoder`); `--decoder-width` makes
+those decoders wider than the encoder (`decoder.embed_dim`), to check that the decoder's own
+capacity is not what limits a row. Each (encoder, k) row
 gives:
 
 - the rate: floats per crop, the sum over the levels read of tokens x dim (from the encoder's
