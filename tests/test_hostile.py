@@ -1,6 +1,7 @@
 """Hostile inputs and user errors: each bad file becomes one report line while the rest convert,
 and each user error becomes one `midi-rae CMD: error: ...` line (no traceback) that says what to change.
 Every input is made here, by the test."""
+import builtins
 import errno
 import os
 import pathlib
@@ -54,15 +55,19 @@ def test_unreadable_file_is_one_report_line(tmp_path: Path, monkeypatch: pytest.
     src.mkdir()
     midi(src / "good.mid", [60, 62])
     locked = midi(src / "locked.mid", [64])
-    # Tests run as root, which chmod cannot lock out: refuse the file as the kernel would.
-    real_open = pathlib.Path.open
+    # Tests run as root, which chmod cannot lock out: refuse the file as the kernel would,
+    # whether it is opened through a Path or by its name.
+    real_path_open, real_open = pathlib.Path.open, builtins.open
 
-    def refusing_open(self: Path, *args, **kwargs):
-        if self.name == locked.name:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def refusing(real):
+        def opener(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.path.basename(file) == locked.name:
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+        return opener
 
-    monkeypatch.setattr(pathlib.Path, "open", refusing_open)
+    monkeypatch.setattr(pathlib.Path, "open", refusing(real_path_open))
+    monkeypatch.setattr(builtins, "open", refusing(real_open))
     summary = prepare([src], tmp_path / "c", workers=1, progress=False)
     assert summary.report == ["SKIP in/locked.mid: cannot read the file (Permission denied); check its permissions"]
     assert summary.pieces == 1
