@@ -243,10 +243,11 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
             return cached["d"]
         return get
 
+    width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
     rows = []
     for name, path in encoders.items():
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
-                    "encoder_sha1": weights_sha1(path), "decoder_width": decoder_width or cfg.decoder.embed_dim}
+                    "encoder_sha1": weights_sha1(path), "decoder_width": width}
         for k in ks + [k for k in finished(out / name, settings) if k not in ks]:  # earlier rows stay in the report
             row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device, threads, decoder_width)
             row = run_row(row_cfg, name, k, path, out, settings, overwrite, data(row_cfg))
@@ -255,7 +256,7 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     rows.sort(key=lambda r: (ENCODERS.index(r["encoder"]), r["k"]))
     report = {"run": str(run_dir), "out": str(out), "encoder_weights": str(enc_path), "crop_pixels": crop_pixels(cfg),
               "crop": [PITCHES, cfg.data.crop_width, cfg.data.channels], "steps": steps,
-              "decoder_width": decoder_width or cfg.decoder.embed_dim or cfg.model.embed_dim,
+              "decoder_width": width or cfg.model.embed_dim,
               "levels": [{"grid": list(i.grid_size), "dim": i.dim, "name": i.name} for i in trained.feature_info],
               "random_init_seed": cfg.train.seed if random else None,
               "threshold_from": "train", "metric_split": "val", "rows": rows, "seconds": round(time.time() - t0, 1)}
@@ -267,7 +268,7 @@ def markdown(r: dict[str, Any]) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [f"# Rate-distortion report of {r['run']}", "",
              f"One decoder per (encoder, k coarsest levels), {r['steps']} steps each on the frozen encoder (decoder "
-             f"width {r.get('decoder_width', 'of the encoder')}). Floats "
+             f"width {r['decoder_width']}). Floats "
              f"per crop: tokens x dim summed over the levels read; a crop has {r['crop_pixels']:,} pixels "
              f"({' x '.join(map(str, r['crop']))}). F1 on validation crops (frame channel inside the piece; onsets: "
              f"same pitch and step) at the threshold with the best pixel F1 on training crops.", "",

@@ -124,6 +124,12 @@ def lejepa_shifted(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shi
     return lejepa_loss(out1.patches.all_emb, out2.patches.all_emb, lam, valid, num_projections, aligned=aligned)
 
 
+def pooled_levels(out: EncoderOutput) -> Tensor:
+    """(B, sum of the level dims): every level's non-empty mean, concatenated (the probes' 'all
+    non-empty' features), what the global and descriptor heads read."""
+    return torch.cat([lvl.pooled() for lvl in out.patches], dim=-1)
+
+
 class Projector(nn.Module):
     """The head of the global objective: every level's non-empty mean, concatenated, through a
     two-layer MLP (SimCLR's projector; the probes read the encoder's features, not this head)."""
@@ -133,7 +139,7 @@ class Projector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
     def forward(self, out: EncoderOutput) -> Tensor:
-        return self.mlp(torch.cat([lvl.pooled() for lvl in out.patches], dim=-1))  # (B, out_dim)
+        return self.mlp(pooled_levels(out))  # (B, out_dim)
 
 
 class DescriptorHead(nn.Module):
@@ -162,7 +168,7 @@ class DescriptorHead(nn.Module):
                 self.target_var.lerp_(var, rate)
                 self.seen.fill_(True)
             target = (target - self.target_mean) / (self.target_var + self.eps).sqrt()
-        pred = self.linear(torch.cat([lvl.pooled() for lvl in out.patches], dim=-1))  # (B, F)
+        pred = self.linear(pooled_levels(out))  # (B, F)
         return F.mse_loss(pred.float(), target)
 
 
