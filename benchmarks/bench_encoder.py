@@ -88,6 +88,11 @@ def build(preset: str, window_size: int, img: int = 128) -> tuple[SwinEncoder, T
     ours = SwinEncoder(img, img, window_size=window_size, drop_path_rate=0.0, **cfg)
     randomize(ours)
     ref = TimmSwin(ours, cfg, window_size)
+    # timm (1.0.29 and later) normalises a 1 x 1 window's one relative coordinate by window - 1 = 0:
+    # NaN, where ours keeps it 0 (layers.attention). Set theirs to that 0 so the stage can be compared.
+    for name, buf in ref.named_buffers():
+        if name.endswith("relative_coords_table"):
+            buf.nan_to_num_(0.0)
     ref.patch_embed.load_state_dict(ours.patch_embed.state_dict(), strict=True)
     for theirs, mine in zip(ref.stages, ours.stages):
         theirs.load_state_dict(mine.state_dict(), strict=True)

@@ -30,7 +30,12 @@ the first step (compilation) is reported apart.
 FLOPs: one more step under `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions,
 attention: forward and backward), divided by the batch size; achieved GFLOP/s = FLOPs per step /
 (median step CPU time / threads), against the best of ten 1024 x 1024 fp32 matmuls timed the same
-way in the same worker. Memory: the peak resident set during the timed steps (VmHWM, reset through
+way in the same worker.
+
+On a GPU (`train.device=cuda`; bf16 autocast unless `train.amp=false`) every CPU time above is
+instead the wall time after `torch.cuda.synchronize()` (so a phase holds its kernels, at the
+cost of one sync per phase boundary), the matmul peak is 8192 x 8192 in the step's precision,
+and the table adds the peak GPU allocation. Memory: the peak resident set during the timed steps (VmHWM, reset through
 /proc/self/clear_refs; Linux only) and its growth over the resident set before the first step.
 
 `--compare REF`: the same presets also run with the package at git revision REF (extracted with
@@ -75,22 +80,43 @@ def reset_peak_rss() -> int:
     return rss_kb("VmRSS")
 
 
-def matmul_peak_gflops(torch, n: int = 1024, repeats: int = 10) -> float:
-    """GFLOP/s of the best of `repeats` n x n fp32 matmuls, by CPU time per thread (see `cpu_time`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(torch, device, amp: bool, repeats: int = 10) -> float:
+    """GFLOP/s of the best of `repeats` square matmuls: on CPU 1024 x 1024 fp32 by CPU time per
+    thread; on CUDA 8192 x 8192 in the step's precision (bf16 under train.amp) by synchronised wall time."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda and amp else torch.float32)
+    b = torch.randn_like(a)
+    clock, per = step_clock(torch, device)
+    for _ in range(3 if cuda else 0):  # CUDA: let the clocks rise and cuBLAS pick its kernel first
+        a @ b
     best = math.inf
     for _ in range(repeats):
-        t0 = time.process_time()
+        t0 = clock()
         a @ b
-        best = min(best, (time.process_time() - t0) / torch.get_num_threads())
+        best = min(best, (clock() - t0) / per)
     return 2 * n**3 / best / 1e9
+
+
+def step_clock(torch, device) -> tuple:
+    """(clock, divisor): the clock the phases and steps are timed with, and what a time on it is
+    divided by to give the seconds one core (CPU) or the GPU spent. CPU: process time over the
+    threads. CUDA: wall time after synchronising, so that each phase's kernels are counted in it."""
+    if device.type != "cuda":
+        return time.process_time, torch.get_num_threads()
+
+    def synced() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return synced, 1
 
 
 class PhaseClock:
     """CPU time of each phase of a step, from wrappers around the methods of the model, its
     submodules and the optimizer that the step calls (the package is left as it is)."""
 
-    def __init__(self, model, optimizer) -> None:
+    def __init__(self, model, optimizer, clock) -> None:
+        self.clock = clock
         self.times = dict.fromkeys(PHASES, 0.0)
         self.forward_end = 0.0
         self._wrap(model, "forward", "forward")
@@ -109,9 +135,9 @@ class PhaseClock:
         inner = getattr(obj, method)
 
         def timed(*args, **kwargs):
-            t0 = time.process_time()
+            t0 = self.clock()
             out = inner(*args, **kwargs)
-            now = time.process_time()
+            now = self.clock()
             self.times["losses" if phase == "forward" else phase] += now - t0
             if phase == "forward":
                 self.forward_end = now
@@ -120,11 +146,11 @@ class PhaseClock:
         setattr(obj, method, timed)  # an instance attribute: nn.Module.__call__ finds it first
 
     def _step_pre(self) -> None:
-        self._opt_start = time.process_time()
+        self._opt_start = self.clock()
         self.times["backward"] += self._opt_start - self.forward_end
 
     def _step_post(self) -> None:
-        self.times["optimizer"] += time.process_time() - self._opt_start
+        self.times["optimizer"] += self.clock() - self._opt_start
 
     def take(self) -> dict[str, float]:
         """The phase times since the last call; losses = the forward minus encoder and heads."""
@@ -147,12 +173,13 @@ class SteppedLoader:
         it = iter(self.loader)
         budget = self._wait()
         while budget:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), self.clock.clock()
             batch = next(it)
-            c1 = time.process_time()
+            c1 = self.clock.clock()
             self.clock.times["data"] += c1 - c0
             yield batch
-            end, c_end = time.perf_counter(), time.process_time()
+            c_end = self.clock.clock()
+            end = time.perf_counter()
             phases = self.clock.take()
             phases["rest"] = (c_end - c1) - sum(v for k, v in phases.items() if k != "data")
             self.records.append({"step": end - t0, "cpu": c_end - c0, **phases})
@@ -200,10 +227,11 @@ def worker(preset: str, overrides: list[str], profile: bool) -> None:
         momentum = (cfg.objective.ema_momentum, cfg.objective.ema_momentum_end) if model.teacher is not None else None
         trainer = Trainer("pretrain", cfg, model, d, Path(out_dir) / "pretrain", train_ds, val, lambda *_: {}, "loss",
                           teacher_momentum=momentum)
-        clock = PhaseClock(model, trainer.optimizer)
-        peak = matmul_peak_gflops(torch)
+        timer, per = step_clock(torch, d.device)
+        clock = PhaseClock(model, trainer.optimizer, timer)
+        peak = matmul_peak_gflops(torch, d.device, tcfg.amp)
         chan_out.write(json.dumps({"ready": True, "batch_size": tcfg.batch_size, "threads": torch.get_num_threads(),
-                                   "matmul_gflops": peak}) + "\n")
+                                   "per": per, "device": str(d.device), "matmul_gflops": peak}) + "\n")
         chan_out.flush()
 
         loader = SteppedLoader(epoch_loader(train_ds, tcfg, d, 0, 0, trainer.spe, cfg.data.num_workers), clock,
@@ -215,6 +243,8 @@ def worker(preset: str, overrides: list[str], profile: bool) -> None:
             on_step(step, stats)
 
         rss_before = reset_peak_rss()
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
         update = trainer.update_teacher if momentum is not None else None
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else nullcontext() as prof:
             stats = train_one_epoch(trainer.model, loader, trainer.optimizer, step=0, total_steps=trainer.total,
@@ -222,6 +252,7 @@ def worker(preset: str, overrides: list[str], profile: bool) -> None:
         if profile:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), file=sys.stderr)
         peak_rss = rss_kb("VmHWM")
+        gpu_peak = torch.cuda.max_memory_allocated(d.device) / 2**20 if d.device.type == "cuda" else None
         # One more step, counted: FLOPs of forward and backward (the optimizer does no matmuls).
         batch = next(iter(epoch_loader(train_ds, tcfg, d, 1, 0, trainer.spe, 0)))
         with FlopCounterMode(display=False) as counter:
@@ -230,7 +261,8 @@ def worker(preset: str, overrides: list[str], profile: bool) -> None:
         trainer.log.close()
         chan_out.write(json.dumps({"flops_per_sample": counter.get_total_flops() / tcfg.batch_size,
                                    "peak_rss_mb": peak_rss / 1024, "step_rss_growth_mb": (peak_rss - rss_before) / 1024,
-                                   "matmul_gflops_end": matmul_peak_gflops(torch)}) + "\n")
+                                   "gpu_peak_mb": gpu_peak, "matmul_gflops_end": matmul_peak_gflops(torch, d.device, tcfg.amp)})
+                       + "\n")
         chan_out.flush()
 
 
@@ -240,7 +272,7 @@ def worker(preset: str, overrides: list[str], profile: bool) -> None:
 class Worker:
     def __init__(self, label: str, tree: Path, preset: str, overrides: list[str], profile: bool = False) -> None:
         self.label = label
-        env = dict(os.environ, PYTHONPATH=str(tree))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", preset, *overrides, *(["--profile"] if profile else [])]
         self.proc = subprocess.Popen(cmd,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
@@ -275,21 +307,27 @@ def summary(w: Worker, warmup: int) -> dict:
     flops = w.info["flops_per_sample"] * bs
     return {"median_step_s": med["step"], "median_step_cpu_s": med["cpu"], "samples_per_s": bs / med["step"], "phases_s": {k: med[k] for k in PHASES},
             "first_step_s": w.records[0]["step"], "gflop_per_sample": w.info["flops_per_sample"] / 1e9,
-            "achieved_gflops": flops / (med["cpu"] / w.info["threads"]) / 1e9, "matmul_gflops": max(w.info["matmul_gflops"], w.info["matmul_gflops_end"]),
+            "achieved_gflops": flops / (med["cpu"] / w.info["per"]) / 1e9, "matmul_gflops": max(w.info["matmul_gflops"], w.info["matmul_gflops_end"]),
             "peak_rss_mb": w.info["peak_rss_mb"], "step_rss_growth_mb": w.info["step_rss_growth_mb"],
-            "batch_size": bs, "threads": w.info["threads"]}
+            "gpu_peak_mb": w.info["gpu_peak_mb"], "device": w.info["device"], "batch_size": bs, "threads": w.info["threads"]}
 
 
 def print_table(preset: str, rows: dict[str, dict]) -> None:
-    print(f"\n### {preset}")
+    cuda = any(s["gpu_peak_mb"] is not None for s in rows.values())
+    print(f"\n### {preset} ({', '.join(sorted({s['device'] for s in rows.values()}))})")
+    if cuda:
+        print("CUDA: the step and phase times are synchronised wall times (the CPU-ms columns too), the "
+              "matmul peak is 8192 x 8192 in the step's precision, and GPU peak MB is torch's peak allocation.")
     print("| version | batch | threads | step ms | step CPU ms | samples/s | " + " | ".join(f"{p} ms" for p in PHASES)
-          + " | GFLOP/sample | GFLOP/s | matmul peak GFLOP/s | % of peak | peak RSS MB | step RSS growth MB |")
-    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(PHASES) + "---:|---:|---:|---:|---:|---:|")
+          + " | GFLOP/sample | GFLOP/s | matmul peak GFLOP/s | % of peak | peak RSS MB | step RSS growth MB |"
+          + (" GPU peak MB |" if cuda else ""))
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(PHASES) + "---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     for label, s in rows.items():
         phases = " | ".join(f"{1e3 * s['phases_s'][p]:.1f}" for p in PHASES)
         print(f"| {label} | {s['batch_size']} | {s['threads']} | {1e3 * s['median_step_s']:.1f} | {1e3 * s['median_step_cpu_s']:.1f} | {s['samples_per_s']:.1f} | "
               f"{phases} | {s['gflop_per_sample']:.4f} | {s['achieved_gflops']:.2f} | {s['matmul_gflops']:.1f} | "
-              f"{100 * s['achieved_gflops'] / s['matmul_gflops']:.1f} | {s['peak_rss_mb']:.0f} | {s['step_rss_growth_mb']:.0f} |")
+              f"{100 * s['achieved_gflops'] / s['matmul_gflops']:.2f} | {s['peak_rss_mb']:.0f} | {s['step_rss_growth_mb']:.0f} |"
+              + (f" {s['gpu_peak_mb']:.0f} |" if cuda else ""))
     # The first step apart: under train.compile it is the compilation, forward and backward.
     print("first step (compilation under train.compile=true): "
           + ", ".join(f"{label} {s['first_step_s']:.1f} s" for label, s in rows.items()))

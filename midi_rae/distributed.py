@@ -38,6 +38,12 @@ def setup(cfg: TrainConfig) -> Dist:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no GPU is visible; set train.device=cpu")
+    if want == "cuda" and local_rank >= torch.cuda.device_count():
+        # torchrun started more processes on this machine than it has GPUs: each process takes the
+        # GPU of its local rank, so cuda:{local_rank} would not exist (and NCCL refuses two ranks on one GPU).
+        raise ConfigError(f"this process has local rank {local_rank} but the machine has {torch.cuda.device_count()} "
+                          f"GPU(s): start at most that many processes per machine (torchrun --nproc_per_node), "
+                          f"or set train.device=cpu")
     device = torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -14,7 +14,7 @@ from test_train import REPO, lines, tiny
 def test_torchrun_two_processes(tiny_cache: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "midi_rae",
            "train", *tiny(tiny_cache, tmp_path, "name=ddp", "train.max_steps=4", "objective.mep_weight=0.5",
-                          "model.drop_path_rate=0.1")]
+                          "model.drop_path_rate=0.1", "train.device=cpu")]  # gloo, also on a GPU machine
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,3 +47,18 @@ def test_a_command_leaves_no_process_group_behind(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setattr(cli, "COMMANDS", {"probe": command(fail)})
         assert cli.main(["probe"]) == (2 if fail else 0)
         assert not dist.is_initialized()
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc_per_node=2 on a one-GPU machine: the second process's GPU does not exist."""
+    import torch
+
+    from midi_rae.config import ConfigError, load_config
+    from midi_rae.distributed import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"local rank 1 but the machine has 1 GPU.*--nproc_per_node.*train.device=cpu"):
+        setup(load_config("quickstart").train)

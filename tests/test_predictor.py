@@ -157,8 +157,15 @@ def test_gradients_reach_every_parameter(encoded) -> None:
     preds, _ = mep(enc_out, masks=masks)
     targets = [torch.randn_like(p) for p in preds]
     mep_loss(preds, targets, [torch.zeros_like(m) for m in masks]).backward()  # loss on every position
+    # A level of one token: the summarizer's softmax over one key is 1 whatever the query, so its
+    # norm1 (which feeds only the query) has no gradient in exact arithmetic: about 1e-14 of float
+    # noise on one build, exactly 0 on another (where "> 0" failed one seed in nine).
+    one_token = {f"summarizers.{i}.norm1.{w}" for i, lvl in enumerate(enc_out.patches) if lvl.emb.shape[1] == 1
+                 for w in ("weight", "bias")}
+    assert one_token == {"summarizers.0.norm1.weight", "summarizers.0.norm1.bias"}
     for name, p in mep.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() < 1e-9 if name in one_token else p.grad.abs().sum() > 0, name
 
 
 def test_wrong_dims_message(encoded) -> None:
