@@ -29,52 +29,69 @@ NAMES = ([f"pc_rel_{i}" for i in range(12)] + ["key_corr_major", "key_corr_minor
             "pitch_range", "pitch_centroid", "pitch_spread", "note_length", "pitch_classes_used"])
 
 
-def _profile_corr(pc: np.ndarray, profile: np.ndarray) -> np.ndarray:
-    """(12,) pitch-class weights -> (12,) Pearson correlation with `profile` rotated to each tonic."""
-    rotated = np.stack([np.roll(profile, t) for t in range(12)])  # (12 tonics, 12 pcs)
-    a = pc - pc.mean()
-    b = rotated - rotated.mean(1, keepdims=True)
-    return (b @ a) / (np.linalg.norm(b, axis=1) * np.linalg.norm(a) + 1e-9)
+CHUNK = 256  # crops per batch of work: 256 x 128 x W float64 maps stay in the tens of MB
 
 
-def _histogram(values: np.ndarray, low: int, high: int) -> np.ndarray:
-    """Normalised counts of the integers `values` clipped to low..high."""
-    h = np.bincount(np.clip(values, low, high) - low, minlength=high - low + 1).astype(np.float64)
-    return h / max(h.sum(), 1.0)
+def _profile_corr(pc: Tensor, profile: np.ndarray) -> Tensor:
+    """(N, 12) pitch-class weights -> (N, 12) Pearson correlation with `profile` rotated to each tonic."""
+    rotated = torch.from_numpy(np.stack([np.roll(profile, t) for t in range(12)]))  # (12 tonics, 12 pcs)
+    a = pc - pc.mean(1, keepdim=True)
+    b = rotated - rotated.mean(1, keepdim=True)
+    return (a @ b.T) / (b.norm(dim=1) * a.norm(dim=1, keepdim=True) + 1e-9)
 
 
-def crop_descriptors(frame: np.ndarray, onset: np.ndarray) -> np.ndarray:
-    """(128, W) bool frame and onset maps of one crop -> (len(NAMES),) float64."""
-    w = frame.shape[1]
-    pitches = np.arange(128)
-    weights = frame.sum(1)  # (128,) sounding steps per pitch
-    pc = np.bincount(pitches % 12, weights=weights, minlength=12).astype(np.float64)
+def _histogram(values: Tensor, counted: Tensor, low: int, high: int) -> Tensor:
+    """(N, K) integers, of which the (N, K) bool `counted` ones are clipped to low..high and counted
+    -> (N, high - low + 1) normalised counts (all zeros where none is counted)."""
+    h = torch.zeros(values.shape[0], high - low + 1, dtype=torch.float64)
+    h.scatter_add_(1, values.clamp(low, high) - low, counted.double())
+    return h / h.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def _descriptors(frame: Tensor, onset: Tensor) -> Tensor:
+    """(N, 128, W) bool frame and onset maps -> (N, len(NAMES)) float64."""
+    n, n_pitches, w = frame.shape
+    pitches = torch.arange(n_pitches)
+    weights = frame.sum(2).double()  # (N, 128) sounding steps per pitch
+    pc = weights @ torch.nn.functional.one_hot(pitches % 12, 12).double()  # (N, 12)
     major, minor = _profile_corr(pc, KK_MAJOR), _profile_corr(pc, KK_MINOR)
-    tonic = int(np.argmax(np.maximum(major, minor)))
-    pc_rel = np.roll(pc, -tonic) / max(pc.sum(), 1.0)
+    tonic = torch.maximum(major, minor).argmax(1, keepdim=True)  # (N, 1), the first best as np.argmax
+    pc_rel = pc.gather(1, (tonic + torch.arange(12)) % 12) / pc.sum(1, keepdim=True).clamp(min=1.0)
 
-    o = onset.any(0)  # (W,) onset-column indicator
-    cols = np.flatnonzero(o)  # onset columns, in time order
-    top = np.array([pitches[onset[:, c]].max() for c in cols], dtype=np.int64)  # top voice at each onset
-    intervals = _histogram(np.diff(top), -MAX_INTERVAL, MAX_INTERVAL)  # all zeros for fewer than 2 onsets
-    iois = _histogram(np.diff(cols), 1, MAX_IOI)
+    cols = torch.arange(w)
+    onsets_per_col = onset.sum(1)  # (N, W); one-axis sums of the bool maps are the fast reductions here
+    o = onsets_per_col > 0  # (N, W) onset-column indicator
+    # (N, W) top voice at each column (-1: none), in uint8 arithmetic: the (N, 128, W) map is the cost here.
+    top = (onset * torch.arange(1, n_pitches + 1, dtype=torch.uint8)[:, None]).amax(1).long() - 1
+    # The onset column before each column: the running max of onset-column indices, shifted by one.
+    prev = torch.nn.functional.pad(torch.where(o, cols, -1).cummax(1).values[:, :-1], (1, 0), value=-1)
+    follows = o & (prev >= 0)  # (N, W) an onset column with an earlier one: one interval and one IOI
+    intervals = _histogram(top - top.gather(1, prev.clamp(min=0)), follows, -MAX_INTERVAL, MAX_INTERVAL)
+    iois = _histogram(cols - prev, follows, 1, MAX_IOI)
 
-    o = o.astype(np.float64)
-    energy = max(o @ o, 1.0)
-    autocorr = np.array([o[:-k] @ o[k:] / energy if k < w else 0.0 for k in range(1, MAX_LAG + 1)])
+    od = o.double()
+    energy = (od * od).sum(1).clamp(min=1.0)
+    zero = torch.zeros(n, dtype=torch.float64)
+    autocorr = torch.stack([(od[:, :-k] * od[:, k:]).sum(1) / energy if k < w else zero
+                            for k in range(1, MAX_LAG + 1)], 1)
 
-    poly = frame.sum(0)  # (W,) notes sounding per column
+    poly = frame.sum(1).double()  # (N, W) notes sounding per column
     sounding = poly > 0
-    rows = np.flatnonzero(weights)
-    centroid = float(pitches @ weights / max(weights.sum(), 1))
-    spread = float(np.sqrt(((pitches - centroid) ** 2) @ weights / max(weights.sum(), 1)))
-    low, high = (rows.min(), rows.max()) if len(rows) else (0, 0)
-    scalars = np.array([
-        onset.sum() / w, sounding.mean(), poly[sounding].mean() if sounding.any() else 0.0, poly.max(),
+    used = weights > 0
+    total = weights.sum(1).clamp(min=1.0)
+    centroid = weights @ pitches.double() / total
+    spread = ((pitches.double() - centroid[:, None]) ** 2 * weights).sum(1).div(total).sqrt()
+    any_used = used.any(1)
+    low = torch.where(any_used, torch.where(used, pitches, n_pitches).amin(1), 0).double()
+    high = torch.where(any_used, torch.where(used, pitches, -1).amax(1), 0).double()
+    n_onsets = onsets_per_col.sum(1).double()
+    scalars = torch.stack([
+        n_onsets / w, sounding.double().mean(1), poly.sum(1) / sounding.sum(1).clamp(min=1), poly.amax(1),
         low / 127, high / 127, (high - low) / 127, centroid / 127, spread / 127,
-        frame.sum() / max(onset.sum(), 1) / w, (pc > 0).sum() / 12,
-    ])
-    return np.concatenate([pc_rel, [major.max(), minor.max()], intervals, iois, autocorr, scalars])
+        weights.sum(1) / n_onsets.clamp(min=1.0) / w, (pc > 0).sum(1).double() / 12,
+    ], 1)
+    return torch.cat([pc_rel, major.amax(1, keepdim=True), minor.amax(1, keepdim=True), intervals, iois,
+                      autocorr, scalars], 1)
 
 
 def onsets_of(x: Tensor) -> Tensor:
@@ -88,6 +105,8 @@ def onsets_of(x: Tensor) -> Tensor:
 
 
 def descriptors(x: Tensor) -> Tensor:
-    """(N, C, 128, W) crops in [0, 1] -> (N, len(NAMES)) float32 descriptor features."""
-    frame, onset = (x[:, 0] > 0).numpy(), onsets_of(x).numpy()
-    return torch.from_numpy(np.stack([crop_descriptors(f, o) for f, o in zip(frame, onset)])).float()
+    """(N, C, 128, W) crops in [0, 1] -> (N, len(NAMES)) float32 descriptor features, computed on
+    the CPU in batches of CHUNK crops (float64 inside, as the statistics of short crops need)."""
+    x = x.detach().cpu()
+    parts = [_descriptors(x[i:i + CHUNK, 0] > 0, onsets_of(x[i:i + CHUNK])) for i in range(0, len(x), CHUNK)]
+    return torch.cat(parts).float() if parts else torch.zeros(0, len(NAMES))

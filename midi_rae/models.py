@@ -160,7 +160,7 @@ class DescriptorHead(nn.Module):
     def loss(self, out: EncoderOutput, x: Tensor) -> Tensor:
         """Mean squared error of the standardised descriptors of x (B, C, H, W), the full crops."""
         with torch.no_grad():
-            target = descriptors(x.detach().float().cpu()).to(x.device)  # (B, F)
+            target = descriptors(x).to(x.device)  # (B, F), computed on the CPU
             if self.training:
                 mean, var = target.mean(0), target.var(0, unbiased=False)
                 rate = self.momentum if self.seen else 1.0  # the first batch sets the statistics
