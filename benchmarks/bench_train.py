@@ -38,6 +38,9 @@ cost of one sync per phase boundary), the matmul peak is 8192 x 8192 in the step
 and the table adds the peak GPU allocation. Memory: the peak resident set during the timed steps (VmHWM, reset through
 /proc/self/clear_refs; Linux only) and its growth over the resident set before the first step.
 
+`--against KEY=VALUE ...`: the same presets also run with this tree and these overrides added,
+alternating in the same way; prints the step-time ratio (the cost of an option).
+
 `--compare REF`: the same presets also run with the package at git revision REF (extracted with
 `git archive` into a temporary folder), alternating with this tree; prints the step-time ratio
 REF / this and checks that the losses of every step (`--warmup` + `--steps`) agree to LOSS_RTOL
@@ -352,12 +355,15 @@ def compare(args: argparse.Namespace) -> None:
     results: dict[str, dict] = {}
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"this": ROOT}
+        # (label, tree, overrides) of each worker; the last is "this" (the one profiled).
+        versions = [("this", ROOT, args.overrides)]
         if args.compare:
-            trees = {args.compare: extract(args.compare, Path(tmp)), "this": ROOT}
+            versions.insert(0, (args.compare, extract(args.compare, Path(tmp)), args.overrides))
+        elif args.against:
+            versions.insert(0, (" ".join(args.against), ROOT, [*args.overrides, *args.against]))
         for preset in args.presets:
-            workers = [Worker(label, tree, preset, args.overrides, args.profile and label == "this")
-                       for label, tree in trees.items()]
+            workers = [Worker(label, tree, preset, overrides, args.profile and label == "this")
+                       for label, tree, overrides in versions]
             total = args.warmup + args.steps
             for r in range(math.ceil(total / args.chunk)):
                 for w in (workers if r % 2 == 0 else workers[::-1]):  # alternate who goes first
@@ -367,11 +373,12 @@ def compare(args: argparse.Namespace) -> None:
             rows = {w.label: summary(w, args.warmup) for w in workers}
             print_table(preset, rows)
             out = {"rows": rows}
-            if args.compare:
+            if len(workers) == 2:
                 base, new = workers
                 # The ratio of step times, step by step in the order they alternated.
                 ratios = [a["step"] / b["step"] for a, b in zip(base.records[args.warmup:], new.records[args.warmup:])]
-                ok, worst = losses_agree(base.losses, new.losses)
+                # Another configuration trains another objective: its losses are not expected to agree.
+                ok, worst = losses_agree(base.losses, new.losses) if args.compare else (True, math.nan)
                 out.update(ratio_median_steps=rows[base.label]["median_step_s"] / rows["this"]["median_step_s"],
                            ratio_median_cpu=rows[base.label]["median_step_cpu_s"] / rows["this"]["median_step_cpu_s"],
                            ratio_of_sums=sum(r["step"] for r in base.records[args.warmup:])
@@ -379,9 +386,9 @@ def compare(args: argparse.Namespace) -> None:
                            ratio_stepwise_median=statistics.median(ratios),
                            losses_agree=ok, worst_loss_rel_diff=worst, losses={w.label: w.losses for w in workers})
                 print(f"\nstep time {base.label} / this: {out['ratio_median_steps']:.3f} (median steps), "
-                      f"{out['ratio_of_sums']:.3f} (sums), {out['ratio_stepwise_median']:.3f} (median of paired ratios), {out['ratio_median_cpu']:.3f} (median CPU time); "
-                      f"losses of all {total} steps agree to {LOSS_RTOL:g}: {ok} (worst relative "
-                      f"difference {worst:.2e})")
+                      f"{out['ratio_of_sums']:.3f} (sums), {out['ratio_stepwise_median']:.3f} (median of paired ratios), {out['ratio_median_cpu']:.3f} (median CPU time)"
+                      + (f"; losses of all {total} steps agree to {LOSS_RTOL:g}: {ok} (worst relative "
+                         f"difference {worst:.2e})" if args.compare else ""))
                 if not ok:
                     failed.append(preset)
             results[preset] = out
@@ -399,6 +406,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="steps before the timed ones (not timed, losses compared)")
     p.add_argument("--chunk", type=int, default=2, help="steps a version runs before the other's turn")
     p.add_argument("--compare", metavar="REF", help="also run the package at this git revision, alternating")
+    p.add_argument("--against", nargs="+", metavar="KEY=VALUE",
+                   help="instead of --compare: also run this tree with these overrides added, alternating "
+                        "(the cost of an option, e.g. objective.descriptor_weight=0; losses are not compared)")
     p.add_argument("--out", type=Path, help="write every figure as JSON here")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's top ops (by self CPU time) over this tree's steps (slows them down)")
