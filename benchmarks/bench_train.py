@@ -30,13 +30,13 @@ the first step (compilation) is reported apart.
 FLOPs: one more step under `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions,
 attention: forward and backward), divided by the batch size; achieved GFLOP/s = FLOPs per step /
 (median step CPU time / threads), against the best of ten 1024 x 1024 fp32 matmuls timed the same
-way in the same worker.
+way in the same worker. Memory: the peak resident set during the timed steps (VmHWM, reset through
+/proc/self/clear_refs; Linux only) and its growth over the resident set before the first step.
 
 On a GPU (`train.device=cuda`; bf16 autocast unless `train.amp=false`) every CPU time above is
 instead the wall time after `torch.cuda.synchronize()` (so a phase holds its kernels, at the
 cost of one sync per phase boundary), the matmul peak is 8192 x 8192 in the step's precision,
-and the table adds the peak GPU allocation. Memory: the peak resident set during the timed steps (VmHWM, reset through
-/proc/self/clear_refs; Linux only) and its growth over the resident set before the first step.
+and the table adds the peak GPU allocation.
 
 `--against KEY=VALUE ...`: the same presets also run with this tree and these overrides added,
 alternating in the same way; prints the step-time ratio (the cost of an option).

@@ -29,7 +29,7 @@ NAMES = ([f"pc_rel_{i}" for i in range(12)] + ["key_corr_major", "key_corr_minor
             "pitch_range", "pitch_centroid", "pitch_spread", "note_length", "pitch_classes_used"])
 
 
-CHUNK = 256  # crops per batch of work: 256 x 128 x W float64 maps stay in the tens of MB
+CHUNK = 256  # crops per batch of work: its (CHUNK, 128, W) bool and uint8 maps stay a few MB
 
 
 def _profile_corr(pc: Tensor, profile: np.ndarray) -> Tensor:
