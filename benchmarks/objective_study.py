@@ -27,7 +27,7 @@ from pathlib import Path
 # Each row switches its objectives explicitly, so it means the same over any preset.
 OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
-       "model.inter_stage_mask_ratio=0", "data.view_mode=shift"]
+       "objective.recon_nested=false", "model.inter_stage_mask_ratio=0", "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
@@ -50,6 +50,13 @@ ROWS: dict[str, list[str]] = {
     # + a linear head on the pooled levels regressing the crop's hand-crafted descriptors (MaskFeat-style targets)
     "coarse_ae_desc": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                                 "objective.descriptor_weight=1"],
+    # the unmasked coarse autoencoder with the hand-crafted targets; then with nested dropout of its
+    # levels (each sample decoded from its k coarsest, k uniform in 1..2), so level 0 must stand alone
+    "coarse_ae_m0_desc": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                   "objective.mask_ratio=0", "objective.descriptor_weight=1"],
+    "coarse_ae_m0_desc_nested": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                          "objective.mask_ratio=0", "objective.descriptor_weight=1",
+                                          "objective.recon_nested=true"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

@@ -179,6 +179,8 @@ class ObjectiveConfig:
     multiscale_weight: float = opt(0.0, "per-level heads predicting the max-pooled roll")
     multiscale_upsample: int = opt(1, "each multi-scale head predicts this many cells per token side")
     recon_levels: int | None = opt(None, "swin: the MAE decoder reads only this many coarsest levels; None: all")
+    recon_nested: bool = opt(False, "swin: each sample's MAE decoder reads only its k coarsest of those levels, k "
+                                    "uniform in 1..recon_levels (nested dropout): each coarse level must stand alone")
     coarse_ae_weight: float = opt(0.0, "swin: the second half of each batch is encoded unmasked and reconstructed "
                                        "(every patch) by a second decoder reading only the coarse_ae_levels coarsest "
                                        "levels; the first half feeds the other objectives (same compute as one pass)")
@@ -422,6 +424,10 @@ class Config:
         if rl is not None:
             _require(m.encoder == "swin" and rl <= m.num_stages, f"objective.recon_levels must be 1..{m.num_stages} "
                      f"(Swin levels) or null, got {rl} for the {m.encoder} encoder")
+        _require(not o.recon_nested or (m.encoder == "swin" and o.recon_weight > 0),
+                 f"objective.recon_nested drops the Swin MAE decoder's finer levels per sample; it needs "
+                 f"model.encoder=swin and objective.recon_weight > 0 (got {m.encoder}, {o.recon_weight}); "
+                 f"or set objective.recon_nested=false")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -244,12 +244,15 @@ class Pretrainer(nn.Module):
         decoder can decode chosen patches (Swin, linear head), only those are decoded past the
         last attention: the same loss for a few percent of the decoder's tail."""
         o = self.objective
+        kw = {}
+        if o.recon_nested:  # nested dropout: sample b reads its levels[b] coarsest levels only
+            kw["levels"] = torch.randint(1, self.mae_decoder.read_levels + 1, (len(x),), device=x.device)  # (B,)
         if (o.recon_visible_weight == 0 and isinstance(self.mae_decoder, SwinMAEDecoder)
                 and self.mae_decoder.head.mode == "linear"):
             hidden = ~student.mae_mask  # (B, N)
-            logits = self.mae_decoder.patch_logits(student, hidden)  # (M, C, ph, pw)
+            logits = self.mae_decoder.patch_logits(student, hidden, **kw)  # (M, C, ph, pw)
             return patch_recon_loss(logits, patches_at(x, hidden, self.patch_size), o.pos_weight)
-        logits = self.mae_decoder(student)  # (B, C, H, W)
+        logits = self.mae_decoder(student, **kw)  # (B, C, H, W)
         return masked_recon_loss(logits, x, student.mae_mask, self.patch_size, o.recon_visible_weight, o.pos_weight)
 
     def _mep(self, student: EncoderOutput, target: EncoderOutput) -> Tensor:

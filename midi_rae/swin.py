@@ -347,12 +347,16 @@ class SwinMAEDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_embed"} | submodule_no_weight_decay(self)
 
-    def fuse(self, enc_out: EncoderOutput) -> Tensor:
-        """The levels merged top-down onto the finest grid, with the mask (and position) embedding: (B, gh, gw, D)."""
+    def fuse(self, enc_out: EncoderOutput, levels: Tensor | None = None) -> Tensor:
+        """The levels merged top-down onto the finest grid, with the mask (and position) embedding:
+        (B, gh, gw, D). levels (B,) int, optional: sample b reads only its levels[b] coarsest levels
+        (1..read_levels; the others add nothing), as if the decoder read fewer levels for it."""
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)
         x = None
         for i, grid in enumerate(self.grids):
             lat = to_grid(self.lateral[i](enc_out.patches[i].emb), grid) if i < self.read_levels else 0  # (B, h, w, decoder_dim)
+            if levels is not None and i < self.read_levels:
+                lat = lat * (levels > i).to(lat.dtype)[:, None, None, None]
             x = lat if x is None else upsample2x(x) + lat
         masked = ~enc_out.mae_mask.view(x.shape[:3])  # (B, gh, gw)
         x = x + masked[..., None] * self.mask_embed
@@ -360,15 +364,15 @@ class SwinMAEDecoder(nn.Module):
             x = x + self.pos_embed
         return x
 
-    def forward(self, enc_out: EncoderOutput) -> Tensor:
-        return self.head(self.norm(self.blocks(self.fuse(enc_out))))  # (B, C, H, W) logits
+    def forward(self, enc_out: EncoderOutput, levels: Tensor | None = None) -> Tensor:
+        return self.head(self.norm(self.blocks(self.fuse(enc_out, levels))))  # (B, C, H, W) logits
 
-    def patch_logits(self, enc_out: EncoderOutput, select: Tensor) -> Tensor:
+    def patch_logits(self, enc_out: EncoderOutput, select: Tensor, levels: Tensor | None = None) -> Tensor:
         """The logits of the patches where select (B, N) bool is True, in row-major order sample
         by sample: (M, C, ph, pw), the same as `forward`'s there. The last block's attention reads
         every token; what follows it (its MLP, the norm, the head) is per token, so it runs on the
         selected tokens alone (a masked-patch loss reads a few percent of a sparse roll)."""
-        x = self.fuse(enc_out)
+        x = self.fuse(enc_out, levels)
         *blocks, last = self.blocks.blocks  # no downsample, no drop path in the decoder's stage
         for blk in blocks:
             x = blk(x)

@@ -1,4 +1,5 @@
 """The global (piece-level) objectives, the coarse-only MAE decoder and the 'piece' views."""
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,44 @@ def test_coarse_only_mae_decoder_ignores_the_fine_levels() -> None:
     for lvl in list(out.patches)[1:]:  # change every level but the coarsest
         lvl.emb = torch.randn_like(lvl.emb)
     assert torch.equal(before, dec(out)) and len(dec.lateral) == 1 and dec.pos_embed is not None
+
+
+def test_nested_levels_read_each_samples_coarsest_levels_only() -> None:
+    """levels[b] = k: sample b is decoded as if the decoder read its k coarsest levels, the
+    finer ones changing nothing, in forward and in patch_logits alike."""
+    enc = SwinEncoder(img_height=32, img_width=32, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4)
+    dec = SwinMAEDecoder(32, 32, embed_dim=8, num_levels=3, decoder_dim=16, depth=1, num_heads=2, window_size=4,
+                         read_levels=2)
+    out = enc((torch.rand(3, 1, 32, 32) > 0.9).float())
+    levels = torch.tensor([1, 2, 2])
+    before = dec(out, levels)
+    assert not torch.allclose(before, dec(out))
+    assert torch.allclose(before[1:], dec(out)[1:])
+    out.patches[1].emb = torch.randn_like(out.patches[1].emb)  # sample 0 does not read level 1
+    after = dec(out, levels)
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1:], after[1:])
+    select = torch.rand(3, 64) > 0.5
+    picked = after.reshape(3, 1, 8, 4, 8, 4).permute(0, 2, 4, 1, 3, 5).reshape(3, 64, 1, 4, 4)[select]
+    assert torch.allclose(dec.patch_logits(out, select, levels), picked, atol=1e-5)
+
+
+def test_nested_recon_draws_the_levels_per_sample(tiny_cache: Path) -> None:
+    """objective.recon_nested: the reconstruction loss is the decoder's with k coarsest levels
+    per sample, k drawn after the encoder's mask from the same generator."""
+    over = [f"data.cache_dir={tiny_cache}", *SMALL, "objective.recon_levels=2", "objective.pos_weight=4"]
+    model = Pretrainer(load_config(None, [*over, "objective.recon_nested=true"])).eval()
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(6)])
+    torch.manual_seed(0)
+    _, parts = model({"x": x})
+    torch.manual_seed(0)
+    student = model.encoder(x, mask_ratio=0.5)
+    levels = torch.randint(1, 3, (6,))
+    assert 0 < (levels == 1).sum() < 6
+    expect = masked_recon_loss(model.mae_decoder(student, levels), x, student.mae_mask, (4, 4), pos_weight=4.0)
+    assert torch.allclose(parts["recon"], expect, atol=1e-6)
+    with pytest.raises(ConfigError, match="recon_nested"):
+        load_config(None, ["objective.recon_nested=true", "objective.recon_weight=0", "objective.descriptor_weight=1"])
 
 
 def test_pretrainer_global_objective_trains_every_head(tiny_cache: Path, tmp_path: Path) -> None:
@@ -197,3 +236,16 @@ def test_recon_loss_from_the_masked_patches_alone_equals_the_dense_one(depth: in
         assert (g is None) == (d is None)
         if g is not None:
             torch.testing.assert_close(g, d, rtol=1e-4, atol=1e-7)
+
+
+def test_every_objective_study_row_is_a_valid_config() -> None:
+    """benchmarks/objective_study.py's rows are dotted overrides: each must load over the presets
+    the study runs on, or a study of hours would fail at its first job."""
+    path = Path(__file__).parents[1] / "benchmarks" / "objective_study.py"
+    spec = importlib.util.spec_from_file_location("objective_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for preset in ("reference", "quickstart"):
+        for row, overrides in study.ROWS.items():
+            cfg = load_config(preset, overrides)
+            assert cfg.objective.recon_nested == row.endswith("_nested"), row
