@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from midi_rae.cache import load_index
 from midi_rae.checkpoint import save_weights
 from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
@@ -98,18 +99,21 @@ class Predictions:
     probs: Tensor  # (N, C, 128, W)
     x: Tensor  # (N, C, 128, W)
     inside: Tensor  # (N, 1, 128, W) bool: columns that lie inside the crop's piece
+    collection: list[str]  # (N,) each crop's collection ("unknown" where the cache names none)
 
 
 @torch.no_grad()
 def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_size: int) -> Predictions:
     model.eval()
-    probs, xs, inside = [], [], []
+    collection_of = {p["piece_id"]: p.get("collection") or "unknown" for p in load_index(data.dataset.cache_dir)}
+    probs, xs, inside, collection = [], [], [], []
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
         x = batch["x"]  # (B, C, 128, W)
         probs.append(model.logits(x.to(device)).sigmoid().float().cpu())
         inside.append(inside_piece(batch["start"], batch["steps"], x.shape[-1]).expand(-1, 1, x.shape[2], -1))
         xs.append(x)
-    return Predictions(torch.cat(probs), torch.cat(xs), torch.cat(inside))
+        collection += [collection_of.get(pid, "unknown") for pid in batch["piece_id"]]
+    return Predictions(torch.cat(probs), torch.cat(xs), torch.cat(inside), collection)
 
 
 def scores(pred: Predictions, threshold: float) -> dict[str, dict[str, float | None]]:
@@ -118,6 +122,17 @@ def scores(pred: Predictions, threshold: float) -> dict[str, dict[str, float | N
     on = onset_ratios(onset_confusion(pred.probs > threshold, note_mask(pred.x), pred.inside).sum(0))
     clean = lambda d: {k: (None if v != v else round(float(v), 6)) for k, v in d.items() if k != "specificity"}  # noqa: E731
     return {"pixel": clean(px), "onset": clean(on)}
+
+
+def scores_by_collection(pred: Predictions, threshold: float) -> dict[str, dict[str, Any]]:
+    """`scores` of each collection's crops alone, with their number: the targets hold per
+    collection, and a corpus-wide F1 is mostly that of its largest collection."""
+    out = {}
+    for name in sorted(set(pred.collection)):
+        rows = torch.tensor([c == name for c in pred.collection])
+        part = Predictions(pred.probs[rows], pred.x[rows], pred.inside[rows], [name] * int(rows.sum()))
+        out[name] = {"crops": int(rows.sum()), **scores(part, threshold)}
+    return out
 
 
 def spread(n: int, total: int) -> list[int]:
@@ -155,8 +170,9 @@ def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset
     model, _ = load_autoencoder(Checkpoint(cfg, Weights(enc_path), Weights(dec_path), None), device)
     bs = cfg.decoder_train.batch_size
     thr = best_threshold(model, DataLoader(train_data, batch_size=bs, shuffle=False), device)
-    return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)",
-            "val": scores(predict(model, val, device, bs), thr)}
+    pred = predict(model, val, device, bs)
+    return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)", "val_crops": len(val), "val": scores(pred, thr),
+            "val_by_collection": scores_by_collection(pred, thr)}
 
 
 def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settings: dict[str, Any],
@@ -278,7 +294,19 @@ def markdown(r: dict[str, Any]) -> str:
         lv = "0" if row["k"] == 1 else f"0..{row['k'] - 1}"
         lines.append(f"| {row['encoder']} | {lv} | {row['floats_per_crop']:,} | {row['fraction_of_pixels']:.3f} | "
                      f"{row['threshold']:g} | {fmt(row['val']['pixel']['f1'])} | {fmt(row['val']['onset']['f1'])} |")
-    return "\n".join(lines + ["", "![F1 against floats per crop](levels.png)"])
+    lines += ["", "![F1 against floats per crop](levels.png)"]
+    names = sorted({c for row in r["rows"] for c in row.get("val_by_collection", {})})
+    if len(names) > 1:  # rows made before the breakdown existed show "-"
+        counts = {c: row["val_by_collection"][c]["crops"] for row in r["rows"] for c in row.get("val_by_collection", {})}
+        lines += ["", "Pixel F1 by collection (the same validation crops and threshold; crops per collection in the header):",
+                  "", "| encoder | levels read | " + " | ".join(f"{c} ({counts[c]})" for c in names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for row in r["rows"]:
+            lv = "0" if row["k"] == 1 else f"0..{row['k'] - 1}"
+            by = row.get("val_by_collection", {})
+            lines.append(f"| {row['encoder']} | {lv} | " + " | ".join(fmt(by[c]["pixel"]["f1"]) if c in by else "-"
+                                                                     for c in names) + " |")
+    return "\n".join(lines)
 
 
 def write_report(r: dict[str, Any], out: Path) -> None:

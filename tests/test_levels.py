@@ -99,3 +99,19 @@ def test_cli_errors(report, capsys, tmp_path: Path) -> None:
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("midi-rae levels: error:") for line in err)
     assert "1..2" in err[1]
+
+
+def test_scores_by_collection_score_each_collections_crops_alone(report) -> None:
+    """Two collections, one decoded perfectly and one not at all: F1 1 and 0 on their own,
+    in between pooled; every validation crop of the report is in one collection's count."""
+    x = torch.zeros(3, 1, 128, 8)
+    x[:, 0, 60, 2:6] = 1
+    probs = torch.stack([x[0], x[1], torch.zeros_like(x[2])])
+    pred = levels.Predictions(probs, x, torch.ones(3, 1, 128, 8, dtype=torch.bool), ["folk", "folk", "bach"])
+    by = levels.scores_by_collection(pred, 0.5)
+    assert by["folk"]["crops"] == 2 and by["folk"]["pixel"]["f1"] == 1.0 and by["folk"]["onset"]["f1"] == 1.0
+    assert by["bach"]["crops"] == 1 and by["bach"]["pixel"]["f1"] == 0.0
+    assert 0 < levels.scores(pred, 0.5)["pixel"]["f1"] < 1
+    r, _, _ = report
+    for row in r["rows"]:
+        assert sum(c["crops"] for c in row["val_by_collection"].values()) == row["val_crops"] > 0
