@@ -183,6 +183,14 @@ def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settin
     if done.exists():
         row = json.loads(done.read_text())
         changed = [f"{s}: {row.get(s)!r} there, {settings[s]!r} now" for s in SETTINGS if row.get(s) != settings[s]]
+        dec_path = row_dir / "decoder" / "decoder.safetensors"
+        if not changed and "val_by_collection" not in row and dec_path.exists():
+            # Made before the scores by collection: scored again, not trained again.
+            print(f"[levels] {encoder} k={k}: done before ({done}); scoring it by collection", flush=True)
+            train_data, val = data()
+            row.update(evaluate_row(cfg, enc_path, dec_path, train_data, val))
+            atomic_write_text(done, json.dumps(row, indent=1) + "\n")
+            return row
         if not changed:
             print(f"[levels] {encoder} k={k}: done before ({done})", flush=True)
             return row

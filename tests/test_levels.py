@@ -1,5 +1,6 @@
 """`midi-rae levels`: rate arithmetic, one row per (encoder, subset), the random twin, the
 threshold's source, and reruns that reuse finished rows."""
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,11 @@ def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> No
     monkeypatch.setattr("midi_rae.levels.train_decoder", lambda *a, **k: pytest.fail("a finished row was trained again"))
     again = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
     assert again["rows"] == r["rows"]  # finished rows stay in the report
+    done = out / "trained" / "1" / "result.json"
+    old = json.loads(done.read_text())
+    done.write_text(json.dumps({k: v for k, v in old.items() if k != "val_by_collection"}))  # a row made before
+    rescored = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
+    assert rescored["rows"] == r["rows"] and json.loads(done.read_text()) == old  # scored again, not trained
     with pytest.raises(ValueError, match="other settings"):
         levels.levels_report(run, out, steps=3, batch_size=4, subsets=[1])
     with pytest.raises(ValueError, match="decoder_width"):  # a wider decoder is another row
