@@ -38,8 +38,8 @@ from midi_rae.logger import last_record
 from midi_rae.masking import note_mask
 from midi_rae.metrics import (inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep,
                               variance_components)
-from midi_rae.runs import (check_time_grid, datasets, load_autoencoder, resolve_cache_dir, resolve_checkpoint, stage_dirs,
-                           with_encoder_config)
+from midi_rae.runs import (check_time_grid, datasets, load_autoencoder, resolve_cache_dir, resolve_checkpoint, spread,
+                           stage_dirs, with_encoder_config)
 from midi_rae.utils import atomic_write_text
 
 MAX_TOKENS = 20_000  # tokens per level kept for PCA and spectra (a random subset beyond this)
@@ -120,10 +120,10 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
     ds = PianoRollDataset(cache, split, crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
                           channels=d.channels, seed=cfg.decoder_train.seed)
     limit = max_items or d.val_max_items or len(ds)
-    data = Subset(ds, range(min(len(ds), limit)))
+    data = Subset(ds, spread(limit, len(ds)))  # every collection, not the first pieces by id
     train_ds = PianoRollDataset(cache, "train", crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
                                 channels=d.channels, seed=cfg.decoder_train.seed)
-    train_data = Subset(train_ds, range(min(len(train_ds), limit)))
+    train_data = Subset(train_ds, spread(limit, len(train_ds)))
     best_thr = best_threshold(model, DataLoader(train_data, batch_size=batch_size, shuffle=False), device)
     collection = {p["piece_id"]: p.get("collection") for p in load_index(cache)}
     xs, probs_all, masks, coll, piece_ids, starts = [], [], [], [], [], []

@@ -47,12 +47,15 @@ from midi_rae.masking import note_mask
 from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_encoder
 from midi_rae.roll import PITCHES
-from midi_rae.runs import Checkpoint, Weights, datasets, encoder_config, initial_encoder, load_autoencoder
+from midi_rae.runs import Checkpoint, Weights, datasets, encoder_config, initial_encoder, load_autoencoder, spread
 from midi_rae.stages import train_decoder
 from midi_rae.utils import atomic_write_text
 
 ENCODERS = ("trained", "random")
 SETTINGS = ("steps", "batch_size", "encoder_sha1", "decoder_width")  # a finished row is reused only when these match
+# How a row's validation crops were chosen; a row scored otherwise (before: the first crops by piece
+# id, three collections of the bundled corpus) is scored again, its decoder kept.
+VAL_SELECTION = "spread over the validation split, by collection"
 
 
 # ----------------------------------------------------------------------------- rate
@@ -135,11 +138,6 @@ def scores_by_collection(pred: Predictions, threshold: float) -> dict[str, dict[
     return out
 
 
-def spread(n: int, total: int) -> list[int]:
-    """`n` item indices spread evenly over `total` (so that many pieces are seen)."""
-    return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
-
-
 # ----------------------------------------------------------------------------- one row
 
 
@@ -171,7 +169,7 @@ def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset
     bs = cfg.decoder_train.batch_size
     thr = best_threshold(model, DataLoader(train_data, batch_size=bs, shuffle=False), device)
     pred = predict(model, val, device, bs)
-    return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)", "val_crops": len(val), "val": scores(pred, thr),
+    return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)", "val_crops": len(val), "val_selection": VAL_SELECTION, "val": scores(pred, thr),
             "val_by_collection": scores_by_collection(pred, thr)}
 
 
@@ -184,9 +182,9 @@ def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settin
         row = json.loads(done.read_text())
         changed = [f"{s}: {row.get(s)!r} there, {settings[s]!r} now" for s in SETTINGS if row.get(s) != settings[s]]
         dec_path = row_dir / "decoder" / "decoder.safetensors"
-        if not changed and "val_by_collection" not in row and dec_path.exists():
-            # Made before the scores by collection: scored again, not trained again.
-            print(f"[levels] {encoder} k={k}: done before ({done}); scoring it by collection", flush=True)
+        if not changed and row.get("val_selection") != VAL_SELECTION and dec_path.exists():
+            print(f"[levels] {encoder} k={k}: done before ({done}); scoring it again on the validation crops "
+                  f"{VAL_SELECTION}", flush=True)
             train_data, val = data()
             row.update(evaluate_row(cfg, enc_path, dec_path, train_data, val))
             atomic_write_text(done, json.dumps(row, indent=1) + "\n")

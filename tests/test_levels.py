@@ -81,7 +81,7 @@ def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> No
     assert again["rows"] == r["rows"]  # finished rows stay in the report
     done = out / "trained" / "1" / "result.json"
     old = json.loads(done.read_text())
-    done.write_text(json.dumps({k: v for k, v in old.items() if k != "val_by_collection"}))  # a row made before
+    done.write_text(json.dumps({k: v for k, v in old.items() if k not in ("val_by_collection", "val_selection")}))  # made before
     rescored = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
     assert rescored["rows"] == r["rows"] and json.loads(done.read_text()) == old  # scored again, not trained
     with pytest.raises(ValueError, match="other settings"):

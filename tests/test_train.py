@@ -155,6 +155,21 @@ def test_validation_leaves_the_training_stream_alone(device: str, tiny_cache: Pa
     assert stats_a == stats_c  # and every validation sees the same draws
 
 
+def test_validation_crops_cover_every_collection(labelled_cache: Path, tmp_path: Path) -> None:
+    """A cap on the validation crops keeps them spread over the validation pieces: items come in
+    piece-id order, so the first crops alone would all be of the first collection."""
+    full = load_config(None, [f"data.cache_dir={labelled_cache}", f"out_dir={tmp_path}", "data.crop_width=128",
+                              "data.val_fraction=0.3", "data.val_max_items=null"])
+    _, every = datasets(full, 0, False)
+    collection = lambda item: item["piece_id"].split("/")[0]  # noqa: E731
+    assert {collection(every[i]) for i in range(len(every))} == {"chords", "melody"}
+    capped = load_config(None, [f"data.cache_dir={labelled_cache}", f"out_dir={tmp_path}", "data.crop_width=128",
+                                "data.val_fraction=0.3", "data.val_max_items=4"])
+    _, val = datasets(capped, 0, False)
+    assert len(val) == 4 and {collection(val[i]) for i in range(4)} == {"chords", "melody"}
+    assert val.indices[0] == 0 and val.indices[-1] == len(every) - 1
+
+
 def test_validation_builds_no_graph(tiny_cache: Path, tmp_path: Path) -> None:
     """Both validations run without autograd (a graph per batch would only cost memory)."""
     cfg = load_config(None, tiny(tiny_cache, tmp_path))
