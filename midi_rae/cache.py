@@ -602,6 +602,11 @@ def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def piece_collections(cache_dir: str | os.PathLike) -> dict[str, str]:
+    """piece id -> its collection, "unknown" where the cache names none (files given directly)."""
+    return {p["piece_id"]: p.get("collection") or "unknown" for p in load_index(cache_dir)}
+
+
 def load_notes(cache_dir: str | os.PathLike, piece: dict[str, Any]) -> np.ndarray:
     """The notes of one piece of a note cache, `(N,)` NOTE_DTYPE sorted by start (memory-mapped)."""
     return np.load(Path(cache_dir) / piece["file"], mmap_mode="r")[piece["offset"]:piece["offset"] + piece["count"]]

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from midi_rae import probes
-from midi_rae.cache import load_index
+from midi_rae.cache import piece_collections
 from midi_rae.config import Config
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.engine import best_threshold
@@ -125,7 +125,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                 channels=d.channels, seed=cfg.decoder_train.seed)
     train_data = Subset(train_ds, spread(limit, len(train_ds)))
     best_thr = best_threshold(model, DataLoader(train_data, batch_size=batch_size, shuffle=False), device)
-    collection = {p["piece_id"]: p.get("collection") for p in load_index(cache)}
+    collection = piece_collections(cache)
     xs, probs_all, masks, coll, piece_ids, starts = [], [], [], [], [], []
     tokens: list[list[Tensor]] = [[] for _ in model.encoder.feature_info]
     pooled = []
@@ -137,7 +137,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
         xs.append(x.cpu())
         probs_all.append(p.cpu())
         masks.append(mask.cpu())
-        coll += [str(collection.get(pid) or "unknown") for pid in batch["piece_id"]]
+        coll += [collection[pid] for pid in batch["piece_id"]]
         piece_ids += batch["piece_id"]
         starts += batch["start"].tolist()
         for li, lvl in enumerate(enc.patches):

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from midi_rae.cache import load_index
+from midi_rae.cache import piece_collections
 from midi_rae.checkpoint import save_weights
 from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
@@ -106,16 +106,17 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_size: int) -> Predictions:
+def predict(model: DecoderTrainer, data: Subset, device: torch.device, batch_size: int,
+            collection_of: dict[str, str]) -> Predictions:
+    """The decoder's probabilities on `data`; collection_of: piece id -> collection (`piece_collections`)."""
     model.eval()
-    collection_of = {p["piece_id"]: p.get("collection") or "unknown" for p in load_index(data.dataset.cache_dir)}
     probs, xs, inside, collection = [], [], [], []
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
         x = batch["x"]  # (B, C, 128, W)
         probs.append(model.logits(x.to(device)).sigmoid().float().cpu())
         inside.append(inside_piece(batch["start"], batch["steps"], x.shape[-1]).expand(-1, 1, x.shape[2], -1))
         xs.append(x)
-        collection += [collection_of.get(pid, "unknown") for pid in batch["piece_id"]]
+        collection += [collection_of[pid] for pid in batch["piece_id"]]
     return Predictions(torch.cat(probs), torch.cat(xs), torch.cat(inside), collection)
 
 
@@ -163,18 +164,28 @@ def subset_config(cfg: Config, k: int, out_dir: Path, steps: int, batch_size: in
     return from_dict(Config, d)
 
 
-def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, train_data: Subset, val: Subset) -> dict[str, Any]:
+@dataclass
+class RowData:
+    """What every row is scored on, built once per report: training crops for the threshold, the
+    validation crops, and each piece's collection."""
+
+    train: Subset
+    val: Subset
+    collection_of: dict[str, str]
+
+
+def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, d: RowData) -> dict[str, Any]:
     device = setup(cfg.decoder_train).device
     model, _ = load_autoencoder(Checkpoint(cfg, Weights(enc_path), Weights(dec_path), None), device)
     bs = cfg.decoder_train.batch_size
-    thr = best_threshold(model, DataLoader(train_data, batch_size=bs, shuffle=False), device)
-    pred = predict(model, val, device, bs)
-    return {"threshold": thr, "threshold_from": f"train ({len(train_data)} crops)", "val_crops": len(val), "val_selection": VAL_SELECTION, "val": scores(pred, thr),
-            "val_by_collection": scores_by_collection(pred, thr)}
+    thr = best_threshold(model, DataLoader(d.train, batch_size=bs, shuffle=False), device)
+    pred = predict(model, d.val, device, bs, d.collection_of)
+    return {"threshold": thr, "threshold_from": f"train ({len(d.train)} crops)", "val_crops": len(d.val),
+            "val_selection": VAL_SELECTION, "val": scores(pred, thr), "val_by_collection": scores_by_collection(pred, thr)}
 
 
 def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settings: dict[str, Any],
-            overwrite: bool, data: Callable[[], tuple[Subset, Subset]]) -> dict[str, Any]:
+            overwrite: bool, data: Callable[[], RowData]) -> dict[str, Any]:
     """Train (or resume) and evaluate the decoder of row (encoder, k); reuse a finished one."""
     row_dir = out / encoder / str(k)
     done = row_dir / "result.json"
@@ -185,8 +196,7 @@ def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settin
         if not changed and row.get("val_selection") != VAL_SELECTION and dec_path.exists():
             print(f"[levels] {encoder} k={k}: done before ({done}); scoring it again on the validation crops "
                   f"{VAL_SELECTION}", flush=True)
-            train_data, val = data()
-            row.update(evaluate_row(cfg, enc_path, dec_path, train_data, val))
+            row.update(evaluate_row(cfg, enc_path, dec_path, data()))
             atomic_write_text(done, json.dumps(row, indent=1) + "\n")
             return row
         if not changed:
@@ -199,9 +209,8 @@ def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settin
         shutil.rmtree(row_dir)
     print(f"[levels] {encoder} encoder, levels 0..{k - 1}: training a decoder for {settings['steps']} steps", flush=True)
     final = train_decoder(cfg, enc_path, resume=True)  # resume: continues an interrupted row
-    train_data, val = data()
     row = {"encoder": encoder, "k": k, "levels": list(range(k)), **settings, "train_seconds": final["seconds"],
-           **evaluate_row(cfg, enc_path, row_dir / "decoder" / "decoder.safetensors", train_data, val)}
+           **evaluate_row(cfg, enc_path, row_dir / "decoder" / "decoder.safetensors", data())}
     atomic_write_text(done, json.dumps(row, indent=1) + "\n")
     return row
 
@@ -252,16 +261,17 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
                          {"config": cfg.to_yaml(), "kind": "encoder", "step": "0", "init_seed": str(cfg.train.seed)})
         encoders["random"] = rand_path
 
-    cached: dict[str, tuple[Subset, Subset]] = {}
+    cached: dict[str, RowData] = {}
 
-    def data(row_cfg: Config) -> Callable[[], tuple[Subset, Subset]]:
-        def get() -> tuple[Subset, Subset]:  # built once, when the first row is evaluated
+    def data(row_cfg: Config) -> Callable[[], RowData]:
+        def get() -> RowData:  # built once, when the first row is evaluated
             if "d" not in cached:
                 _, val = datasets(row_cfg, row_cfg.decoder_train.seed, False)
                 dc = row_cfg.data
                 train = PianoRollDataset(val.dataset.cache_dir, "train", crop_width=dc.crop_width, pair=False,
                                          val_fraction=dc.val_fraction, channels=dc.channels, seed=row_cfg.decoder_train.seed)
-                cached["d"] = (Subset(train, spread(len(val), len(train))), val)
+                cached["d"] = RowData(Subset(train, spread(len(val), len(train))), val,
+                                      piece_collections(val.dataset.cache_dir))
             return cached["d"]
         return get
 
@@ -286,6 +296,10 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     return report
 
 
+def _levels_read(k: int) -> str:
+    return "0" if k == 1 else f"0..{k - 1}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [f"# Rate-distortion report of {r['run']}", "",
@@ -297,9 +311,8 @@ def markdown(r: dict[str, Any]) -> str:
              "| encoder | levels read | floats / crop | floats / pixels | threshold (train) | pixel F1 | onset F1 |",
              "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lv = "0" if row["k"] == 1 else f"0..{row['k'] - 1}"
-        lines.append(f"| {row['encoder']} | {lv} | {row['floats_per_crop']:,} | {row['fraction_of_pixels']:.3f} | "
-                     f"{row['threshold']:g} | {fmt(row['val']['pixel']['f1'])} | {fmt(row['val']['onset']['f1'])} |")
+        lines.append(f"| {row['encoder']} | {_levels_read(row['k'])} | {row['floats_per_crop']:,} | "
+                     f"{row['fraction_of_pixels']:.3f} | {row['threshold']:g} | {fmt(row['val']['pixel']['f1'])} | {fmt(row['val']['onset']['f1'])} |")
     lines += ["", "![F1 against floats per crop](levels.png)"]
     names = sorted({c for row in r["rows"] for c in row.get("val_by_collection", {})})
     if len(names) > 1:  # rows made before the breakdown existed show "-"
@@ -308,10 +321,9 @@ def markdown(r: dict[str, Any]) -> str:
                   "", "| encoder | levels read | " + " | ".join(f"{c} ({counts[c]})" for c in names) + " |",
                   "|---|---|" + "---|" * len(names)]
         for row in r["rows"]:
-            lv = "0" if row["k"] == 1 else f"0..{row['k'] - 1}"
             by = row.get("val_by_collection", {})
-            lines.append(f"| {row['encoder']} | {lv} | " + " | ".join(fmt(by[c]["pixel"]["f1"]) if c in by else "-"
-                                                                     for c in names) + " |")
+            lines.append(f"| {row['encoder']} | {_levels_read(row['k'])} | "
+                         + " | ".join(fmt(by[c]["pixel"]["f1"]) if c in by else "-" for c in names) + " |")
     return "\n".join(lines)
 
 
