@@ -97,6 +97,7 @@ class ModelConfig:
     inter_stage_mask_ratio: float = opt(0.0, "swin: dropout-style masking between stages (ratio / 2**stage) of the masked pretraining forward only, not of LeJEPA views or decoder fine-tuning")
     inter_stage_mask_all: bool = opt(False, "swin: inter-stage masking in every training forward, LeJEPA views and decoder fine-tuning included")
     grad_checkpointing: bool = opt(False, "swin: recompute every block in the backward pass (training only): far less activation memory for about one more forward pass")
+    fold_onsets: bool = opt(False, "swin, data.channels=2: the patch embedding reads frame and onset as one value per pixel (0 silent, 0.5 held, 1 onset), so the finest level can still hold the whole roll; the decoders still reconstruct both channels")
     mae_decoder_dim: int = opt(64, "width of the light decoder of masked reconstruction during pretraining")
     mae_decoder_depth: int = opt(2, "its blocks")
     mae_decoder_heads: int = opt(4, "its heads")
@@ -390,6 +391,9 @@ class Config:
             _require(PITCHES % m.patch_h == 0 and d.crop_width % m.patch_w == 0,
                      f"128 pitches x data.crop_width={d.crop_width} must be whole {m.patch_h}x{m.patch_w} patches; "
                      f"change model.patch_h / model.patch_w or data.crop_width")
+        _require(not m.fold_onsets or (m.encoder == "swin" and d.channels == 2),
+                 f"model.fold_onsets folds the onset channel into the frame channel: it needs model.encoder=swin and "
+                 f"data.channels=2, got {m.encoder} and {d.channels}; set those or model.fold_onsets=false")
         dc = self.decoder
         if m.encoder == "swin" and dc.num_heads is not None:
             for i, h in enumerate(dc.num_heads):  # the decoder's stage i has the encoder's width there

@@ -45,7 +45,7 @@ def encoder_kwargs(cfg: Config) -> dict:
               drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse,
               inter_stage_mask_ratio=m.inter_stage_mask_ratio, inter_stage_mask_all=m.inter_stage_mask_all,
               version=m.version, grad_checkpointing=m.grad_checkpointing,
-              pretrained_window_sizes=m.pretrained_window_sizes)
+              pretrained_window_sizes=m.pretrained_window_sizes, fold_onsets=m.fold_onsets)
     return kw
 
 

@@ -50,7 +50,9 @@ class SwinEncoder(nn.Module):
     is replaced by a learned token, so every scale must cope with missing detail; the levels
     returned are the unmasked stage outputs. `version=1` builds Swin V1 blocks instead.
     `grad_checkpointing` recomputes every block in the backward pass of a training forward
-    (`set_grad_checkpointing`), keeping only each block's input.
+    (`set_grad_checkpointing`), keeping only each block's input. `fold_onsets` averages the
+    input's channels before the patch projection (`PatchEmbed`): a frame + onset roll enters as
+    one value per pixel, 0 silent, 0.5 held, 1 onset.
 
     `pretrained_window_sizes` (V2, one per stage, finest first: an int or (h, w)) are the windows
     the weights were trained at, for weights that run at another window or input size: each
@@ -67,7 +69,8 @@ class SwinEncoder(nn.Module):
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mae_ratio: float = 0.0,
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
                  inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False,
-                 pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None) -> None:
+                 pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None,
+                 fold_onsets: bool = False) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
@@ -80,7 +83,7 @@ class SwinEncoder(nn.Module):
         self.grid_size = (img_height // patch_h, img_width // patch_w)
         self.num_stages = len(depths)
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim, self.patch_size, norm_layer)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, self.patch_size, norm_layer, fold=fold_onsets)
         self.pos_drop = nn.Dropout(drop_rate)
         self.empty_token = nn.Parameter(torch.zeros(embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))

@@ -116,6 +116,7 @@ def test_overrides_are_typed() -> None:
     ("train.device=tpu", r"train.device must be"),
     ("decoder.skip_levels=[7]", r"decoder.skip_levels must name levels 0..3"),
     ("train.layer_decay=1.5", r"train.layer_decay must be in \(0, 1\] \(e.g. 0.9\) or null"),
+    ("model.fold_onsets=true", r"model.fold_onsets .* needs model.encoder=swin and data.channels=2, got swin and 1"),
 ])
 def test_config_errors_name_the_fix(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -346,3 +346,26 @@ def test_constant_windows_path_is_chosen_by_occupancy(monkeypatch) -> None:
     enc = SwinEncoder(128, 64, embed_dim=8, depths=(2, 2), num_heads=(1, 2), drop_path_rate=0.1).train()
     enc(melody_roll(2, 128, 64))
     assert ran == [enc.stages[0].blocks[0]]  # the only block whose drop-path rate is 0
+
+
+def test_fold_onsets_reads_both_channels_through_one() -> None:
+    """fold_onsets = a one-channel encoder fed (frame + onset) / 2: the same weights give the same
+    levels, and a repeated note (two onsets) no longer looks like one held note."""
+    kw = dict(img_height=128, img_width=64, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    folded = SwinEncoder(in_chans=2, fold_onsets=True, **kw).eval()
+    plain = SwinEncoder(in_chans=1, **kw).eval()
+    plain.load_state_dict(folded.state_dict())
+    held = torch.zeros(1, 2, 128, 64)
+    held[0, 0, 60, 8:16] = 1  # one note of 8 steps
+    held[0, 1, 60, 8] = 1
+    repeated = held.clone()
+    repeated[0, 1, 60, 12] = 1  # the same pitch struck again at step 12: the frame channel is unchanged
+    x = torch.cat([held, repeated])
+    out = folded(x)
+    ref = plain(x.mean(1, keepdim=True))
+    for a, b in zip(out.patches.levels, ref.patches.levels):
+        torch.testing.assert_close(a.emb, b.emb)
+    assert not torch.allclose(out.patches.finest.emb[0], out.patches.finest.emb[1])
+    with pytest.raises(ValueError, match="input has 1 channels"):
+        folded(held[:, :1])

@@ -48,16 +48,23 @@ class PatchExpand(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping conv patch embedding + norm: (B, C, H, W) -> (B, H/ph, W/pw, D), NHWC."""
+    """Non-overlapping conv patch embedding + norm: (B, C, H, W) -> (B, H/ph, W/pw, D), NHWC.
+
+    `fold`: the channels are averaged into one before the projection. For a frame + onset roll
+    (onsets lie inside the frame) that is 0 silent, 0.5 held, 1 onset: every pixel's two bits as one
+    value, so the ph*pw -> D projection stays injective on the rolls it can see (with D >= ph*pw),
+    where a 2*ph*pw -> D one cannot be."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: tuple[int, int],
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, fold: bool = False) -> None:
         super().__init__()
-        self.patch_size = tuple(patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.patch_size, self.fold = tuple(patch_size), fold
+        self.proj = nn.Conv2d(1 if fold else in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fold:
+            x = x.mean(1, keepdim=True)  # (B, 1, H, W)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
