@@ -50,6 +50,10 @@ ROWS: dict[str, list[str]] = {
     # + a linear head on the pooled levels regressing the crop's hand-crafted descriptors (MaskFeat-style targets)
     "coarse_ae_desc": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                                 "objective.descriptor_weight=1"],
+    # the same with the onset channel folded into the frame's pixels (0 silent, 0.5 held, 1 onset): the
+    # targets' onsets are then the real ones, and the finest level can still hold the whole roll
+    "coarse_ae_desc_fold": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                     "objective.descriptor_weight=1", "data.channels=2", "model.fold_onsets=true"],
     # the unmasked coarse autoencoder with the hand-crafted targets; then with nested dropout of its
     # levels (each sample decoded from its k coarsest, k uniform in 1..2), so level 0 must stand alone
     "coarse_ae_m0_desc": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",

@@ -149,3 +149,13 @@ def test_encode_command_at_another_geometry(tiny_cache: Path, tmp_path_factory, 
     assert main(["encode", str(run), str(midi), "-o", str(out), "--crop-width", "50"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.endswith("use 48 or 56"), err
+
+
+def test_fold_onsets_survives_save_and_load(tmp_path: Path) -> None:
+    """An encoder trained with model.fold_onsets is rebuilt folded from its weights file alone."""
+    path = saved_encoder(tmp_path / "encoder.safetensors", SWIN + ["data.channels=2", "model.fold_onsets=true"])
+    encoder, cfg = load_encoder(path)
+    assert cfg.model.fold_onsets and encoder.in_chans == 2 and encoder.patch_embed.proj.in_channels == 1
+    x = torch.cat([rolls(32, 1), rolls(32, 1)], 1)
+    with torch.no_grad():
+        assert encoder(x).patches.finest.emb.isfinite().all()
