@@ -319,7 +319,7 @@ class SwinMAEDecoder(nn.Module):
     """FPN-style decoder for SimMIM pretraining: every level projected to `decoder_dim`, a top-down
     pathway (2x nearest upsample + add) from the coarsest to the finest grid, a learned "masked"
     embedding added (not substituted, so the coarse context fused from above survives) at masked
-    patches, a few Swin blocks at the finest grid, and a per-patch head to logits (B, C, H, W)."""
+    patches when the decoder reads the finest level, a few Swin blocks at the finest grid, and a per-patch head to logits (B, C, H, W)."""
 
     def __init__(self, img_height: int = 128, img_width: int = 128, patch_h: int = 4, patch_w: int = 4,
                  out_channels: int = 1, embed_dim: int = 8, num_levels: int = 6, decoder_dim: int = 64,
@@ -333,7 +333,11 @@ class SwinMAEDecoder(nn.Module):
         self.read_levels = num_levels if read_levels is None else read_levels
         self.dims = [embed_dim * 2 ** (num_levels - 1 - i) for i in range(num_levels)]  # coarsest first
         self.lateral = nn.ModuleList([nn.Linear(d, decoder_dim) for d in self.dims[: self.read_levels]])
-        self.mask_embed = nn.Parameter(torch.zeros(decoder_dim))
+        # The mask is drawn per patch, and mostly over patches that hold notes (empty ones are masked
+        # `empty_mask_ratio` times as often): a finest-grid map of it tells where the notes are. Only a
+        # decoder that reads the finest level gets it; one that reads the coarse levels alone must find
+        # everything in them.
+        self.mask_embed = nn.Parameter(torch.zeros(decoder_dim)) if self.read_levels == num_levels else None
         # Without the finest levels, upsampled coarse tokens are constant over their cell: a learned
         # position embedding on the finest grid tells the blocks where in the cell a patch sits.
         self.pos_embed = (nn.Parameter(torch.zeros(1, *self.grids[-1], decoder_dim))
@@ -343,12 +347,13 @@ class SwinMAEDecoder(nn.Module):
         self.norm = norm_layer(decoder_dim)
         self.head = Unpatchify(decoder_dim, out_channels, (patch_h, patch_w), head)
         init_weights(self, version=2)
-        nn.init.normal_(self.mask_embed, std=0.02)
+        if self.mask_embed is not None:
+            nn.init.normal_(self.mask_embed, std=0.02)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_embed"} | submodule_no_weight_decay(self)
+        return ({"mask_embed"} if self.mask_embed is not None else set()) | submodule_no_weight_decay(self)
 
     def fuse(self, enc_out: EncoderOutput, levels: Tensor | None = None) -> Tensor:
         """The levels merged top-down onto the finest grid, with the mask (and position) embedding:
@@ -361,8 +366,11 @@ class SwinMAEDecoder(nn.Module):
             if levels is not None and i < self.read_levels:
                 lat = lat * (levels > i).to(lat.dtype)[:, None, None, None]
             x = lat if x is None else upsample2x(x) + lat
-        masked = ~enc_out.mae_mask.view(x.shape[:3])  # (B, gh, gw)
-        x = x + masked[..., None] * self.mask_embed
+        if self.mask_embed is not None:  # a sample that reads fewer levels (`levels`) gets no mask map either
+            masked = ~enc_out.mae_mask.view(x.shape[:3])  # (B, gh, gw)
+            if levels is not None:
+                masked = masked & (levels == len(self.grids))[:, None, None]
+            x = x + masked[..., None] * self.mask_embed
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return x

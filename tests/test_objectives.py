@@ -1,4 +1,5 @@
 """The global (piece-level) objectives, the coarse-only MAE decoder and the 'piece' views."""
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -41,6 +42,25 @@ def test_coarse_only_mae_decoder_ignores_the_fine_levels() -> None:
     for lvl in list(out.patches)[1:]:  # change every level but the coarsest
         lvl.emb = torch.randn_like(lvl.emb)
     assert torch.equal(before, dec(out)) and len(dec.lateral) == 1 and dec.pos_embed is not None
+
+
+def test_coarse_only_mae_decoder_does_not_see_the_mask() -> None:
+    """The mask is drawn mostly over patches that hold notes, so a finest-grid map of it tells where
+    the notes are: a decoder that reads only the coarse levels must get nothing from it, and a
+    sample of a nested draw that reads fewer than every level neither."""
+    enc = SwinEncoder(img_height=32, img_width=32, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4)
+    x = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) > 0.9).float()
+    out = enc(x, mask_ratio=0.5)
+    other = copy.copy(out)
+    other.mae_mask = ~out.mae_mask  # the same levels, another mask
+    coarse = SwinMAEDecoder(32, 32, embed_dim=8, num_levels=3, decoder_dim=16, depth=1, num_heads=2, window_size=4,
+                            read_levels=2)
+    assert coarse.mask_embed is None and torch.equal(coarse(out), coarse(other))
+    full = SwinMAEDecoder(32, 32, embed_dim=8, num_levels=3, decoder_dim=16, depth=1, num_heads=2, window_size=4)
+    assert not torch.allclose(full(out), full(other))  # reading the finest level, it is told what was masked
+    levels = torch.tensor([2, 3])
+    a, b = full(out, levels), full(other, levels)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
 
 
 def test_nested_levels_read_each_samples_coarsest_levels_only() -> None:
