@@ -7,7 +7,7 @@ On the fixed validation crops of the run's cache (or another split / cache):
 
 - pixel precision / recall / specificity / F1 of the frame channel at the stated threshold (the
   run's `decoder.threshold` unless given) and at the threshold in 0.05..0.95 that maximises F1
-  on training crops (chosen there, never on the set it is reported on);
+  on training crops (chosen there, never on the set it is reported on, so only on the validation split);
 - note-level onset precision / recall / F1 at both thresholds: a predicted note counts when a
   true note has the same pitch and onset step (notes are read as `roll_to_midi` writes them; a
   note already sounding at a crop's first column is an onset only where the onset channel says so);
@@ -121,10 +121,14 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                           channels=d.channels, seed=cfg.decoder_train.seed)
     limit = max_items or d.val_max_items or len(ds)
     data = Subset(ds, spread(limit, len(ds)))  # every collection, not the first pieces by id
-    train_ds = PianoRollDataset(cache, "train", crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
-                                channels=d.channels, seed=cfg.decoder_train.seed)
-    train_data = Subset(train_ds, spread(limit, len(train_ds)))
-    best_thr = best_threshold(model, DataLoader(train_data, batch_size=batch_size, shuffle=False), device)
+    # The best-F1 threshold is chosen on training crops, so it is reported on validation crops only:
+    # on --split train (or all) it would be scored on the crops it was chosen on.
+    thresholds = {"stated": thr}
+    if split == "val":
+        train_ds = PianoRollDataset(cache, "train", crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
+                                    channels=d.channels, seed=cfg.decoder_train.seed)
+        train_data = Subset(train_ds, spread(limit, len(train_ds)))
+        thresholds["best_f1"] = best_threshold(model, DataLoader(train_data, batch_size=batch_size, shuffle=False), device)
     collection = piece_collections(cache)
     xs, probs_all, masks, coll, piece_ids, starts = [], [], [], [], [], []
     tokens: list[list[Tensor]] = [[] for _ in model.encoder.feature_info]
@@ -145,9 +149,10 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
         pooled.append(enc.patches.coarsest.emb.mean(1).float().cpu())  # (B, D0): the global token (mean of the grid)
     x, probs, mask = torch.cat(xs), torch.cat(probs_all), torch.cat(masks)
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "cache": str(cache), "split": split, "samples": len(x),
-                               "encoder": cfg.model.encoder, "channel": "frame", "mask": "columns inside the piece",
-                               "best_f1_chosen_on": f"{min(len(train_ds), limit)} training crops"}
-    for name, t in (("stated", thr), ("best_f1", best_thr)):
+                               "encoder": cfg.model.encoder, "channel": "frame", "mask": "columns inside the piece"}
+    if "best_f1" in thresholds:
+        results["best_f1_chosen_on"] = f"{min(len(train_ds), limit)} training crops"
+    for name, t in thresholds.items():
         px = ratios(threshold_sweep(probs[:, :1], x[:, :1], torch.tensor([t]), mask)[0])
         notes = onset_confusion(probs > t, note_mask(x), mask).sum(0)
         results[name] = {"threshold": t, "pixel": _finite({k: float(v) for k, v in px.items()}),
@@ -191,8 +196,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"same pitch and onset step.", "",
              "| threshold | pixel precision | pixel recall | pixel specificity | pixel F1 | onset precision | onset recall | onset F1 |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, label in (("stated", "stated"), ("best_f1", f"best F1 on {r['best_f1_chosen_on']}")):
-        s = r[name]
+    for name in ("stated", "best_f1")[: 2 if "best_f1" in r else 1]:
+        s, label = r[name], "stated" if name == "stated" else f"best F1 on {r['best_f1_chosen_on']}"
         px, on = s["pixel"], s["onset"]
         lines.append(f"| {s['threshold']:g} ({label}) | {fmt(px['precision'])} | {fmt(px['recall'])} | "
                      f"{fmt(px['specificity'])} | {fmt(px['f1'])} | {fmt(on['precision'])} | {fmt(on['recall'])} | {fmt(on['f1'])} |")

@@ -131,6 +131,10 @@ def test_eval_on_a_trained_run(kind: str, tiny_cache: Path, tmp_path_factory, tm
     assert saved["best_f1"] == r["best_f1"] and "| pixel F1 |" in (tmp_path / "metrics.md").read_text()
     for name in ("recon", "levels_pca", "spectra", "global"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
+    # on training crops the best-F1 threshold would be scored on the crops it was chosen on: not reported
+    on_train = evaluate(run, tmp_path / "train", threshold=0.5, split="train", n_examples=2)
+    assert "best_f1" not in on_train and "best_f1_chosen_on" not in on_train and on_train["stated"]["threshold"] == 0.5
+    assert "best F1" not in (tmp_path / "train" / "metrics.md").read_text()
 
 
 def test_eval_cli_default_folder(tiny_cache: Path, tmp_path_factory, capsys) -> None:
