@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from midi_rae.cache import load_roll, load_settings, split_of
+from midi_rae.cache import load_roll, load_settings, split_of, work_key
 from midi_rae.roll import PITCHES
 
 TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
@@ -26,15 +26,17 @@ def label_of(piece: dict[str, Any], task: str) -> str | None:
     """The value of `task` for one piece of the index: a metadata key; `mode` from a key name that
     states it ('G major'; an ABC key field names only the signature); `source_set`, the source
     file's name without its trailing number (the Essen collection's files are regions and sources,
-    e.g. han = Chinese Han songs, erk = Erk's German songs)."""
+    e.g. han = Chinese Han songs, erk = Erk's German songs), named with its collection:
+    'essenFolksong/han'."""
     if task == "mode":
         key = piece.get("key") or ""
         return next((m for m in ("major", "minor") if key.endswith(m)), None)
     if task == "time_signature":  # kern's and MusicXML's symbols for common and cut time
         value = {"C": "4/4", "C|": "2/2"}.get(piece.get(task) or "", piece.get(task))
         return str(value) if value else None
-    if task == "source_set":
-        return re.sub(r"\d+$", "", Path(piece.get("source") or "").stem) or None
+    if task == "source_set":  # within a collection: `find_tasks` keeps one collection's sets
+        stem = re.sub(r"\d+$", "", Path(piece.get("source") or "").stem)
+        return f"{piece.get('collection')}/{stem}" if stem else None
     value = piece.get(task)
     return None if value in (None, "") else str(value)
 
@@ -60,7 +62,8 @@ def find_tasks(index: list[dict[str, Any]], test_fraction: float, tasks: list[st
                classes: list[str] | None = None, min_train_pieces: int = 20, min_test_pieces: int = 4,
                max_classes: int = 8, max_pieces_per_class: int = 150) -> list[Task]:
     """The tasks the metadata supports: classes with at least `min_train_pieces` training and
-    `min_test_pieces` test pieces (the `max_classes` most frequent), tasks with at least two."""
+    `min_test_pieces` test works (the `max_classes` most frequent), tasks with at least two; the
+    source sets of one collection (the one with the most such sets)."""
     found = []
     for name in tasks or TASKS:
         sides: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -69,7 +72,15 @@ def find_tasks(index: list[dict[str, Any]], test_fraction: float, tasks: list[st
             if value is not None and (classes is None or value in classes):
                 side = "test" if split_of(p["piece_id"], test_fraction) == "val" else "train"
                 sides.setdefault(value, {"train": [], "test": []})[side].append(p)
-        ok = [v for v, s in sides.items() if len(s["train"]) >= min_train_pieces and len(s["test"]) >= min_test_pieces]
+        # works, not files: one movement stored as .krn and .mxl is one work, on one side of the split
+        works = lambda side: len({work_key(p["piece_id"]) for p in side})  # noqa: E731
+        ok = [v for v, s in sides.items() if works(s["train"]) >= min_train_pieces and works(s["test"]) >= min_test_pieces]
+        if name == "source_set":  # one collection's sets: a set that is a whole collection (all of
+            # airdsAirs is 'book') would make the task part collection
+            per_collection: dict[str, list[str]] = {}
+            for v in ok:
+                per_collection.setdefault(v.split("/", 1)[0], []).append(v)
+            ok = max(sorted(per_collection.values()), key=len, default=[])
         ok = sorted(sorted(ok), key=lambda v: -len(sides[v]["train"]))[:max_classes]
         if len(ok) >= 2:
             names = sorted(ok)

@@ -2,16 +2,16 @@
 corpus metadata, against the baselines an embedding has to beat to be worth using.
 
 Tasks: `collection`, `composer`, `time_signature`, `mode` (major / minor, from the key) and
-`source_set` (the source file's name without its number: the Essen folk songs' regions),
-each with the classes that have enough pieces on both sides of the split (at most
-`--max-classes`, the most frequent). Split grouped by piece, by a hash of the piece id
+`source_set` (the source file's name without its number, within one collection: the Essen folk
+songs' regions), each with the classes that have enough works on both sides of the split (at most
+`--max-classes`, the most frequent; a work stored in two formats counts once). Split grouped by piece, by a hash of the piece id
 (`cache.split_of`) at the run's `data.val_fraction`: the test pieces are the run's validation
 pieces, which the encoder never trained on. Crops: each piece is cut into non-overlapping
 windows of the encoder's width from its start (at most `crops_per_piece`, windows with fewer
 than W/8 sounding columns skipped); every piece counts at most `max_pieces_per_class` (train)
 or a quarter of that (test), picked by a salted hash of its id, the same every run.
 
-Rows, on the same crops: the majority class; raw pixels (frame channel average-pooled 4 x 4);
+Rows, on the same crops: the majority class; raw pixels (every channel average-pooled 4 x 4);
 hand-crafted music descriptors (`midi_rae.descriptors`); the same encoder at random
 initialisation; the trained encoder. Encoder features: every level (0 = coarsest) pooled by
 the mean over all tokens or over the non-empty tokens only, and all levels concatenated.
@@ -39,7 +39,7 @@ from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
 from midi_rae.labels import TASKS, Crops, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.runs import check_time_grid, initial_encoder, load_encoder
+from midi_rae.runs import check_time_grid, initial_encoder, load_encoder, resolve_cache_dir
 from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
@@ -99,8 +99,9 @@ def level_features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> dict
 
 
 def pixel_features(x: Tensor, pool: tuple[int, int] = (4, 4)) -> Tensor:
-    """The raw-pixel baseline's input: the frame channel average-pooled, flattened: (N, 128*W / (ph*pw))."""
-    return F.avg_pool2d(x[:, :1], pool).flatten(1)
+    """The raw-pixel baseline's input: every channel (frame, onset) average-pooled, flattened:
+    (N, C*128*W / (ph*pw)), as the descriptors too read both."""
+    return F.avg_pool2d(x, pool).flatten(1)
 
 
 def standardization(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,13 +217,20 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
         raise ValueError(f"the runs read crops of different widths {sorted(widths)}; probe them separately")
     width = widths.pop()
     test_fraction = test_fraction if test_fraction is not None else models[0].config.data.val_fraction
+    here = Path(cache_dir).expanduser().resolve()
+    trained_on = [m.name for m in models if m.config.data.val_fraction < test_fraction
+                  and resolve_cache_dir(m.config).resolve() == here]
+    if trained_on:  # the test side is the works hashed under test_fraction: on their own cache, some trained these runs
+        raise ValueError(f"--test-fraction {test_fraction} is above the data.val_fraction of {', '.join(trained_on)}, "
+                         f"so some test pieces were training pieces of it; use at most the smallest val_fraction "
+                         f"of the runs, or probe them separately")
     found = find_tasks(load_index(cache_dir), test_fraction, tasks, classes, min_pieces, max(min_pieces // 5, 2),
                        max_classes, max_pieces_per_class)
     if not found:
         raise ValueError(f"no task in {cache_dir} has two classes with enough pieces on both sides of the split "
                          f"(tasks tried: {', '.join(tasks or TASKS)}); prepare a labelled corpus, e.g. "
                          f"`midi-rae prepare --collections {' '.join(BUNDLED_TASK)} --cache-dir DIR`, "
-                         f"or raise --test-fraction")
+                         f"or raise --test-fraction (up to the runs' data.val_fraction)")
     crops = piece_crops(cache_dir, [p for t in found for p in t.train + t.test], width, crops_per_piece)
     feature_sets: dict[str, dict[str, Tensor]] = {
         "raw pixels": {"4x4 avg-pooled": pixel_features(crops.x)},

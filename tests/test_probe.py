@@ -54,8 +54,8 @@ def test_time_self_similarity_finds_the_period() -> None:
 
 def test_split_is_grouped_by_piece(labelled_cache: Path) -> None:
     tasks = find_tasks(load_index(labelled_cache), 0.3, min_train_pieces=5, min_test_pieces=2)
-    # The file names (chords00.mid, melody00.mid) make a second task, the source set.
-    assert [t.name for t in tasks] == ["collection", "source_set"] and tasks[0].classes == ["chords", "melody"]
+    # The file names (chords00.mid, melody00.mid) are one source set per collection: no second task.
+    assert [t.name for t in tasks] == ["collection"] and tasks[0].classes == ["chords", "melody"]
     train, test = {p["piece_id"] for p in tasks[0].train}, {p["piece_id"] for p in tasks[0].test}
     assert train and test and not train & test
 
@@ -117,3 +117,39 @@ def test_picked_pieces_are_independent_of_the_split() -> None:
     assert picked == pick_pieces(members[::-1], 200)  # stable, whatever the order
     test_share = sum(split_of(p["piece_id"], 0.25) == "val" for p in picked) / len(picked)
     assert 0.15 < test_share < 0.35  # about the requested 25%, not all of them
+
+
+def test_classes_count_works_not_files() -> None:
+    """A work stored as .krn and .mxl is one work: a class that has enough pieces only because its
+    works come in two formats is left out."""
+    from midi_rae.cache import split_of
+
+    def works(name: str, n: int, suffixes: tuple[str, ...]) -> list[dict]:
+        return [{"piece_id": f"music21/{name}/w{i}.{s}", "collection": name} for i in range(n) for s in suffixes]
+
+    index = works("single", 60, ("krn",)) + works("double", 60, ("krn", "mxl")) + works("twice", 24, ("krn", "mxl"))
+    train_works = sum(split_of(f"music21/twice/w{i}.krn", 0.5) == "train" for i in range(24))
+    test_works = 24 - train_works
+    assert 2 * train_works > train_works + 1 and test_works >= 2
+    tasks = find_tasks(index, 0.5, ["collection"], min_train_pieces=train_works + 1, min_test_pieces=2)
+    assert tasks[0].classes == ["double", "single"]
+    tasks = find_tasks(index, 0.5, ["collection"], min_train_pieces=train_works, min_test_pieces=2)
+    assert tasks[0].classes == ["double", "single", "twice"]
+
+
+def test_source_sets_are_those_of_one_collection() -> None:
+    """A collection whose every tune comes from one source set ('book' of airdsAirs) would make
+    the source-set task part collection: the task keeps the sets of one collection."""
+    index = [{"piece_id": f"music21/{c}/{s}{f}.abc#{i}", "collection": c, "source": f"{s}{f}.abc"}
+             for c, sets in (("essenFolksong", ("han", "erk", "lux")), ("airdsAirs", ("book",)))
+             for s in sets for f in range(3) for i in range(40)]
+    tasks = find_tasks(index, 0.2, ["source_set"], min_train_pieces=5, min_test_pieces=2)
+    assert tasks[0].classes == ["essenFolksong/erk", "essenFolksong/han", "essenFolksong/lux"]
+
+
+def test_test_side_never_holds_a_runs_training_pieces(tiny_cache: Path, tmp_path_factory) -> None:
+    """The test side is the works hashed under --test-fraction; above a run's data.val_fraction
+    some of them were that run's training pieces."""
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    with pytest.raises(ValueError, match=r"--test-fraction 0.5 is above the data.val_fraction of"):
+        probe([run], tiny_cache, test_fraction=0.5)
