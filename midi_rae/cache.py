@@ -15,7 +15,8 @@ Cache layout (`cache_dir/`):
 - `index-<digest>.npy`: one row per piece, in piece id order: piece_id, shard, offset, count
   (where its notes are), steps (its length) and split (its work's hash in [0, 1), see `split_of`):
   what a Dataset needs, as numpy columns shared by every loader worker.
-- `pieces.jsonl`: the metadata table, one piece per line, sorted by piece id.
+- `pieces.jsonl`: the metadata table, one piece per line, sorted by piece id; `work` is what the
+  split groups (`work_key`, joined by a parent work the file states: `work_groups`).
 - `done.jsonl`: one record per source file (by key): its pieces' metadata, or why it was skipped.
 - `report.txt`: one line per skipped file or tune with the reason, then the summary.
 - `settings.json`: the `RollSettings` the notes were made with.
@@ -43,6 +44,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import threading
 import time
 import warnings
@@ -166,7 +168,7 @@ def _key(source: Source, settings: RollSettings, max_bytes: int) -> str:
         sid = source.source_id.encode()
     except UnicodeEncodeError:  # a name decoded with surrogate escapes
         raise BadInput("the file name is not valid UTF-8; rename the file") from None
-    h = hashlib.sha1(sid + b"\0" + settings.key_json(source.suffix.lower()).encode() + b"\0")
+    h = hashlib.sha1(sid + b"\0" + settings.key_json(source.suffix.lower()).encode() + b"\0" + FORMAT.encode() + b"\0")
     try:
         size = os.stat(source.file).st_size
         if size > max_bytes:
@@ -440,7 +442,9 @@ def _summarize(cache: Path, records: Iterable[dict[str, Any]]) -> Summary:
 
 
 NUM_SHARDS = 16  # adding or changing one source rewrites one shard: about 1/16 of the notes
-FORMAT = "midi-rae notes 1"
+# 2: pieces have a `work` (their split groups a mass's sections, a work's movements); a record of
+# another format is made again (the format is part of the key).
+FORMAT = "midi-rae notes 2"
 
 
 def _shard_of(key: str) -> int:
@@ -453,12 +457,13 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
     source order of `keys`; None: the source `unreadable` holds); commit with `index.json`; then
     remove what it does not name. Records are read one at a time, in three passes (here, then
     for each table: `done.jsonl` in key order, `pieces.jsonl` in piece-id order); between the
-    passes memory holds a few numbers per piece (about 100 bytes a piece)."""
+    passes memory holds a few numbers and its work key per piece (about 200 bytes a piece)."""
     summary = Summary(cache)
     # Pass 1, in source order: the report, and each piece's row: its source, where its notes
     # are now (a staged file or a shard of the last pack), and what the index needs.
     first = [0]  # the rows of source i are first[i] .. first[i+1]
     ids, index_in_source, location, offset, count, steps = [], [], [], [], [], []
+    linked: list[tuple[str, str]] = []  # (piece id, the parent work its file states)
     files: dict[str, int] = {}
     for i, k in enumerate(keys):
         r = unreadable[i] if k is None else done[k]
@@ -470,6 +475,8 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
             offset.append(p["offset"])
             count.append(p["count"])
             steps.append(p["steps"])
+            if p.get("parent_work"):
+                linked.append((p["piece_id"], p["parent_work"]))
         first.append(len(ids))
     source = np.repeat(np.arange(len(keys)), np.diff(first))  # (P,) the source of each row
     shard = np.array([_shard_of(k) if k is not None else 0 for k in keys], dtype=np.int64)[source]
@@ -496,7 +503,9 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
     width = max(map(len, ids), default=1)
     index = np.zeros(len(ids), _index_dtype(width))
     index["piece_id"], index["shard"], index["offset"], index["count"], index["steps"] = ids, shard, offset, count, steps
-    index["split"] = [split_hash(i.decode()) for i in ids]
+    groups = work_groups(linked)
+    works = [groups.get(k, k) for k in map(work_key, (i.decode() for i in ids))]  # (P,) each row's work
+    index["split"] = [split_hash(w) for w in works]
     index = index[order]
     data = _npy_bytes(index)
     index_name = f"index-{hashlib.sha1(data).hexdigest()[:16]}.npy"
@@ -507,7 +516,7 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
         """The record of source i, its pieces saying where the pack put their notes."""
         r = done[keys[i]]
         for row, p in enumerate(r["pieces"], first[i]):
-            p["file"], p["offset"] = file_names[location[row]], int(offset[row])
+            p["file"], p["offset"], p["work"] = file_names[location[row]], int(offset[row]), works[row]
         return r
 
     def records() -> Iterator[str]:
@@ -593,13 +602,24 @@ def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
     Keys: piece_id, file, offset, count (where its notes are; a dense cache of an earlier version
     has `roll` instead), source, index, steps, notes, collection, composer, title,
-    time_signature, key, format (and tune_id for ABC tunes).
+    time_signature, key, format, work (what the split groups; see `piece_work`), parent_work
+    (where the file names the work it is part of) and tune_id for ABC tunes.
     """
     path = Path(cache_dir) / "pieces.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `midi-rae prepare` first (or pass the cache dir it printed)")
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def cache_identity(cache_dir: str | os.PathLike) -> str:
+    """What a result scored on a cache is matched on: the name of its index (the digest of every
+    piece's id, place, length and split; `prepare` of other inputs, or a new split, changes it),
+    or for a dense cache of an earlier version the digest of its `pieces.jsonl`."""
+    manifest = Path(cache_dir) / "index.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())["index"]
+    return "pieces-" + hashlib.sha1((Path(cache_dir) / "pieces.jsonl").read_bytes()).hexdigest()[:16]
 
 
 def piece_collections(cache_dir: str | os.PathLike) -> dict[str, str]:
@@ -664,7 +684,7 @@ class CacheReader:
             self.index = np.zeros(len(pieces), _index_dtype(width))
             self.index["piece_id"] = [p["piece_id"].encode() for p in pieces]
             self.index["steps"] = [p["steps"] for p in pieces]
-            self.index["split"] = [split_hash(p["piece_id"]) for p in pieces]
+            self.index["split"] = [split_hash(piece_work(p)) for p in pieces]
             self._shard_files, self._rolls = [], np.array([p["roll"] for p in pieces])
 
     def __len__(self) -> int:
@@ -709,23 +729,69 @@ def crop(roll: np.ndarray, start: int, width: int, pitch_shift: int = 0) -> np.n
     return out
 
 
+_MOVEMENT = re.compile(r"(movement|mvmt|mvt|mov)[ _.-]*\d+.*")  # a file of one movement, in its work's folder
+_SECTION = re.compile(r"(?<=\d)[-_][a-z]{1,3}$")  # a section letter or variant after a number: credo_03_a, bwv18.5-lz
+
+
 def work_key(piece_id: str) -> str:
-    """The work a piece id names, whatever file format holds it: the source path without its
-    music-file suffix, lower-cased (`music21/bach/bwv277.krn` and `.mxl` are one work), plus
-    `#<index>` for a piece of a multi-piece file."""
+    """The work a piece id names by its path, whatever file format holds it: the source path
+    without its music-file suffix, lower-cased (`music21/bach/bwv277.krn` and `.mxl` are one
+    work); a section letter or variant suffix after a number dropped (`Credo_03_a` and
+    `Credo_03_b`, `bwv18.5-lz` and `bwv18.5-w`); a movement file (`opus18no1/movement4`) named by
+    its folder, the work; plus `#<index>` for a piece of a multi-piece file (a tune of an ABC book).
+    A stated parent work joins more (`work_groups`)."""
     source, sep, index = piece_id.partition("#")
     stem, dot, suffix = source.rpartition(".")
     if dot and f".{suffix.lower()}" in SUFFIXES:
         source = stem
-    return source.lower() + sep + index
+    folder, _, name = source.lower().rpartition("/")
+    if _MOVEMENT.fullmatch(name) and folder:
+        return folder + sep + index
+    return posixpath.join(folder, _SECTION.sub("", name)) + sep + index
 
 
-def split_hash(piece_id: str) -> float:
-    """The hash of the piece's `work_key` as a number in [0, 1): the index's `split` column."""
-    return int.from_bytes(hashlib.sha1(work_key(piece_id).encode()).digest()[:8], "big") / 2**64
+def parent_work_key(piece_id: str, parent_work: str) -> str:
+    """The key of a parent work a file states (a mass its Kyrie .. Agnus files name), in the
+    piece's folder: `music21/palestrina/missa alma redemptoris mater`."""
+    folder = piece_id.partition("#")[0].lower().rpartition("/")[0]
+    return posixpath.join(folder, " ".join(parent_work.lower().split()))
 
 
-def split_of(piece_id: str, val_fraction: float = 0.05) -> str:
-    """'train' or 'val' from a hash of the piece's `work_key`: the same on every machine, for any
-    file order, and the same for every encoding of one work (no work on both sides)."""
-    return "val" if split_hash(piece_id) < val_fraction else "train"
+def work_groups(pieces: Iterable[tuple[str, str | None]]) -> dict[str, str]:
+    """Path work key -> the work it belongs to, for `(piece_id, parent_work)` pairs: the path keys
+    and stated parent works that any piece links are one work (the sections of a mass; a chorale
+    stored as .krn, which names its collection as parent, and as .mxl, which names none), named by
+    its smallest key. Keys no piece links map to themselves."""
+    root: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while root.setdefault(k, k) != k:
+            root[k] = root[root[k]]  # path halving
+            k = root[k]
+        return k
+
+    for piece_id, parent in pieces:
+        if parent:
+            a, b = find(work_key(piece_id)), find(parent_work_key(piece_id, parent))
+            if a != b:
+                root[max(a, b)] = min(a, b)
+    return {k: find(k) for k in list(root)}
+
+
+def split_hash(work: str) -> float:
+    """The hash of a work key (or of a piece id's `work_key`) as a number in [0, 1): the index's
+    `split` column."""
+    return int.from_bytes(hashlib.sha1(work_key(work).encode()).digest()[:8], "big") / 2**64
+
+
+def split_of(work: str, val_fraction: float = 0.05) -> str:
+    """'train' or 'val' from a hash of the work (a piece's `work` in `pieces.jsonl`, or a piece id,
+    then its path `work_key`): the same on every machine, for any file order, and the same for
+    every piece of one work (no work on both sides)."""
+    return "val" if split_hash(work) < val_fraction else "train"
+
+
+def piece_work(piece: dict[str, Any]) -> str:
+    """The work of a `pieces.jsonl` row: its `work` field (a cache of an earlier version has
+    none: its path `work_key`)."""
+    return piece.get("work") or work_key(piece["piece_id"])

@@ -58,7 +58,7 @@ class DataConfig:
     view_mode: str = opt("shift", "the second view: 'shift' (the same passage moved by max_time_shift / "
                                   "max_pitch_shift) or 'piece' (another passage of the same piece, moved by up to "
                                   "max_pitch_shift semitones of its own)")
-    val_fraction: float = opt(0.05, "pieces held out, by a hash of the work (cache.work_key)")
+    val_fraction: float = opt(0.05, "pieces held out, by a hash of their work (pieces.jsonl `work`, cache.work_groups)")
     val_max_items: int | None = opt(256, "cap on the fixed validation crops (None: all)")
     num_workers: int = opt(0, "DataLoader workers per process")
 
@@ -341,7 +341,7 @@ class FinetuneConfig:
                                   "of the initial encoder's features of the training pieces' fixed crops, then all is "
                                   "fine-tuned (LP-FT, https://arxiv.org/abs/2202.10054); 'random': truncated normal")
     scratch: bool = opt(False, "train the encoder from its random initialisation (the baseline), not the run's weights")
-    val_fraction: float = opt(0.1, "share of the training pieces held out (grouped by piece) to validate and pick the best checkpoint")
+    val_fraction: float = opt(0.1, "share of the training pieces held out (grouped by work) to validate and pick the best checkpoint")
     test_fraction: float | None = opt(None, "share of pieces on the test side; None: data.val_fraction (the pieces pretraining never saw)")
     max_classes: int = opt(8, "the most frequent classes kept")
     max_pieces_per_class: int = opt(150, "training pieces per class (test: a quarter), as the probe suite picks them")

@@ -7,7 +7,7 @@ tokens, or over the non-empty ones with `finetune.pool=non-empty`), then LayerNo
 `--level all` pools every level, each with its own LayerNorm, into one Linear (the probe's
 headline features).
 The split is the probe suite's (`midi-rae probe`): the same classes, training pieces and test
-pieces, grouped by piece by a hash of its id, at the run's `data.val_fraction` (the pieces
+pieces, grouped by work by a hash of the work, at the run's `data.val_fraction` (the pieces
 pretraining never saw), and the same fixed test crops; so `midi-rae probe RUN --label LABEL`
 scores the linear probe on the very crops the fine-tuned model is scored on. Training draws
 random crops of the training pieces (or, with `finetune.train_crops=start`, their fixed crops

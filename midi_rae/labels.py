@@ -1,6 +1,6 @@
 """Labels of the cache metadata as classification tasks, shared by the probe suite (`probes`) and
 fine-tuning (`stages.finetune`): the label of a piece (`label_of`), the classes a task keeps and
-its training and test pieces, split grouped by piece by a hash of the piece id (`find_tasks`,
+its training and test pieces, split grouped by work by a hash of the piece's work (`find_tasks`,
 `grouped_split`), and fixed crops of those pieces (`piece_crops`), the same every run.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from midi_rae.cache import load_roll, load_settings, split_of, work_key
+from midi_rae.cache import load_roll, load_settings, piece_work, split_of
 from midi_rae.roll import PITCHES
 
 TASKS = ("collection", "composer", "time_signature", "mode", "source_set")
@@ -70,10 +70,10 @@ def find_tasks(index: list[dict[str, Any]], test_fraction: float, tasks: list[st
         for p in index:
             value = label_of(p, name)
             if value is not None and (classes is None or value in classes):
-                side = "test" if split_of(p["piece_id"], test_fraction) == "val" else "train"
+                side = "test" if split_of(piece_work(p), test_fraction) == "val" else "train"
                 sides.setdefault(value, {"train": [], "test": []})[side].append(p)
-        # works, not files: one movement stored as .krn and .mxl is one work, on one side of the split
-        works = lambda side: len({work_key(p["piece_id"]) for p in side})  # noqa: E731
+        # works, not files: one movement stored as .krn and .mxl, or a mass's sections, are one work
+        works = lambda side: len({piece_work(p) for p in side})  # noqa: E731
         ok = [v for v, s in sides.items() if works(s["train"]) >= min_train_pieces and works(s["test"]) >= min_test_pieces]
         if name == "source_set":  # one collection's sets: a set that is a whole collection (all of
             # airdsAirs is 'book') would make the task part collection
@@ -125,6 +125,7 @@ def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], widt
     return Crops(torch.stack(xs), ids, by_piece)
 
 
-def grouped_split(pieces: list[str], test_fraction: float, salt: str = "") -> Tensor:
-    """(N,) bool, True for crops on the test side; decided per piece id (salted for an inner split)."""
-    return torch.tensor([split_of(salt + p, test_fraction) == "val" for p in pieces])
+def grouped_split(groups: list[str], test_fraction: float, salt: str = "") -> Tensor:
+    """(N,) bool, True for items on the test side; decided per group (a work: `cache.piece_work`),
+    salted for an inner split."""
+    return torch.tensor([split_of(salt + g, test_fraction) == "val" for g in groups])

@@ -18,8 +18,9 @@ gives:
 Layout of OUT (default `<run>/levels/`): `<encoder>/<k>/decoder/` (a decoder stage folder:
 config, metrics, checkpoints, `decoder.safetensors`), `<encoder>/<k>/result.json` (that row),
 `random/encoder.safetensors`, and the report: `levels.json`, `levels.md`, `levels.png`. A rerun
-skips finished rows and resumes interrupted decoders; rows made with other settings are an
-error unless `--overwrite`.
+skips finished rows and resumes interrupted decoders; rows made with other settings (steps, batch
+size, encoder weights, decoder width, or another cache: `cache.cache_identity`) are an error
+unless `--overwrite`.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from midi_rae.cache import piece_collections
+from midi_rae.cache import cache_identity, piece_collections
 from midi_rae.checkpoint import save_weights
 from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
@@ -47,12 +48,13 @@ from midi_rae.masking import note_mask
 from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_encoder
 from midi_rae.roll import PITCHES
-from midi_rae.runs import Checkpoint, Weights, datasets, encoder_config, initial_encoder, load_autoencoder, spread
+from midi_rae.runs import (Checkpoint, Weights, datasets, encoder_config, initial_encoder, load_autoencoder,
+                           resolve_cache_dir, spread)
 from midi_rae.stages import train_decoder
 from midi_rae.utils import atomic_write_text
 
 ENCODERS = ("trained", "random")
-SETTINGS = ("steps", "batch_size", "encoder_sha1", "decoder_width")  # a finished row is reused only when these match
+SETTINGS = ("steps", "batch_size", "encoder_sha1", "decoder_width", "cache")  # a finished row is reused only when these match
 # How a row's validation crops were chosen; a row scored otherwise (before: the first crops by piece
 # id, three collections of the bundled corpus) is scored again, its decoder kept.
 VAL_SELECTION = "spread over the validation split, by collection"
@@ -276,10 +278,12 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
         return get
 
     width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
+    # the cache the rows train and score on (`--cache-dir`, else the run's): a row of another is not reused
+    cache = cache_identity(resolve_cache_dir(subset_config(cfg, 1, out, steps, batch_size, cache_dir, device)))
     rows = []
     for name, path in encoders.items():
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
-                    "encoder_sha1": weights_sha1(path), "decoder_width": width}
+                    "encoder_sha1": weights_sha1(path), "decoder_width": width, "cache": cache}
         for k in ks + [k for k in finished(out / name, settings) if k not in ks]:  # earlier rows stay in the report
             row_cfg = subset_config(cfg, k, out / name, steps, batch_size, cache_dir, device, threads, decoder_width)
             row = run_row(row_cfg, name, k, path, out, settings, overwrite, data(row_cfg))

@@ -4,8 +4,8 @@ corpus metadata, against the baselines an embedding has to beat to be worth usin
 Tasks: `collection`, `composer`, `time_signature`, `mode` (major / minor, from the key) and
 `source_set` (the source file's name without its number, within one collection: the Essen folk
 songs' regions), each with the classes that have enough works on both sides of the split (at most
-`--max-classes`, the most frequent; a work stored in two formats counts once). Split grouped by piece, by a hash of the piece id
-(`cache.split_of`) at the run's `data.val_fraction`: the test pieces are the run's validation
+`--max-classes`, the most frequent; a work stored in two formats, or a mass's sections, count once). Split grouped by
+work, by a hash of the piece's work (`cache.split_of`, `pieces.jsonl`'s `work`) at the run's `data.val_fraction`: the test pieces are the run's validation
 pieces, which the encoder never trained on. Crops: each piece is cut into non-overlapping
 windows of the encoder's width from its start (at most `crops_per_piece`, windows with fewer
 than W/8 sounding columns skipped); every piece counts at most `max_pieces_per_class` (train)
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from midi_rae.cache import load_index
+from midi_rae.cache import load_index, piece_work
 from midi_rae.config import Config
 from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
@@ -146,8 +146,9 @@ def select_and_fit(x: Tensor, y: Tensor, groups: list[str], n_classes: int,
     hold-out score)."""
     hold = grouped_split(groups, 0.25, salt="probe-inner:")
     fit_side = ~hold
-    if hold.all() or not hold.any() or len(y[fit_side].unique()) < 2 or len(l2_grid) == 1:
+    if hold.all() or not hold.any() or len(y[fit_side].unique()) < 2:
         return fit_linear(x, y, n_classes, l2_grid[0]), l2_grid[0], float("nan")
+    # scored with one penalty too (`--l2`): the score is what picks a model's headline feature set
     inner = [scores(fit_logistic(x[fit_side], y[fit_side], n_classes, l2)(x[hold]), y[hold])["balanced_accuracy"]
              for l2 in l2_grid]
     best = int(np.argmax(inner))
@@ -181,7 +182,8 @@ def probe_task(task: Task, crops: Crops, feature_sets: dict[str, dict[str, Tenso
     y_all = torch.tensor([task.classes.index(label[pid]) if pid in label else -1 for pid in crops.pieces])  # (N,)
     tr, te = torch.tensor(train_rows), torch.tensor(test_rows)
     y_tr, y_te = y_all[tr], y_all[te]
-    groups = [crops.pieces[i] for i in train_rows]
+    work = {p["piece_id"]: piece_work(p) for p in task.train}
+    groups = [work[crops.pieces[i]] for i in train_rows]  # the inner hold-out keeps a work on one side
     majority = int(torch.bincount(y_tr, minlength=len(task.classes)).argmax())
     rows = [{"model": "majority class", "features": f"always {task.classes[majority]!r}", "dim": 0,
              **scores(torch.full_like(y_te, majority), y_te)}]

@@ -409,6 +409,8 @@ def _music21_meta(stream: Any) -> dict[str, Any]:
     return {
         "title": (md.title or md.movementName) if md is not None else None,
         "composer": md.composer if md is not None else None,
+        # the work this file is a part of, where it says (Humdrum !!!OPR: the mass of a Kyrie)
+        "parent_work": getattr(md, "parentTitle", None) or None if md is not None else None,
         "time_signature": ts.ratioString if ts is not None else None,
         "key": key_name,
     }

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from midi_rae.cache import load_index
+from midi_rae.cache import load_index, piece_work
 from midi_rae.checkpoint import has_checkpoints, load_weights, save_weights
 from midi_rae.config import Config
 from midi_rae.dataset import PianoRollDataset
@@ -122,11 +122,11 @@ def labelled_task(cfg: Config, cache: Path) -> Task:
 
 
 def finetune_split(cfg: Config, cache: Path) -> tuple[Task, list[dict[str, Any]], list[dict[str, Any]]]:
-    """The task, and its training pieces split (by piece, salted hash) into those trained on and a
+    """The task, and its training pieces split (by work, salted hash) into those trained on and a
     `finetune.val_fraction` held out for validation; the test pieces are `task.test`."""
     task = labelled_task(cfg, cache)
     val_fraction = cfg.finetune.val_fraction
-    held = grouped_split([p["piece_id"] for p in task.train], val_fraction, salt="finetune-val:").tolist()
+    held = grouped_split([piece_work(p) for p in task.train], val_fraction, salt="finetune-val:").tolist()
     train = [p for p, h in zip(task.train, held) if not h]
     val = [p for p, h in zip(task.train, held) if h]
     if not train or not val:

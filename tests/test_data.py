@@ -1,4 +1,5 @@
 """MIDI <-> roll, ABC and music21 reading, crops, the split and the dataset."""
+import shutil
 from pathlib import Path
 
 import music21
@@ -7,8 +8,9 @@ import pytest
 import symusic
 import torch
 
-from midi_rae.cache import load_settings, prepare, split_of
+from midi_rae.cache import CacheReader, load_settings, prepare, split_hash, split_of, work_groups, work_key
 from midi_rae.cache import crop, load_index, load_roll
+from midi_rae.corpus import corpus_root
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.roll import BadInput, RollSettings, abc_tune_to_score, midi_to_roll, roll_to_midi, split_abc
 
@@ -111,6 +113,46 @@ def test_split_keeps_encodings_of_one_work_together() -> None:
         assert split_of(f"music21/bach/bwv{i}.krn") == split_of(f"music21/bach/bwv{i}.mxl") == split_of(f"music21/bach/BWV{i}.xml")
         assert split_of(f"tunes/t{i}.abc#3") == split_of(f"tunes/t{i}.krn#3")
     assert {split_of(f"music21/bach/bwv{i}.krn") for i in range(400)} == {"train", "val"}
+
+
+def test_work_key_joins_sections_variants_and_movements() -> None:
+    # Sections of one mass movement, variants of one chorale, movements in their work's folder.
+    assert work_key("music21/palestrina/Credo_03_a.krn") == work_key("music21/palestrina/Credo_03_d.krn") == "music21/palestrina/credo_03"
+    assert work_key("music21/bach/bwv18.5-lz.mxl") == work_key("music21/bach/bwv18.5-w.mxl") == "music21/bach/bwv18.5"
+    assert work_key("music21/beethoven/opus18no1/movement4.krn") == work_key("music21/beethoven/opus18no1/movement1.mxl")
+    # ... but not tunes of one ABC book, numbered files, or different works that share a prefix.
+    assert work_key("music21/essenFolksong/han1.abc#3") != work_key("music21/essenFolksong/han1.abc#4")
+    assert len({work_key(f"songs/{i:04d}.mid") for i in range(100)}) == 100
+    assert work_key("music21/monteverdi/madrigal.3.1.mxl") != work_key("music21/monteverdi/madrigal.3.2.mxl")
+    assert work_key("music21/palestrina/Credo_03_a.krn") != work_key("music21/palestrina/Credo_04_a.krn")
+    for piece_id in ("music21/palestrina/Credo_03_a.krn", "music21/bach/bwv18.5-lz.mxl", "a/opus1/movement2.mid", "t.abc#5"):
+        assert work_key(work_key(piece_id)) == work_key(piece_id)  # a work key names its own work
+
+
+def test_work_groups_join_what_a_stated_parent_work_links() -> None:
+    groups = work_groups([("music21/palestrina/Kyrie_65.krn", "Missa Ut re mi fa sol la"),
+                          ("music21/palestrina/Agnus_I_11.krn", "Missa  Ut re mi fa sol la"),
+                          ("music21/palestrina/Gloria_03.krn", "Missa Alma Redemptoris mater"),
+                          ("music21/bach/bwv277.krn", "Four-part Chorales"), ("music21/bach/bwv277.mxl", None)])
+    work = lambda piece_id: groups.get(work_key(piece_id), work_key(piece_id))  # noqa: E731
+    assert work("music21/palestrina/Kyrie_65.krn") == work("music21/palestrina/Agnus_I_11.krn")
+    assert work("music21/palestrina/Kyrie_65.krn") != work("music21/palestrina/Gloria_03.krn")
+    # the kern chorale names its collection as parent; its MusicXML twin (no parent) stays with it
+    assert work("music21/bach/bwv277.krn") == work("music21/bach/bwv277.mxl")
+    assert work("music21/bach/bwv66.6.mxl") == work_key("music21/bach/bwv66.6.mxl")
+
+
+def test_prepare_puts_the_sections_of_one_mass_on_one_side(tmp_path: Path) -> None:
+    """Kern files of one mass (the file states it: !!!OPR) get one `work` and one split value,
+    though their names share nothing; a file of another mass gets its own."""
+    corpus = corpus_root() / "palestrina"
+    for name in ("Gloria_03.krn", "Credo_03_a.krn", "Agnus_03.krn"):  # the first two: Missa Alma Redemptoris mater
+        shutil.copy(corpus / name, tmp_path / name)
+    prepare([tmp_path], tmp_path / "cache", workers=1, progress=False)
+    work = {p["piece_id"].rpartition("/")[2]: p["work"] for p in load_index(tmp_path / "cache")}
+    assert work["Gloria_03.krn"] == work["Credo_03_a.krn"] != work["Agnus_03.krn"]
+    split = {bytes(r["piece_id"]).decode().rpartition("/")[2]: r["split"] for r in CacheReader(tmp_path / "cache").index}
+    assert split["Gloria_03.krn"] == split["Credo_03_a.krn"] == split_hash(work["Gloria_03.krn"])
 
 
 VAL_IDS = [8, 18, 22, 35, 47, 61, 115, 117, 171, 174, 180, 186]

@@ -73,10 +73,11 @@ def test_threshold_is_chosen_on_training_crops(report) -> None:
     assert all(row["threshold_from"].startswith("train") for row in r["rows"])
 
 
-def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> None:
+def test_rerun_reuses_rows_and_refuses_other_settings(report, labelled_cache: Path, monkeypatch) -> None:
     r, run, _ = report
     out = Path(r["out"])
     monkeypatch.setattr("midi_rae.levels.train_decoder", lambda *a, **k: pytest.fail("a finished row was trained again"))
+    other_cache = labelled_cache
     again = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
     assert again["rows"] == r["rows"]  # finished rows stay in the report
     done = out / "trained" / "1" / "result.json"
@@ -88,6 +89,8 @@ def test_rerun_reuses_rows_and_refuses_other_settings(report, monkeypatch) -> No
         levels.levels_report(run, out, steps=3, batch_size=4, subsets=[1])
     with pytest.raises(ValueError, match="decoder_width"):  # a wider decoder is another row
         levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1], decoder_width=16)
+    with pytest.raises(ValueError, match="cache"):  # rows scored on another cache are not reused
+        levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1], cache_dir=str(other_cache))
 
 
 def test_decoder_width_sets_the_rows_decoders(report, tmp_path: Path) -> None:

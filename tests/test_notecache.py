@@ -17,7 +17,7 @@ import torch
 
 from midi_rae import cache as cache_module
 from midi_rae.cache import (CacheReader, OldCacheError, _key, collect_sources, is_dense, load_index, load_roll,
-                            prepare, split_of)
+                            prepare, split_of, work_key)
 from midi_rae.cli import main
 from midi_rae.corpus import corpus_root
 from midi_rae.dataset import PianoRollDataset
@@ -74,6 +74,11 @@ def test_note_cache_items_equal_dense_cache_items(inputs: Path, tmp_path: Path, 
     prepare([inputs], notes, settings, workers=2, progress=False)
     write_dense_cache(inputs, dense, settings)
     assert is_dense(dense) and not is_dense(notes)
+    # A dense cache of an earlier version splits by the path's work key; the note cache joins the
+    # mass whose Agnus the kern file names. Given the same works, the items must be equal.
+    works = {p["piece_id"]: p["work"] for p in load_index(notes)}
+    assert works["in/palestrina_Agnus_01.krn"] != work_key("in/palestrina_Agnus_01.krn")
+    (dense / "pieces.jsonl").write_text("".join(json.dumps({**p, "work": works[p["piece_id"]]}) + "\n" for p in load_index(dense)))
     assert [p["piece_id"] for p in load_index(notes)] == [p["piece_id"] for p in load_index(dense)]
     for p, q in zip(load_index(notes), load_index(dense)):
         np.testing.assert_array_equal(load_roll(notes, p), load_roll(dense, q))
@@ -92,7 +97,7 @@ def test_note_cache_items_equal_dense_cache_items(inputs: Path, tmp_path: Path, 
                 for k in x:
                     assert torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k], (kw, i, k)
     val = PianoRollDataset(notes, "val", val_fraction=0.25)
-    assert {val.piece_id(i) for i in range(val.num_pieces)} == {p["piece_id"] for p in load_index(notes) if split_of(p["piece_id"], 0.25) == "val"}
+    assert {val.piece_id(i) for i in range(val.num_pieces)} == {p["piece_id"] for p in load_index(notes) if split_of(p["work"], 0.25) == "val"}
 
 
 def test_reader_holds_numpy_columns_and_pickles_light(inputs: Path, tmp_path: Path) -> None:
@@ -173,3 +178,17 @@ def test_full_disk_leaves_no_half_written_entry(inputs: Path, tmp_path: Path, mo
     assert summary.processed == (1 if where == "staging" else 0) and summary.pieces == 4
     prepare([src], tmp_path / "fresh", workers=1, progress=False)
     assert cache_files(cache) == cache_files(tmp_path / "fresh")
+
+
+def test_a_cache_of_the_previous_format_is_refused_then_made_again(inputs: Path, tmp_path: Path, monkeypatch) -> None:
+    """Format 1 had no `work` (its split put a mass's sections on both sides): readers refuse it
+    in one line that says how to rebuild it, and `prepare` converts every file again."""
+    c = tmp_path / "c"
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "FORMAT", "midi-rae notes 1")
+        prepare([inputs], c, workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"format 'midi-rae notes 1'.*rebuild it with `midi-rae prepare --cache-dir"):
+        CacheReader(c)
+    summary = prepare([inputs], c, workers=1, progress=False)
+    assert summary.processed == len(collect_sources([inputs]))
+    assert all(p["work"] for p in load_index(c)) and len(CacheReader(c)) == len(load_index(c))

@@ -153,3 +153,22 @@ def test_test_side_never_holds_a_runs_training_pieces(tiny_cache: Path, tmp_path
     run = trained_run("swin", tiny_cache, tmp_path_factory)
     with pytest.raises(ValueError, match=r"--test-fraction 0.5 is above the data.val_fraction of"):
         probe([run], tiny_cache, test_fraction=0.5)
+
+
+def test_one_l2_still_picks_the_headline_on_the_hold_out() -> None:
+    """`probe --l2 X` (a grid of one penalty) still scores each feature set on the hold-out of the
+    training works, so the headline is the informative set, not the first one listed."""
+    from midi_rae.labels import Crops, Task
+    from midi_rae.probes import probe_task
+
+    g = torch.Generator().manual_seed(0)
+    pieces = [{"piece_id": f"w{i}.mid", "collection": "ab"[i % 2]} for i in range(80)]
+    y = torch.tensor([i % 2 for i in range(80)], dtype=torch.float64)
+    crops = Crops(torch.zeros(80, 1, 1, 1), [p["piece_id"] for p in pieces], {p["piece_id"]: [i] for i, p in enumerate(pieces)})
+    noise = torch.randn(80, 4, generator=g, dtype=torch.float64)
+    signal = torch.cat([y[:, None] + 0.1 * torch.randn(80, 1, generator=g, dtype=torch.float64), noise[:, 1:]], 1)
+    task = Task("collection", ["a", "b"], pieces[:60], pieces[60:])
+    result = probe_task(task, crops, {"enc": {"noise": noise, "signal": signal}}, l2_grid=(1e-2,))
+    rows = {r["features"]: r for r in result["rows"] if r["model"] == "enc"}
+    assert all(r["holdout_bacc"] == r["holdout_bacc"] for r in rows.values())  # scored, not NaN
+    assert rows["signal"].get("headline") and not rows["noise"].get("headline")
