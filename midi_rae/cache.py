@@ -738,16 +738,19 @@ def work_key(piece_id: str) -> str:
     without its music-file suffix, lower-cased (`music21/bach/bwv277.krn` and `.mxl` are one
     work); a section letter or variant suffix after a number dropped (`Credo_03_a` and
     `Credo_03_b`, `bwv18.5-lz` and `bwv18.5-w`); a movement file (`opus18no1/movement4`) named by
-    its folder, the work; plus `#<index>` for a piece of a multi-piece file (a tune of an ABC book).
+    its folder, the work; a piece of a multi-piece file (a tune of an ABC book) is the file's path
+    plus `#<index>`, as it is.
     A stated parent work joins more (`work_groups`)."""
     source, sep, index = piece_id.partition("#")
     stem, dot, suffix = source.rpartition(".")
     if dot and f".{suffix.lower()}" in SUFFIXES:
         source = stem
     folder, _, name = source.lower().rpartition("/")
+    if sep:  # a tune of a multi-piece file is its own work (oneills1850's 0732-0758_bs and _mh hold other tunes)
+        return posixpath.join(folder, name) + sep + index
     if _MOVEMENT.fullmatch(name) and folder:
-        return folder + sep + index
-    return posixpath.join(folder, _SECTION.sub("", name)) + sep + index
+        return folder
+    return posixpath.join(folder, _SECTION.sub("", name))
 
 
 def parent_work_key(piece_id: str, parent_work: str) -> str:

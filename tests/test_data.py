@@ -122,6 +122,7 @@ def test_work_key_joins_sections_variants_and_movements() -> None:
     assert work_key("music21/beethoven/opus18no1/movement4.krn") == work_key("music21/beethoven/opus18no1/movement1.mxl")
     # ... but not tunes of one ABC book, numbered files, or different works that share a prefix.
     assert work_key("music21/essenFolksong/han1.abc#3") != work_key("music21/essenFolksong/han1.abc#4")
+    assert work_key("music21/oneills1850/0732-0758_bs.abc#0") != work_key("music21/oneills1850/0732-0758_mh.abc#0")
     assert len({work_key(f"songs/{i:04d}.mid") for i in range(100)}) == 100
     assert work_key("music21/monteverdi/madrigal.3.1.mxl") != work_key("music21/monteverdi/madrigal.3.2.mxl")
     assert work_key("music21/palestrina/Credo_03_a.krn") != work_key("music21/palestrina/Credo_04_a.krn")
