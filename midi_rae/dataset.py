@@ -85,7 +85,7 @@ class PianoRollDataset(Dataset):
             self.rows = np.array([row_of[p["piece_id"]] for p in pieces], dtype=np.int64)  # (P,)
         else:
             # Numpy columns, not a list of dicts: start-up and every worker's memory stay small for any corpus size.
-            in_val = self.cache.index["split"] < val_fraction  # what split_of(piece_id, val_fraction) says, for all pieces at once
+            in_val = self.cache.index["split"] < val_fraction  # what split_of(its work, val_fraction) says, for all pieces at once
             self.rows = np.flatnonzero(in_val if split == "val" else ~in_val if split == "train" else np.ones_like(in_val))  # (P,)
         if not len(self.rows):
             raise ValueError(f"no pieces in split {split!r} of {cache_dir}")
