@@ -279,7 +279,7 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
     width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
     # the cache the rows train and score on (`--cache-dir`, else the run's): a row of another is not reused
-    cache = cache_identity(resolve_cache_dir(subset_config(cfg, 1, out, steps, batch_size, cache_dir, device)))
+    cache = cache_identity(Path(cache_dir).expanduser() if cache_dir else resolve_cache_dir(cfg))
     rows = []
     for name, path in encoders.items():
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
