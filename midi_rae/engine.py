@@ -166,7 +166,7 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
                       amp: bool = False) -> dict[str, float]:
     """Validation of a `Pretrainer`: the objective's loss, and, when it reconstructs masked
     patches (`model.fixed_mask_reconstruction`), each sample's own masked patches scored
-    (P / R / F1 per sample at 0.5). The masks come from a fixed seed, so every validation sees
+    (P / R / F1 per sample at 0.5, frame channel, inside the piece; `MaskedPatchMeter`). The masks come from a fixed seed, so every validation sees
     the same ones; the training RNG is left untouched."""
     was_training = model.training
     model.eval()
@@ -182,7 +182,8 @@ def evaluate_pretrain(model: nn.Module, loader: Iterable, device: torch.device, 
                 loss, parts = model(batch)
                 recon = model.fixed_mask_reconstruction(x, g)
                 if recon is not None:
-                    meter.update(recon.logits.sigmoid(), x, recon.visible, recon.patch_size)
+                    inside = inside_piece(batch["start"], batch["steps"], x.shape[-1]).to(x.device)  # (B, 1, 1, W)
+                    meter.update(recon.logits.sigmoid(), x, recon.visible, recon.patch_size, inside)
                     parts = dict(parts, recon_fixed_mask=recon.loss)
             b = x.shape[0]
             for k, v in {"loss": loss, **parts}.items():

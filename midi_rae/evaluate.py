@@ -233,7 +233,7 @@ def run_summary(cfg: Config, n_examples: int = 4, probe: bool = False) -> dict[s
     summary = {
         "name": cfg.name, "encoder": enc_cfg.model.encoder, "figure": str(fig),
         "pretrain": {"steps": pre_final.get("step"), "seconds": pre_final.get("seconds"),
-                     **{k: pre_val.get(k) for k in ("loss", "masked_precision", "masked_recall", "masked_f1", "samples") if k in pre_val}},
+                     **{k: pre_val.get(k) for k in ("loss", "masked_precision", "masked_recall", "masked_f1", "masked_f1_floor", "samples") if k in pre_val}},
         "decoder": {"steps": dec_final.get("step"), "seconds": dec_final.get("seconds"),
                     **{k: dec_val.get(k) for k in ("loss", "precision", "recall", "specificity", "f1", "threshold") if k in dec_val}},
     }

@@ -19,7 +19,7 @@ from midi_rae.config import ConfigError, TrainConfig, load_config, resolve_confi
 from midi_rae.evaluate import run_summary
 from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain, layer_decay_scales, lr_at, momentum_at,
                              param_groups, train_one_epoch)
-from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion
+from midi_rae.metrics import MaskedPatchMeter, PixelMeter, confusion, inside_piece
 from midi_rae.logger import Logger
 from midi_rae.models import DecoderTrainer, Pretrainer, align_levels, build_decoder, build_encoder
 from midi_rae.runs import datasets
@@ -410,6 +410,23 @@ def test_metrics() -> None:
     r = mm.compute()
     assert r["masked_recall"] == pytest.approx(0.5)  # sample 0: 2 of 4; sample 1: no notes -> undefined, left out
     assert r["masked_f1"] == pytest.approx(2 / 3)
+
+
+def test_masked_patch_f1_reads_the_frame_inside_the_piece_and_reports_its_floor() -> None:
+    # One 8 x 8 crop of two channels, four 4 x 4 patches, all masked; the piece ends at column 4.
+    target = torch.zeros(1, 2, 8, 8)
+    target[0, 0, 0, :2] = 1  # two frame pixels in the piece
+    target[0, 1, :, :] = 1  # an onset channel full of notes: not scored
+    probs = torch.zeros_like(target)
+    probs[0, 0, 0, :2] = 0.9  # both frame notes found
+    probs[0, 0, :, 4:] = 0.9  # "notes" in the zero padding past the piece's end: not scored
+    inside = inside_piece(torch.tensor([0]), torch.tensor([4]), 8)  # (1, 1, 1, 8)
+    mm = MaskedPatchMeter(0.5)
+    mm.update(probs, target, torch.zeros(1, 4, dtype=torch.bool), (4, 4), inside)
+    r = mm.compute()
+    assert r["masked_f1"] == 1.0 and r["masked_precision"] == 1.0
+    # Saying "note" on all 32 scored pixels finds the 2 notes with 30 false positives.
+    assert r["masked_f1_floor"] == pytest.approx(2 * 2 / (2 * 2 + 30))
 
 
 def test_velocity_roll_scored_against_itself() -> None:
