@@ -61,6 +61,10 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc_nested": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                                           "objective.mask_ratio=0", "objective.descriptor_weight=1",
                                           "objective.recon_nested=true"],
+    # the same with the targets read from the finer levels only: the two coarsest are left to the roll
+    "coarse_ae_m0_desc_fine": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                        "objective.mask_ratio=0", "objective.descriptor_weight=1",
+                                        "objective.descriptor_skip_levels=2"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

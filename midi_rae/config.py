@@ -189,6 +189,8 @@ class ObjectiveConfig:
     descriptor_weight: float = opt(0.0, "hand-crafted targets (MaskFeat's HOG, HuBERT's MFCC clusters): a linear head "
                                         "on every level's non-empty mean regresses the crop's music descriptors "
                                         "(midi_rae.descriptors, standardised by running statistics)")
+    descriptor_skip_levels: int = opt(0, "swin: the descriptor head skips this many coarsest levels, leaving them to "
+                                         "the reconstruction (recon_levels); 0: it reads every level")
     global_weight: float = opt(0.0, "one embedding per view (every level's non-empty mean, concatenated, "
                                     "through a projector MLP), pulled together across the two views")
     global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
@@ -428,6 +430,9 @@ class Config:
         if rl is not None:
             _require(m.encoder == "swin" and rl <= m.num_stages, f"objective.recon_levels must be 1..{m.num_stages} "
                      f"(Swin levels) or null, got {rl} for the {m.encoder} encoder")
+        _require(o.descriptor_skip_levels == 0 or (m.encoder == "swin" and 0 < o.descriptor_skip_levels < m.num_stages),
+                 f"objective.descriptor_skip_levels must leave the descriptor head a level: 0..{m.num_stages - 1} "
+                 f"with the Swin encoder (0 with any other), got {o.descriptor_skip_levels} for {m.encoder}")
         _require(not o.recon_nested or (m.encoder == "swin" and o.recon_weight > 0),
                  f"objective.recon_nested drops the Swin MAE decoder's finer levels per sample; it needs "
                  f"model.encoder=swin and objective.recon_weight > 0 (got {m.encoder}, {o.recon_weight}); "

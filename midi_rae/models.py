@@ -124,10 +124,10 @@ def lejepa_shifted(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shi
     return lejepa_loss(out1.patches.all_emb, out2.patches.all_emb, lam, valid, num_projections, aligned=aligned)
 
 
-def pooled_levels(out: EncoderOutput) -> Tensor:
-    """(B, sum of the level dims): every level's non-empty mean, concatenated (the probes' 'all
-    non-empty' features), what the global and descriptor heads read."""
-    return torch.cat([lvl.pooled() for lvl in out.patches], dim=-1)
+def pooled_levels(out: EncoderOutput, skip: int = 0) -> Tensor:
+    """(B, sum of the level dims from level `skip` on): those levels' non-empty means,
+    concatenated (the probes' 'all non-empty' features), what the global and descriptor heads read."""
+    return torch.cat([lvl.pooled() for lvl in out.patches[skip:]], dim=-1)
 
 
 class Projector(nn.Module):
@@ -143,15 +143,18 @@ class Projector(nn.Module):
 
 
 class DescriptorHead(nn.Module):
-    """The head of the descriptor objective: every level's non-empty mean, concatenated, through
-    one Linear to the crop's hand-crafted music descriptors (`midi_rae.descriptors`). Linear, so
-    what it reads is linearly in the features the probes fit on. The targets are standardised by
-    running statistics (buffers, so a resumed run continues with them): the descriptors mix
-    histograms summing to 1 with pitches in [0, 1] and polyphony counts."""
+    """The head of the descriptor objective: every level's non-empty mean but the `skip`
+    coarsest, concatenated, through one Linear to the crop's hand-crafted music descriptors
+    (`midi_rae.descriptors`). Linear, so what it reads is linearly in the features the probes fit
+    on. Skipping the coarse levels leaves them to the reconstruction, whose notes the targets
+    otherwise displace there. The targets are standardised by running statistics (buffers, so a
+    resumed run continues with them): the descriptors mix histograms summing to 1 with pitches in
+    [0, 1] and polyphony counts."""
 
-    def __init__(self, in_dim: int, momentum: float = 0.01, eps: float = 1e-4) -> None:
+    def __init__(self, level_dims: list[int], skip: int = 0, momentum: float = 0.01, eps: float = 1e-4) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_dim, len(DESCRIPTOR_NAMES))
+        self.skip = skip
+        self.linear = nn.Linear(sum(level_dims[skip:]), len(DESCRIPTOR_NAMES))
         self.momentum, self.eps = momentum, eps
         self.register_buffer("target_mean", torch.zeros(len(DESCRIPTOR_NAMES)))
         self.register_buffer("target_var", torch.ones(len(DESCRIPTOR_NAMES)))
@@ -168,7 +171,7 @@ class DescriptorHead(nn.Module):
                 self.target_var.lerp_(var, rate)
                 self.seen.fill_(True)
             target = (target - self.target_mean) / (self.target_var + self.eps).sqrt()
-        pred = self.linear(pooled_levels(out))  # (B, F)
+        pred = self.linear(pooled_levels(out, self.skip))  # (B, F)
         return F.mse_loss(pred.float(), target)
 
 
@@ -203,7 +206,8 @@ class Pretrainer(nn.Module):
         self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
                          if o.multiscale_weight > 0 else None)
         self.projector = Projector(sum(level_dims(self.encoder)), o.global_dim) if o.global_weight > 0 else None
-        self.descriptor_head = DescriptorHead(sum(level_dims(self.encoder))) if o.descriptor_weight > 0 else None
+        self.descriptor_head = (DescriptorHead(level_dims(self.encoder), o.descriptor_skip_levels)
+                                if o.descriptor_weight > 0 else None)
         self.teacher = None
         if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()

@@ -195,6 +195,26 @@ def test_descriptor_objective_regresses_the_whole_crops_standardised_descriptors
     assert {"descriptor_head.target_mean", "descriptor_head.target_var"} <= set(model.state_dict())
 
 
+def test_descriptor_head_that_skips_the_coarse_levels_leaves_them_to_the_reconstruction(tiny_cache: Path) -> None:
+    """descriptor_skip_levels=1: the head reads the finer levels only, so its loss does not
+    depend on the coarsest level and sends it no gradient."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=1",
+                             "objective.descriptor_skip_levels=1"])
+    model = Pretrainer(cfg).train()
+    dims = [info.dim for info in model.encoder.feature_info]  # coarsest first
+    assert model.descriptor_head.linear.in_features == sum(dims[1:])
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(4)])
+    out = model.encoder(x)
+    coarse, fine = out.patches[0].emb, out.patches[1].emb
+    coarse.retain_grad(), fine.retain_grad()
+    model.descriptor_head.loss(out, x).backward()
+    assert coarse.grad is None and fine.grad.abs().sum() > 0
+    assert model.descriptor_head.linear.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="descriptor_skip_levels must leave the descriptor head a level: 0..2"):
+        load_config(None, [*SMALL, "objective.descriptor_weight=1", "objective.descriptor_skip_levels=3"])
+
+
 def test_impossible_objective_configs_are_refused() -> None:
     with pytest.raises(ConfigError, match="data.view_mode=shift"):
         load_config(None, ["objective.lejepa_weight=1", "data.view_mode=piece"])
