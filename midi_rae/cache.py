@@ -38,6 +38,7 @@ cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (se
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import io
@@ -93,7 +94,8 @@ class Summary:
     files_skipped: int = 0
     pieces: int = 0  # pieces in the cache (good)
     pieces_skipped: int = 0  # skipped tunes of multi-piece files + skipped files
-    processed: int = 0  # source files converted in this run (the rest were already done)
+    processed: int = 0  # source files converted in this run
+    refused: int = 0  # source files skipped before conversion (too large, unreadable, a bad name)
     report: list[str] = field(default_factory=list)
     notice: str | None = None  # a line for the user about the cache itself (an earlier version's, ...)
 
@@ -395,6 +397,7 @@ def prepare(
             unreadable[i] = {"source": _display_name(s.source_id), "pieces": [], "skipped": [], "error": str(e)}
     if is_dense(cache):
         return _old_cache(cache, keys, unreadable, _rebuild_command(paths, cache, collections))
+    check_cache_folder(cache)
     for sub in ("notes", "staging", "done", "inflight"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     # Leftovers of a run that was killed: in-flight markers and half-written temporary files.
@@ -413,7 +416,7 @@ def prepare(
         summary = _pack(cache, keys, unreadable, done, settings, progress)
     finally:
         done.close()
-    summary.processed = len(todo)
+    summary.processed, summary.refused = len(todo), len(unreadable)
     return summary
 
 
@@ -583,6 +586,30 @@ def _write_if_changed(path: Path, lines: Iterable[str]) -> None:
 # ----------------------------------------------------------------------------- reading a cache
 
 
+# What a note cache's folder holds, and nothing else: `prepare` writes, replaces and clears these.
+CACHE_ENTRIES = {"notes", "staging", "done", "inflight", "done.jsonl", "index.json", "pieces.jsonl", "report.txt",
+                 "settings.json"}
+
+
+def check_cache_folder(cache_dir: str | os.PathLike) -> None:
+    """BadInput when `cache_dir` exists and holds anything a cache does not: `prepare` clears
+    its sub-folders, so a folder of the user's own files given by mistake must be refused."""
+    cache = Path(cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise BadInput(f"--cache-dir {cache} is a file; give a new or empty folder, or a midi-rae cache")
+    if not cache.is_dir():
+        return
+    foreign = sorted(e.name for e in os.scandir(cache) if e.name not in CACHE_ENTRIES
+                     and not re.fullmatch(r"index-[0-9a-f]+\.npy|\..*\.tmp", e.name))
+    # A cache has its settings, or (a first prepare killed early) at least its four sub-folders.
+    started = (cache / "settings.json").is_file() or all((cache / d).is_dir() for d in ("notes", "staging", "done", "inflight"))
+    if foreign or (not started and any(os.scandir(cache))):
+        foreign = foreign or sorted(os.listdir(cache))
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise BadInput(f"--cache-dir {cache} is not a midi-rae cache (it holds {shown}); give a new or empty folder, "
+                       f"or the folder of a cache to update")
+
+
 def is_dense(cache_dir: str | os.PathLike) -> bool:
     """Whether `cache_dir` holds a dense roll cache of an earlier version (`rolls/`, no `index.json`)."""
     return (Path(cache_dir) / "rolls").is_dir() and not (Path(cache_dir) / "index.json").exists()
@@ -594,7 +621,16 @@ def load_settings(cache_dir: str | os.PathLike) -> RollSettings:
     if not path.is_file():
         raise FileNotFoundError(f"no prepared roll cache at {cache_dir}: run `midi-rae prepare` for it, or point "
                                 f"--cache-dir (or MIDI_RAE_CACHE, data.cache_dir) at the cache the run used")
-    return RollSettings(**json.loads(path.read_text()))
+    try:
+        values = json.loads(path.read_text())
+        types = {f.name: f.type for f in dataclasses.fields(RollSettings)}
+        if not isinstance(values, dict) or set(values) - set(types) or not all(
+                type(v).__name__ == types[k] for k, v in values.items()):
+            raise ValueError(f"unexpected fields or types: {values!r}")
+        return RollSettings(**values)
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); run `midi-rae prepare --cache-dir {cache_dir}` again with the "
+                         f"inputs it was made of") from None
 
 
 def load_index(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -671,13 +707,22 @@ class CacheReader:
         self.settings = load_settings(cache_dir)
         manifest = self.cache_dir / "index.json"
         self._shards: dict[int, np.ndarray] = {}
+        rebuild = f"run `midi-rae prepare --cache-dir {cache_dir}` again with the inputs it was made of"
         if manifest.exists():
-            m = json.loads(manifest.read_text())
-            if m.get("format") != FORMAT:
-                raise ValueError(f"{cache_dir} is a cache of format {m.get('format')!r}, this version reads {FORMAT!r}: "
-                                 f"rebuild it with `midi-rae prepare --cache-dir {cache_dir}` (and the inputs it was made of)")
-            self.index = np.load(self.cache_dir / m["index"], mmap_mode="r")
-            self._shard_files, self._rolls = m["shards"], None
+            try:
+                m = json.loads(manifest.read_text())
+                if m.get("format") != FORMAT:
+                    raise ValueError(f"{cache_dir} is a cache of format {m.get('format')!r}, this version reads "
+                                     f"{FORMAT!r}: rebuild it with `midi-rae prepare --cache-dir {cache_dir}` (and the "
+                                     f"inputs it was made of)")
+                self.index = np.load(self.cache_dir / m["index"], mmap_mode="r")
+                self._shard_files, self._rolls = m["shards"], None
+            except (ValueError, KeyError, AttributeError, TypeError) as e:
+                if "is a cache of format" in str(e):
+                    raise
+                raise ValueError(f"{cache_dir} is damaged: its index does not read ({e}); {rebuild}") from None
+        elif not is_dense(cache_dir):
+            raise ValueError(f"{cache_dir} is damaged or unfinished: index.json is missing; {rebuild}")
         else:  # a dense cache of an earlier version
             pieces = load_index(cache_dir)
             width = max([len(p["piece_id"].encode()) for p in pieces], default=1)

@@ -469,7 +469,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            try:
+                value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: {text!r} is not a list; write it as {key}=[1,2,3]") from None
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
@@ -579,6 +582,8 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
 
 
 def _with_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
+    if not isinstance(tree, dict):  # overrides need sections to go into
+        raise ConfigError(f"config must be a mapping of keys to values, got {tree!r}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from midi_rae.core import LevelInfo
@@ -80,7 +81,9 @@ class Embeddings:
                   "piece": self.meta}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"midi_rae": json.dumps(header, default=str)}))
+        # Serialised in memory, written by Python: a failed write is an OSError naming the path.
+        data = save(tensors, metadata={"midi_rae": json.dumps(header, default=str)})
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Embeddings:
@@ -176,6 +179,34 @@ def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os
 # ----------------------------------------------------------------------------- command line
 
 
+def unique_names(pieces: list[Any]) -> list[str]:
+    """Output names: each piece's name, with its source's folders in front where two pieces of
+    different folders share one (a/x.mid, b/x.mid -> a_x, b_x), and a number where that is not
+    enough: no output overwrites another's."""
+    names = [pc.name for pc in pieces]
+    for depth in range(1, 4):
+        seen: dict[str, int] = {}
+        for n in names:
+            seen[n] = seen.get(n, 0) + 1
+        if all(v == 1 for v in seen.values()):
+            return names
+        for i, pc in enumerate(pieces):
+            if seen[names[i]] > 1 and pc.meta.get("source"):
+                folders = Path(str(pc.meta["source"])).parent.parts[-depth:]
+                names[i] = "_".join([*folders, pc.name])
+    taken: set[str] = set()
+    unique = []
+    for n in names:
+        k, name = 1, n
+        while name in taken:
+            k += 1
+            name = f"{n}-{k}"
+        taken.add(name)
+        unique.append(name)
+    return unique
+
+
+
 def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
     p = sub.add_parser("encode", help="per-level embeddings of whole pieces (safetensors)",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,16 +225,32 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
 
     def run(args: argparse.Namespace) -> int:
         encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device), args.window_size, args.crop_width)
-        pieces = read_inputs(args.inputs, args.cache_dir, roll_settings(cfg))
         out = Path(args.out)
         single = out.suffix == ".safetensors"
+        (out.parent if single else out).mkdir(parents=True, exist_ok=True)  # a bad OUT fails before any work
+        if args.hop is not None:
+            check_hop(encoder, args.hop)
+        # One input that cannot be read is one error line; among several, it is skipped and reported.
+        pieces, skipped = [], []
+        for item in args.inputs:
+            try:
+                pieces += read_inputs([item], args.cache_dir, roll_settings(cfg))
+            except (OSError, ValueError) as e:
+                if len(args.inputs) == 1:
+                    raise
+                skipped.append(item)
+                print(f"SKIP {item}: {e}", file=sys.stderr)
         if single and len(pieces) != 1:
             raise ValueError(f"{len(pieces)} pieces to encode but OUT is one file; give a folder")
-        for pc in pieces:
+        for pc, name in zip(pieces, unique_names(pieces)):
             e = encode_roll(encoder, pc.roll, args.hop, meta={**pc.meta, "checkpoint": str(args.checkpoint)})
-            path = e.save(out if single else out / f"{pc.name}.safetensors")
+            path = e.save(out if single else out / f"{name}.safetensors")
             shapes = ", ".join(f"{lvl.info.name or i}: {tuple(lvl.emb.shape)}" for i, lvl in enumerate(e.levels))
             print(f"{path}: {e.steps} steps, hop {e.hop}; {shapes}")
+        if skipped:
+            print(f"midi-rae encode: {len(skipped)} of {len(args.inputs)} inputs skipped (above); "
+                  f"{len(pieces)} pieces encoded", file=sys.stderr)
+            return 1
         return 0
 
     return run

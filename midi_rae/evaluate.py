@@ -109,6 +109,11 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
     """Metrics (returned, and written as JSON + Markdown) and figures of a trained run."""
     from midi_rae.plots import level_pca_figure, projection_figure, recon_figure, spectrum_figure
 
+    if threshold is not None and not 0 <= threshold < 1:
+        raise ValueError(f"the threshold is a note probability, in [0, 1); got {threshold}")
+    if (max_items is not None and max_items < 1) or n_examples < 0:
+        raise ValueError(f"need max_items >= 1 (or none: the run's data.val_max_items) and examples >= 0; "
+                         f"got {max_items}, {n_examples}")
     ck = resolve_checkpoint(checkpoint)
     model, cfg = load_autoencoder(ck, device)
     out = Path(out_dir) if out_dir else (ck.run_dir or ck.encoder.path.parent) / "eval"

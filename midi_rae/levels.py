@@ -365,6 +365,9 @@ def add_levels(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
                    help="swin decoders' finest-stage width (decoder.embed_dim; default: the run's, else the encoder's)")
 
     def run(args: argparse.Namespace) -> int:
+        for flag in ("batch_size", "threads"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         r = levels_report(args.run, args.out, args.steps, args.batch_size, args.subsets, not args.no_random,
                           args.overwrite, args.cache_dir, args.device, args.threads, args.decoder_width)
         print(markdown(r))

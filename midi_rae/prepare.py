@@ -36,6 +36,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
                    help=f"skip (and report) files larger than this (default {MAX_FILE_MB})")
 
     def run(args: argparse.Namespace) -> int:
+        if (args.workers is not None and args.workers < 1) or not args.max_file_mb > 0:
+            raise ValueError(f"--workers must be at least 1 and --max-file-mb positive; got {args.workers}, {args.max_file_mb}")
         settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums,
                                 expand_repeats=args.expand_repeats)
         summary = prepare(args.paths or None, args.cache_dir, settings, workers=args.workers,
@@ -46,7 +48,9 @@ def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
         if summary.notice:
             print(summary.notice)
         print(summary.line())
-        print(f"{summary.processed} files converted in this run, {summary.files - summary.processed} were already in the cache")
+        cached = summary.files - summary.processed - summary.refused
+        print(f"{summary.processed} files converted in this run, {cached} were already in the cache"
+              + (f", {summary.refused} refused before reading (above)" if summary.refused else ""))
         print(f"cache: {summary.cache_dir}  (report: {summary.cache_dir / 'report.txt'})")
         if summary.pieces == 0:  # nothing to train on: a script chaining prepare -> train must stop here
             print(f"midi-rae prepare: error: none of the {summary.files} files gave a usable piece (reasons in "

@@ -37,6 +37,8 @@ def add_probe(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace],
                 raise ValueError(f"-o {out} is a folder; give a file name such as {out / 'probe.json'}")
             out.parent.mkdir(parents=True, exist_ok=True)
         cache = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(resolve_checkpoint(args.checkpoints[0]).config)
+        if args.level not in (None, "all") and not args.level.lstrip("-").isdigit():
+            raise ValueError(f"--level must be a level number (0 = coarsest) or 'all', got {args.level!r}")
         level = None if args.level is None else (args.level if args.level == "all" else int(args.level))
         result = probes.probe(args.checkpoints, cache, args.label, args.classes, level, args.test_fraction,
                               args.crops_per_piece, args.max_pieces_per_class, args.max_classes, args.l2, not args.no_random, args.min_pieces)

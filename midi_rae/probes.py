@@ -211,9 +211,18 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
     (an index, 0 = coarsest, or 'all' for the concatenation); `l2`: a fixed penalty instead of
     the hold-out choice; `test_fraction`: default the first run's `data.val_fraction`; a class
     needs `min_pieces` training pieces and a fifth of that (at least 2) test pieces."""
+    if l2 is not None and not l2 > 0:
+        raise ValueError(f"the L2 penalty must be positive, got {l2}")
+    if crops_per_piece < 1 or max_pieces_per_class < 1 or max_classes < 2 or min_pieces < 1:
+        raise ValueError(f"need crops_per_piece, max_pieces_per_class, min_pieces >= 1 and max_classes >= 2; got "
+                         f"{crops_per_piece}, {max_pieces_per_class}, {min_pieces}, {max_classes}")
     models = load_models(checkpoints, random_baseline)
     for m in models:
         check_time_grid(m.config, Path(cache_dir))
+        levels = len(m.encoder.feature_info)
+        if level not in (None, "all") and not 0 <= int(level) < levels:
+            raise ValueError(f"level {level} is out of range for {m.name}: its levels are 0..{levels - 1} (0 = coarsest), "
+                             f"or 'all'")
     widths = {m.encoder.img_size[1] for m in models}
     if len(widths) > 1:
         raise ValueError(f"the runs read crops of different widths {sorted(widths)}; probe them separately")

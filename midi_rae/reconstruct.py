@@ -68,7 +68,8 @@ def write_midi(probs: Tensor, path: str | os.PathLike, threshold: float, steps_p
                                      for t in source.time_signatures)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: score.dump_midi(str(tmp)))
+    data = score.dumps_midi()  # written by Python: a failed write is an OSError naming the path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def find_soundfont(given: str | None = None) -> Path | None:
@@ -133,6 +134,12 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
     def run(args: argparse.Namespace) -> int:
         if args.png_steps < 1:
             raise ValueError(f"--png-steps must be positive, got {args.png_steps}")
+        if args.threshold is not None and not 0 <= args.threshold < 1:  # 0: every pixel a note
+            raise ValueError(f"--threshold is a note probability, in [0, 1); got {args.threshold}")
+        source = Path(args.input).resolve()
+        for flag, out in (("-o", args.out), ("--png", args.png), ("--wav", args.wav)):
+            if out and Path(out).resolve() == source:
+                raise ValueError(f"{flag} {out} is the input file, which would be overwritten; give another name")
         # Outputs are checked before the model runs, which can take minutes on a long piece.
         # (A missing folder for OUT.mid is fine: write_midi makes it.)
         for out in (args.png, args.wav):

@@ -133,6 +133,8 @@ NOTE_DTYPE = np.dtype([("start", "<u4"), ("duration", "<u4"), ("pitch", "u1"), (
 def score_to_notes(score: symusic.Score, settings: RollSettings = RollSettings()) -> tuple[np.ndarray, int]:
     """The notes of all (non-drum) tracks of a symusic score, quantised to steps, and the length
     of its roll in steps: `(notes (N,) NOTE_DTYPE sorted by start, steps)`."""
+    if score.ticks_per_quarter <= 0:  # resampling would divide by it
+        raise BadInput(f"not a readable MIDI file (its header gives {score.ticks_per_quarter} ticks per quarter note)")
     tracks = [t for t in score.tracks if settings.drums or not t.is_drum]
     if not any(t.note_num() for t in tracks):
         has_drums = any(t.is_drum and t.note_num() for t in score.tracks)

@@ -239,7 +239,8 @@ def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.d
     was trained on (fine-tuned, if it was)."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
     if ck.decoder is None:
-        raise FileNotFoundError(f"{checkpoint} has no decoder: run `midi-rae train-decoder` on it (or `midi-rae run`), "
+        where = ck.run_dir or ck.encoder.path
+        raise FileNotFoundError(f"{where} has no decoder: run `midi-rae train-decoder` on it (or `midi-rae run`), "
                                 f"then pass the run folder")
     encoder, decoder = build_encoder(ck.config), build_decoder(ck.config)
     load_weights(encoder, ck.encoder.path, ck.encoder.prefix)

@@ -5,6 +5,7 @@ import builtins
 import errno
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import textwrap
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -293,3 +295,122 @@ def test_reconstruct_figure_is_capped(tmp_path: Path, monkeypatch: pytest.Monkey
     comparison_png(roll, roll, tmp_path / "x.png", 0.5, "piece: input vs reconstruction")
     assert drawn == {"rows": 16, "title": "piece: input vs reconstruction (first 4096 of 200000 steps)",
                      "last": "steps 3840-4096"}
+
+
+# ----------------------------------------------------------------------------- found by a hostile-input sweep
+
+
+def test_reconstruct_refuses_to_overwrite_its_input(run_dir: Path, piece: Path, capsys: pytest.CaptureFixture) -> None:
+    before = piece.read_bytes()
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(piece.parent / "." / piece.name)]) == 2
+    assert "is the input file, which would be overwritten; give another name" in error_line(capsys, "reconstruct")
+    assert piece.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "eval"])
+@pytest.mark.parametrize("threshold", ["1.5", "-1", "nan"])
+def test_threshold_outside_zero_one_is_refused(run_dir: Path, piece: Path, tmp_path: Path, command: str, threshold: str,
+                                               capsys: pytest.CaptureFixture) -> None:
+    args = [str(piece), "-o", str(tmp_path / "o.mid")] if command == "reconstruct" else ["-o", str(tmp_path / "e")]
+    assert main([command, str(run_dir), *args, "--threshold", threshold]) == 2
+    assert "note probability, in [0, 1)" in error_line(capsys, command)
+
+
+def test_midi_with_zero_ticks_per_quarter_is_one_line(run_dir: Path, piece: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    data = bytearray(piece.read_bytes())
+    assert data[:4] == b"MThd"
+    data[12:14] = b"\x00\x00"  # the header's division: 0 ticks per quarter note
+    bad = tmp_path / "tpq0.mid"
+    bad.write_bytes(bytes(data))
+    assert main(["encode", str(run_dir), str(bad), "-o", str(tmp_path / "e.safetensors")]) == 2
+    assert "not a readable MIDI file (its header gives 0 ticks per quarter note)" in error_line(capsys, "encode")
+
+
+def test_encode_skips_a_bad_input_among_several_and_keeps_same_named_pieces_apart(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = midi(tmp_path / "a" / "x.mid", [60, 62]), midi(tmp_path / "b" / "x.mid", [64, 65, 67, 69])
+    (tmp_path / "broken.mid").write_bytes(b"MThd\x00\x00")
+    out = tmp_path / "out"
+    assert main(["encode", str(run_dir), str(first), str(tmp_path / "broken.mid"), str(second), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"SKIP {tmp_path / 'broken.mid'}: not a readable MIDI file" in err
+    assert "1 of 3 inputs skipped (above); 2 pieces encoded" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_x.safetensors", "b_x.safetensors"]
+
+
+def test_encode_to_an_unwritable_place_is_one_line(run_dir: Path, piece: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def refused(self: Path, data: bytes) -> int:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", refused)
+    out = tmp_path / "e.safetensors"
+    assert main(["encode", str(run_dir), str(piece), "-o", str(out)]) == 2
+    assert error_line(capsys, "encode").endswith(f"{out}: Permission denied; check its permissions or choose another path")
+
+
+def test_prepare_refuses_a_folder_that_is_not_a_cache_and_deletes_nothing(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    midi(src / "good.mid", [60, 62])
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "thesis.txt").write_text("years of work")
+    (mine / "report.txt").write_text("mine too")
+    assert main(["prepare", str(src), "--cache-dir", str(mine), "--workers", "1"]) == 2
+    assert "is not a midi-rae cache (it holds notes, report.txt); give a new or empty folder" in error_line(capsys, "prepare")
+    assert (mine / "notes" / "thesis.txt").read_text() == "years of work" and (mine / "report.txt").read_text() == "mine too"
+    # An empty folder, and a cache already there, are fine.
+    (tmp_path / "empty").mkdir()
+    for cache in ("empty", "empty"):
+        assert main(["prepare", str(src), "--cache-dir", str(tmp_path / cache), "--workers", "1", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / "index.json").unlink(), "is damaged or unfinished: index.json is missing; run `midi-rae prepare"),
+    (lambda c: (c / "index.json").write_text("{bad"), "is damaged: its index does not read"),
+    (lambda c: (c / "settings.json").write_text('{"steps_per_beat": "x"}'), "settings.json is damaged"),
+])
+def test_damaged_cache_is_one_line_naming_the_fix(tiny_cache: Path, tmp_path: Path, damage: Any, problem: str,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    damage(cache)
+    assert main(["train", "data.crop_width=32", f"data.cache_dir={cache}", f"out_dir={tmp_path}", "train.max_steps=1"]) == 2
+    assert problem in error_line(capsys, "train")
+
+
+@pytest.mark.parametrize("config, override, problem", [
+    ("- a\n- b\n", "name=x", "config must be a mapping of keys to values"),
+    (None, "model.depths=[1,x", "model.depths: '[1,x' is not a list; write it as model.depths=[1,2,3]"),
+])
+def test_config_errors_with_overrides_are_one_line(tmp_path: Path, config: str | None, override: str, problem: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    args = ["train", "--print-config", override]
+    if config is not None:
+        (tmp_path / "list.yaml").write_text(config)
+        args += ["-c", str(tmp_path / "list.yaml")]
+    assert main(args) == 2
+    assert problem in error_line(capsys, "train")
+
+
+def test_eval_without_a_decoder_names_the_run(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "decoder" / "decoder.safetensors").unlink()
+    assert main(["eval", str(run), "-o", str(tmp_path / "e")]) == 2
+    assert error_line(capsys, "eval") == (f"midi-rae eval: error: {run} has no decoder: run `midi-rae train-decoder` on it "
+                                          f"(or `midi-rae run`), then pass the run folder")
+
+
+@pytest.mark.parametrize("args, problem", [(["--level", "99"], "level 99 is out of range for"),
+                                           (["--level", "x"], "--level must be a level number"),
+                                           (["--l2", "-1"], "the L2 penalty must be positive")])
+def test_probe_options_out_of_range(run_dir: Path, tiny_cache: Path, args: list[str], problem: str,
+                                    capsys: pytest.CaptureFixture) -> None:
+    assert main(["probe", str(run_dir), "--cache-dir", str(tiny_cache), "--no-random", *args]) == 2
+    assert problem in error_line(capsys, "probe")
