@@ -39,7 +39,7 @@ from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
 from midi_rae.labels import TASKS, Crops, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.runs import check_time_grid, initial_encoder, load_encoder, resolve_cache_dir
+from midi_rae.runs import check_time_grid, initial_encoder, load_encoder, resolve_cache_dir, resolve_checkpoint
 from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
@@ -162,13 +162,14 @@ class Model:
     name: str
     encoder: nn.Module
     config: Config
+    weights: Path | None = None  # the trained encoder's file (None: a random twin)
 
 
 def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = True) -> list[Model]:
     models = []
     for ck in checkpoints:
         encoder, cfg = load_encoder(ck)
-        models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg))
+        models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg, resolve_checkpoint(ck).encoder.path))
         if random_baseline:
             models.append(Model(f"{cfg.name} ({cfg.model.encoder}) at random init", initial_encoder(cfg), cfg))
     return models
@@ -218,7 +219,7 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
                          f"{crops_per_piece}, {max_pieces_per_class}, {min_pieces}, {max_classes}")
     models = load_models(checkpoints, random_baseline)
     for m in models:
-        check_time_grid(m.config, Path(cache_dir))
+        check_time_grid(m.config, Path(cache_dir), m.weights)
         levels = len(m.encoder.feature_info)
         if level not in (None, "all") and not 0 <= int(level) < levels:
             raise ValueError(f"level {level} is out of range for {m.name}: its levels are 0..{levels - 1} (0 = coarsest), "

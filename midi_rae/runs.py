@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Subset
 
-from midi_rae.cache import default_cache_dir, load_settings
+from midi_rae.cache import cache_identity, default_cache_dir, load_settings
 from midi_rae.checkpoint import decoder_encoder, load_weights, read_metadata
 from midi_rae.config import Config, from_dict
 from midi_rae.dataset import PianoRollDataset
@@ -51,14 +51,22 @@ def resolve_cache_dir(cfg: Config) -> Path:
     return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None, roll_settings(cfg))
 
 
-def check_time_grid(cfg: Config, cache: Path) -> None:
+def check_time_grid(cfg: Config, cache: Path, encoder_path: Path | None = None) -> None:
     """A run reads only a cache on its own time grid: crops of another would silently stretch or
-    squeeze time, and its encoder would read music files at a grid it never saw."""
+    squeeze time, and its encoder would read music files at a grid it never saw. With the
+    encoder's weights: its own cache must still hold what it trained on (`prepare` of other inputs
+    into that folder replaces it, and its validation pieces could then be training pieces)."""
     spb = load_settings(cache).steps_per_beat
     if spb != cfg.data.steps_per_beat:
         raise ValueError(f"the cache {cache} was prepared at {spb} steps per beat, the run says data.steps_per_beat="
                          f"{cfg.data.steps_per_beat}; set data.steps_per_beat={spb}, or prepare a cache with "
                          f"--steps-per-beat {cfg.data.steps_per_beat}")
+    trained_on = read_metadata(encoder_path).get("cache") if encoder_path is not None else None
+    own = Path(cache).expanduser().resolve() == resolve_cache_dir(cfg).resolve()
+    if trained_on and own and cache_identity(cache) != trained_on:
+        raise ValueError(f"the cache {cache} was prepared again since {cfg.name} trained on it (other pieces or another "
+                         f"split), so its validation pieces may be ones the encoder trained on; prepare the run's own "
+                         f"inputs into it again, or give another cache (--cache-dir) and read the figures as transfer")
 
 
 def spread(n: int, total: int) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from midi_rae.cache import load_index, piece_work
+from midi_rae.cache import cache_identity, load_index, piece_work
 from midi_rae.checkpoint import has_checkpoints, load_weights, save_weights
 from midi_rae.config import Config
 from midi_rae.dataset import PianoRollDataset
@@ -53,7 +53,9 @@ def pretrain(cfg: Config, resume: bool = False) -> dict[str, Any]:
     final = Trainer("pretrain", cfg, model, d, stage_dir, train_ds, val, evaluate, best_key, resume,
                     teacher_momentum=(o.ema_momentum, o.ema_momentum_end) if model.teacher is not None else None).run()
     if d.main:
-        meta = {"config": cfg.to_yaml(), "kind": "encoder", "step": str(final["step"])}
+        # The cache's identity: later commands check that the run's own cache still holds its split.
+        meta = {"config": cfg.to_yaml(), "kind": "encoder", "step": str(final["step"]),
+                "cache": cache_identity(resolve_cache_dir(cfg))}
         save_weights(model.encoder.state_dict(), stage_dir / "encoder.safetensors", meta)
         print(f"[pretrain] encoder weights: {stage_dir / 'encoder.safetensors'}", flush=True)
     barrier(d)
@@ -82,6 +84,7 @@ def train_decoder(cfg: Config, encoder_path: str | Path | None = None, resume: b
     seed_all(cfg.decoder_train.seed + d.rank)
     evaluate = lambda m, loader: evaluate_decoder(m, loader, d.device, dc.threshold, cfg.decoder_train.amp)  # noqa: E731
     scales = {"encoder.": dc.encoder_lr_scale} if dc.finetune_encoder else None
+    check_time_grid(cfg, resolve_cache_dir(cfg), enc_path)  # and the encoder's cache still holds its split
     train_ds, val = datasets(cfg, cfg.decoder_train.seed, False)
     final = Trainer("decoder", cfg, model, d, stage_dir, train_ds, val, evaluate, "f1", resume, lr_scales=scales).run()
     if d.main:

@@ -414,3 +414,27 @@ def test_probe_options_out_of_range(run_dir: Path, tiny_cache: Path, args: list[
                                     capsys: pytest.CaptureFixture) -> None:
     assert main(["probe", str(run_dir), "--cache-dir", str(tiny_cache), "--no-random", *args]) == 2
     assert problem in error_line(capsys, "probe")
+
+
+def test_a_run_refuses_its_own_cache_once_prepared_again_from_other_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src, other = tmp_path / "src", tmp_path / "other"
+    for folder, base in ((src, 48), (other, 60)):
+        folder.mkdir()
+        for i in range(6):
+            midi(folder / f"p{i}.mid", [base + (i + k) % 12 for k in range(40)])
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(src), "--cache-dir", str(cache), "--workers", "1", "--quiet"]) == 0
+    tiny_run = ["name=r", f"out_dir={tmp_path / 'runs'}", f"data.cache_dir={cache}", "data.crop_width=32",
+                "data.val_fraction=0.4", "data.val_max_items=4", "model.embed_dim=8", "model.depths=[1,1]",
+                "model.num_heads=[1,2]", "model.window_size=4", "model.mae_decoder_dim=16", "model.mae_decoder_heads=2",
+                "train.batch_size=2", "train.max_steps=1", "train.warmup_steps=0", "train.progress=false",
+                "train.threads=1", "decoder_train.batch_size=2", "decoder_train.max_steps=1",
+                "decoder_train.warmup_steps=0", "decoder_train.progress=false", "decoder_train.threads=1"]
+    assert main(["train", *tiny_run]) == 0
+    assert main(["prepare", str(other), "--cache-dir", str(cache), "--workers", "1", "--quiet"]) == 0  # replaces it
+    capsys.readouterr()
+    assert main(["train-decoder", *tiny_run]) == 2
+    assert f"the cache {cache} was prepared again since r trained on it" in error_line(capsys, "train-decoder")
+    # Preparing the run's own inputs again gives the same cache back, and the run reads it.
+    assert main(["prepare", str(src), "--cache-dir", str(cache), "--workers", "1", "--quiet"]) == 0
+    assert main(["train-decoder", *tiny_run]) == 0
