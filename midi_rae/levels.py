@@ -48,7 +48,7 @@ from midi_rae.masking import note_mask
 from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
 from midi_rae.models import DecoderTrainer, build_encoder
 from midi_rae.roll import PITCHES
-from midi_rae.runs import (Checkpoint, Weights, datasets, encoder_config, initial_encoder, load_autoencoder,
+from midi_rae.runs import (Checkpoint, Weights, check_time_grid, datasets, encoder_config, initial_encoder, load_autoencoder,
                            resolve_cache_dir, spread)
 from midi_rae.stages import train_decoder
 from midi_rae.utils import atomic_write_text
@@ -279,7 +279,9 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
     width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
     # the cache the rows train and score on (`--cache-dir`, else the run's): a row of another is not reused
-    cache = cache_identity(Path(cache_dir).expanduser() if cache_dir else resolve_cache_dir(cfg))
+    cache_path = Path(cache_dir).expanduser() if cache_dir else resolve_cache_dir(cfg)
+    check_time_grid(cfg, cache_path, enc_path)  # and the run's own cache still holds its split
+    cache = cache_identity(cache_path)
     rows = []
     for name, path in encoders.items():
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,

@@ -435,6 +435,8 @@ def test_a_run_refuses_its_own_cache_once_prepared_again_from_other_inputs(tmp_p
     capsys.readouterr()
     assert main(["train-decoder", *tiny_run]) == 2
     assert f"the cache {cache} was prepared again since r trained on it" in error_line(capsys, "train-decoder")
+    assert main(["levels", str(tmp_path / "runs" / "r"), "--subsets", "1", "--steps", "1"]) == 2
+    assert f"the cache {cache} was prepared again since r trained on it" in error_line(capsys, "levels")
     # Preparing the run's own inputs again gives the same cache back, and the run reads it.
     assert main(["prepare", str(src), "--cache-dir", str(cache), "--workers", "1", "--quiet"]) == 0
     assert main(["train-decoder", *tiny_run]) == 0
