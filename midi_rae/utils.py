@@ -85,7 +85,12 @@ def param_count(model: nn.Module) -> tuple[int, int]:
 
 
 def check_roll(x: Tensor, in_chans: int, img_size: tuple[int, int], who: str) -> None:
-    """Raise a ValueError that says what to change unless x is (B, in_chans, *img_size)."""
+    """Raise a ValueError that says what to change unless x is a (B, in_chans, *img_size) float tensor."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{who} expects a torch.Tensor piano roll, got {type(x).__name__}; use torch.as_tensor(x).float()")
+    if not x.is_floating_point():  # a cache's uint8 roll or a bool mask reach the convolution as torch's own error
+        raise ValueError(f"{who} expects a float piano roll in [0, 1], got dtype {x.dtype}; pass x.float() "
+                         f"(a velocity roll: x.float() / 127)")
     if x.dim() != 4:
         hint = "; add the channel axis with x.unsqueeze(1)" if x.dim() == 3 else ""
         raise ValueError(f"{who} expects a (B, C, H, W) piano roll, got shape {tuple(x.shape)}{hint}")

@@ -191,6 +191,12 @@ def test_bad_inputs() -> None:
         enc(torch.zeros(1, 128, 128))
     with pytest.raises(ValueError, match="mae_mask must be"):
         enc(torch.zeros(1, 1, 128, 128), mae_mask=torch.ones(1, 10, dtype=torch.bool))
+    # A cache's uint8 roll, a bool mask or a numpy array: one error that says what to pass.
+    for x, problem in ((torch.zeros(1, 1, 128, 128, dtype=torch.uint8), "got dtype torch.uint8; pass x.float()"),
+                       (torch.zeros(1, 1, 128, 128, dtype=torch.bool), "got dtype torch.bool"),
+                       (torch.zeros(1, 1, 128, 128).numpy(), "expects a torch.Tensor piano roll, got ndarray")):
+        with pytest.raises(ValueError, match=problem):
+            enc(x)
 
 
 def test_same_calling_code_for_both_encoders() -> None:
