@@ -440,3 +440,20 @@ def test_a_run_refuses_its_own_cache_once_prepared_again_from_other_inputs(tmp_p
     # Preparing the run's own inputs again gives the same cache back, and the run reads it.
     assert main(["prepare", str(src), "--cache-dir", str(cache), "--workers", "1", "--quiet"]) == 0
     assert main(["train-decoder", *tiny_run]) == 0
+
+
+@pytest.mark.parametrize("command, args, problem", [
+    ("prepare", ["--workers", "0"], "--workers must be at least 1"),
+    ("prepare", ["--max-file-mb", "-1"], "--max-file-mb positive"),
+    ("encode", ["PIECE", "-o", "OUT", "--hop", "0"], "hop must be a multiple of"),
+    ("eval", ["-o", "OUT", "--max-items", "0"], "need max_items >= 1"),
+    ("levels", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("probe", ["--crops-per-piece", "0"], "need crops_per_piece"),
+])
+def test_counts_of_zero_are_refused_not_taken_as_the_default(run_dir: Path, piece: Path, tmp_path: Path, command: str,
+                                                             args: list[str], problem: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    args = [str(piece) if a == "PIECE" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    target = [str(piece.parent), "--cache-dir", str(tmp_path / "c")] if command == "prepare" else [str(run_dir)]
+    assert main([command, *target, *args]) == 2
+    assert problem in error_line(capsys, command)
