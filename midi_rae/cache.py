@@ -38,7 +38,6 @@ cache is still read (Dataset, `load_roll`), but `prepare` does not add to it (se
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hashlib
 import io
@@ -599,12 +598,12 @@ def check_cache_folder(cache_dir: str | os.PathLike) -> None:
         raise BadInput(f"--cache-dir {cache} is a file; give a new or empty folder, or a midi-rae cache")
     if not cache.is_dir():
         return
-    foreign = sorted(e.name for e in os.scandir(cache) if e.name not in CACHE_ENTRIES
-                     and not re.fullmatch(r"index-[0-9a-f]+\.npy|\..*\.tmp", e.name))
+    entries = sorted(os.listdir(cache))
+    foreign = [e for e in entries if e not in CACHE_ENTRIES and not re.fullmatch(r"index-[0-9a-f]+\.npy|\..*\.tmp", e)]
     # A cache has its settings, or (a first prepare killed early) at least its four sub-folders.
     started = (cache / "settings.json").is_file() or all((cache / d).is_dir() for d in ("notes", "staging", "done", "inflight"))
-    if foreign or (not started and any(os.scandir(cache))):
-        foreign = foreign or sorted(os.listdir(cache))
+    if foreign or (not started and entries):
+        foreign = foreign or entries
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise BadInput(f"--cache-dir {cache} is not a midi-rae cache (it holds {shown}); give a new or empty folder, "
                        f"or the folder of a cache to update")
@@ -623,12 +622,10 @@ def load_settings(cache_dir: str | os.PathLike) -> RollSettings:
                                 f"--cache-dir (or MIDI_RAE_CACHE, data.cache_dir) at the cache the run used")
     try:
         values = json.loads(path.read_text())
-        types = {f.name: f.type for f in dataclasses.fields(RollSettings)}
-        if not isinstance(values, dict) or set(values) - set(types) or not all(
-                type(v).__name__ == types[k] for k, v in values.items()):
-            raise ValueError(f"unexpected fields or types: {values!r}")
+        if not isinstance(values, dict):
+            raise ValueError(f"not a mapping: {values!r}")
         return RollSettings(**values)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a field RollSettings does not have
         raise ValueError(f"{path} is damaged ({e}); run `midi-rae prepare --cache-dir {cache_dir}` again with the "
                          f"inputs it was made of") from None
 
@@ -711,15 +708,16 @@ class CacheReader:
         if manifest.exists():
             try:
                 m = json.loads(manifest.read_text())
-                if m.get("format") != FORMAT:
-                    raise ValueError(f"{cache_dir} is a cache of format {m.get('format')!r}, this version reads "
-                                     f"{FORMAT!r}: rebuild it with `midi-rae prepare --cache-dir {cache_dir}` (and the "
-                                     f"inputs it was made of)")
+                fmt = m.get("format")
+            except (ValueError, AttributeError) as e:  # not JSON, or not a JSON object
+                raise ValueError(f"{cache_dir} is damaged: its index does not read ({e}); {rebuild}") from None
+            if fmt != FORMAT:
+                raise ValueError(f"{cache_dir} is a cache of format {fmt!r}, this version reads {FORMAT!r}: "
+                                 f"rebuild it with `midi-rae prepare --cache-dir {cache_dir}` (and the inputs it was made of)")
+            try:
                 self.index = np.load(self.cache_dir / m["index"], mmap_mode="r")
                 self._shard_files, self._rolls = m["shards"], None
-            except (ValueError, KeyError, AttributeError, TypeError) as e:
-                if "is a cache of format" in str(e):
-                    raise
+            except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{cache_dir} is damaged: its index does not read ({e}); {rebuild}") from None
         elif not is_dense(cache_dir):
             raise ValueError(f"{cache_dir} is damaged or unfinished: index.json is missing; {rebuild}")

@@ -24,7 +24,7 @@ import re
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,6 +66,10 @@ class RollSettings:
     expand_repeats: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a hand-edited settings.json must not pass as a grid
+            value = getattr(self, f.name)
+            if type(value) is not type(f.default):
+                raise ValueError(f"{f.name} must be of type {type(f.default).__name__}, got {value!r}")
         if not 1 <= self.steps_per_beat <= 96:
             raise ValueError(f"steps_per_beat must be in 1..96, got {self.steps_per_beat}")
 
