@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -143,7 +144,7 @@ def encode_roll(encoder: nn.Module, roll: Tensor | np.ndarray, hop: int | None =
         raise ValueError(f"expected a ({C}, {encoder.img_size[0]}, T) roll, got {tuple(x.shape)}")
     x = x[:C]
     W = encoder.img_size[1]
-    hop = hop or W
+    hop = W if hop is None else hop
     check_hop(encoder, hop)
     device = next(encoder.parameters()).device
     wins, starts = windows(x, W, hop)  # (K, C, H, W)
@@ -185,9 +186,7 @@ def unique_names(pieces: list[Any]) -> list[str]:
     enough: no output overwrites another's."""
     names = [pc.name for pc in pieces]
     for depth in range(1, 4):
-        seen: dict[str, int] = {}
-        for n in names:
-            seen[n] = seen.get(n, 0) + 1
+        seen = Counter(names)
         if all(v == 1 for v in seen.values()):
             return names
         for i, pc in enumerate(pieces):
@@ -204,7 +203,6 @@ def unique_names(pieces: list[Any]) -> list[str]:
         taken.add(name)
         unique.append(name)
     return unique
-
 
 
 def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
@@ -228,7 +226,7 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
         out = Path(args.out)
         single = out.suffix == ".safetensors"
         (out.parent if single else out).mkdir(parents=True, exist_ok=True)  # a bad OUT fails before any work
-        if args.hop is not None:
+        if args.hop is not None:  # before reading the inputs (encode_roll checks it too)
             check_hop(encoder, args.hop)
         # One input that cannot be read is one error line; among several, it is skipped and reported.
         pieces, skipped = [], []

@@ -243,8 +243,9 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     if cfg.model.encoder != "swin":
         raise ValueError(f"{enc_path} is a {cfg.model.encoder} encoder; the levels report needs a Swin encoder "
                          f"(decoder.skip_levels reads Swin levels)")
-    if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
+    for flag, value in (("steps", steps), ("batch-size", batch_size), ("threads", threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
     trained = build_encoder(cfg)
     L = len(trained.feature_info)
     ks = sorted(set(subsets or range(1, L + 1)))
@@ -367,9 +368,6 @@ def add_levels(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
                    help="swin decoders' finest-stage width (decoder.embed_dim; default: the run's, else the encoder's)")
 
     def run(args: argparse.Namespace) -> int:
-        for flag in ("batch_size", "threads"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         r = levels_report(args.run, args.out, args.steps, args.batch_size, args.subsets, not args.no_random,
                           args.overwrite, args.cache_dir, args.device, args.threads, args.decoder_width)
         print(markdown(r))

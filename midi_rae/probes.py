@@ -168,8 +168,9 @@ class Model:
 def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = True) -> list[Model]:
     models = []
     for ck in checkpoints:
-        encoder, cfg = load_encoder(ck)
-        models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg, resolve_checkpoint(ck).encoder.path))
+        resolved = resolve_checkpoint(ck)
+        encoder, cfg = load_encoder(resolved)
+        models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg, resolved.encoder.path))
         if random_baseline:
             models.append(Model(f"{cfg.name} ({cfg.model.encoder}) at random init", initial_encoder(cfg), cfg))
     return models

@@ -62,8 +62,8 @@ def check_time_grid(cfg: Config, cache: Path, encoder_path: Path | None = None) 
                          f"{cfg.data.steps_per_beat}; set data.steps_per_beat={spb}, or prepare a cache with "
                          f"--steps-per-beat {cfg.data.steps_per_beat}")
     trained_on = read_metadata(encoder_path).get("cache") if encoder_path is not None else None
-    own = Path(cache).expanduser().resolve() == resolve_cache_dir(cfg).resolve()
-    if trained_on and own and cache_identity(cache) != trained_on:
+    if (trained_on and Path(cache).expanduser().resolve() == resolve_cache_dir(cfg).resolve()
+            and cache_identity(cache) != trained_on):
         raise ValueError(f"the cache {cache} was prepared again since {cfg.name} trained on it (other pieces or another "
                          f"split), so its validation pieces may be ones the encoder trained on; prepare the run's own "
                          f"inputs into it again, or give another cache (--cache-dir) and read the figures as transfer")
@@ -76,15 +76,16 @@ def spread(n: int, total: int) -> list[int]:
     return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
 
 
-def datasets(cfg: Config, seed: int, pair: bool) -> tuple[PianoRollDataset, Subset]:
+def datasets(cfg: Config, seed: int, pair: bool, encoder_path: Path | None = None) -> tuple[PianoRollDataset, Subset]:
     """The training crops of the run `cfg` describes, and its validation crops (a fixed set of
     `data.val_max_items`, spread over the validation pieces); `pair`: two views per item, for the
-    objectives that compare views."""
+    objectives that compare views; `encoder_path`: a trained encoder whose cache must be unchanged
+    (`check_time_grid`)."""
     cache = resolve_cache_dir(cfg)
     if not (cache / "pieces.jsonl").exists():
         raise FileNotFoundError(f"no prepared cache at {cache}: run `midi-rae prepare --cache-dir {cache}` "
                                 f"(or `midi-rae run`, which prepares first), or set data.cache_dir")
-    check_time_grid(cfg, cache)
+    check_time_grid(cfg, cache, encoder_path)
     d = cfg.data
     kw = dict(crop_width=d.crop_width, pair=pair, max_time_shift=d.max_time_shift, max_pitch_shift=d.max_pitch_shift,
               val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode)

@@ -84,8 +84,7 @@ def train_decoder(cfg: Config, encoder_path: str | Path | None = None, resume: b
     seed_all(cfg.decoder_train.seed + d.rank)
     evaluate = lambda m, loader: evaluate_decoder(m, loader, d.device, dc.threshold, cfg.decoder_train.amp)  # noqa: E731
     scales = {"encoder.": dc.encoder_lr_scale} if dc.finetune_encoder else None
-    check_time_grid(cfg, resolve_cache_dir(cfg), enc_path)  # and the encoder's cache still holds its split
-    train_ds, val = datasets(cfg, cfg.decoder_train.seed, False)
+    train_ds, val = datasets(cfg, cfg.decoder_train.seed, False, enc_path)  # the encoder's cache still holds its split
     final = Trainer("decoder", cfg, model, d, stage_dir, train_ds, val, evaluate, "f1", resume, lr_scales=scales).run()
     if d.main:
         # An absolute path: the decoder's encoder is found from any working folder (checkpoint.decoder_encoder).
