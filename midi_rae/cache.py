@@ -381,6 +381,9 @@ def prepare(
     restricts the bundled corpus to some of its folders; files over `max_file_mb` megabytes are
     skipped with a report line. A dense cache of an earlier version that holds every source is
     used as it is; one that lacks some raises `OldCacheError` (nothing is deleted)."""
+    # Checked here, not only by the CLI: 0 would otherwise pass for "the default" (`workers or ...`).
+    if (workers is not None and workers < 1) or not max_file_mb > 0:
+        raise ValueError(f"--workers must be at least 1 and --max-file-mb positive; got {workers}, {max_file_mb}")
     if paths:
         sources = collect_sources(paths)
     else:
@@ -431,6 +434,7 @@ def _old_cache(cache: Path, keys: list[str | None], unreadable: dict[int, dict[s
     records = [unreadable[i] if k is None else json.loads((cache / "done" / f"{k}.json").read_text())
                for i, k in enumerate(keys)]
     summary = _summarize(cache, records)
+    summary.refused = len(unreadable)  # as `prepare` counts them: not "already in the cache"
     summary.notice = (f"{cache} is a dense roll cache of an earlier midi-rae version holding every input: used as it "
                       f"is; move it away and run `{command}` to rebuild it as a note cache (about 20x smaller)")
     return summary
@@ -511,8 +515,8 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
     index = index[order]
     data = _npy_bytes(index)
     index_name = f"index-{hashlib.sha1(data).hexdigest()[:16]}.npy"
-    if not (cache / index_name).exists():
-        _atomic_write(cache / index_name, data)
+    # Unless it holds these bytes already: a damaged index of this name is mended by preparing again.
+    atomic_write(cache / index_name, lambda tmp: tmp.write_bytes(data), keep_same=True)
 
     def placed(i: int) -> dict[str, Any]:
         """The record of source i, its pieces saying where the pack put their notes."""
@@ -662,7 +666,20 @@ def piece_collections(cache_dir: str | os.PathLike) -> dict[str, str]:
 
 def load_notes(cache_dir: str | os.PathLike, piece: dict[str, Any]) -> np.ndarray:
     """The notes of one piece of a note cache, `(N,)` NOTE_DTYPE sorted by start (memory-mapped)."""
-    return np.load(Path(cache_dir) / piece["file"], mmap_mode="r")[piece["offset"]:piece["offset"] + piece["count"]]
+    return map_notes(cache_dir, piece["file"])[piece["offset"]:piece["offset"] + piece["count"]]
+
+
+def map_notes(cache_dir: str | os.PathLike, file: str) -> np.ndarray:
+    """The notes file `file` (a shard) of a note cache, memory-mapped; a missing or damaged one is a
+    ValueError naming the commands that rebuild the cache (numpy's own message names no fix, and
+    for a damaged header suggests loading pickles). The staged notes are gone once packed, and
+    `prepare` keeps the shards of finished sources: the folder must go before they convert again."""
+    try:
+        return np.load(Path(cache_dir) / file, mmap_mode="r")
+    except (FileNotFoundError, EOFError, ValueError):  # missing, empty, not an .npy, or cut short
+        raise ValueError(f"{cache_dir} is damaged: its notes file {file} is missing or not a whole notes array; "
+                         f"delete {cache_dir}, then run `midi-rae prepare --cache-dir {cache_dir}` with the inputs it "
+                         f"was made of") from None
 
 
 def load_roll(cache_dir: str | os.PathLike, piece: dict[str, Any], mmap: bool = True) -> np.ndarray:
@@ -695,15 +712,15 @@ class CacheReader:
 
     What it holds per piece is numpy columns of the memory-mapped index (`piece_id`, `steps`,
     `split`, and where the notes are), so every loader worker shares one copy through the page
-    cache and start-up costs no Python object per piece. Shards are mapped on first use, per
-    process. A dense cache of an earlier version is read too (its index built from pieces.jsonl).
+    cache and start-up costs no Python object per piece. Every shard is mapped when the reader is
+    made (again in a spawned loader worker), so that a damaged one is refused at once. A dense cache
+    of an earlier version is read too (its index built from pieces.jsonl).
     """
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
         self.cache_dir = Path(cache_dir)
         self.settings = load_settings(cache_dir)
         manifest = self.cache_dir / "index.json"
-        self._shards: dict[int, np.ndarray] = {}
         rebuild = f"run `midi-rae prepare --cache-dir {cache_dir}` again with the inputs it was made of"
         if manifest.exists():
             try:
@@ -716,9 +733,11 @@ class CacheReader:
                                  f"rebuild it with `midi-rae prepare --cache-dir {cache_dir}` (and the inputs it was made of)")
             try:
                 self.index = np.load(self.cache_dir / m["index"], mmap_mode="r")
-                self._shard_files, self._rolls = m["shards"], None
-            except (ValueError, KeyError, TypeError) as e:
+                shard_files, self._rolls = dict(enumerate(m["shards"])), None  # shard number -> file (None: empty)
+            except (ValueError, KeyError, TypeError, EOFError, FileNotFoundError) as e:  # EOFError: an empty file
                 raise ValueError(f"{cache_dir} is damaged: its index does not read ({e}); {rebuild}") from None
+            # Mapped now, not on first use: a damaged shard is refused before a run writes anything.
+            self._shards = {i: map_notes(cache_dir, f) for i, f in shard_files.items() if f}
         elif not is_dense(cache_dir):
             raise ValueError(f"{cache_dir} is damaged or unfinished: index.json is missing; {rebuild}")
         else:  # a dense cache of an earlier version
@@ -728,7 +747,7 @@ class CacheReader:
             self.index["piece_id"] = [p["piece_id"].encode() for p in pieces]
             self.index["steps"] = [p["steps"] for p in pieces]
             self.index["split"] = [split_hash(piece_work(p)) for p in pieces]
-            self._shard_files, self._rolls = [], np.array([p["roll"] for p in pieces])
+            self._shards, self._rolls = {}, np.array([p["roll"] for p in pieces])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -746,11 +765,8 @@ class CacheReader:
         r = self.index[row]
         if self._rolls is not None:
             return CachedPiece(int(r["steps"]), self.settings, roll=np.load(self.cache_dir / "rolls" / self._rolls[row], mmap_mode="r"))
-        shard = int(r["shard"])
-        if shard not in self._shards:
-            self._shards[shard] = np.load(self.cache_dir / self._shard_files[shard], mmap_mode="r")
-        offset = int(r["offset"])
-        return CachedPiece(int(r["steps"]), self.settings, notes=self._shards[shard][offset:offset + int(r["count"])])
+        offset, notes = int(r["offset"]), self._shards[int(r["shard"])]
+        return CachedPiece(int(r["steps"]), self.settings, notes=notes[offset:offset + int(r["count"])])
 
 
 def crop(roll: np.ndarray, start: int, width: int, pitch_shift: int = 0) -> np.ndarray:

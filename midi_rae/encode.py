@@ -222,9 +222,14 @@ def add_encode(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace]
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     def run(args: argparse.Namespace) -> int:
-        encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device), args.window_size, args.crop_width)
         out = Path(args.out)
         single = out.suffix == ".safetensors"
+        # Any other suffix names a file too (out/h.txt), which would become a folder; a folder already there is fine.
+        if out.suffix and not single and not out.is_dir():
+            raise ValueError(f"-o {out}: encode writes .safetensors files: give {out.with_suffix('.safetensors')} "
+                             f"for one piece, or a folder (a name without a suffix, or one that exists) for one "
+                             f"file per piece")
+        encoder, cfg = load_encoder(args.checkpoint, resolve_device(args.device), args.window_size, args.crop_width)
         (out.parent if single else out).mkdir(parents=True, exist_ok=True)  # a bad OUT fails before any work
         if args.hop is not None:  # before reading the inputs (encode_roll checks it too)
             check_hop(encoder, args.hop)

@@ -120,7 +120,7 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
     out.mkdir(parents=True, exist_ok=True)
     thr = cfg.decoder.threshold if threshold is None else threshold
     cache = Path(cache_dir) if cache_dir else resolve_cache_dir(cfg)
-    check_time_grid(cfg, cache, ck.encoder.path)
+    check_time_grid(cfg, cache, ck.encoder.path, overrides=False)
     d = cfg.data
     ds = PianoRollDataset(cache, split, crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
                           channels=d.channels, seed=cfg.decoder_train.seed)

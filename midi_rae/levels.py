@@ -281,7 +281,7 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
     # the cache the rows train and score on (`--cache-dir`, else the run's): a row of another is not reused
     cache_path = Path(cache_dir).expanduser() if cache_dir else resolve_cache_dir(cfg)
-    check_time_grid(cfg, cache_path, enc_path)  # and the run's own cache still holds its split
+    check_time_grid(cfg, cache_path, enc_path, overrides=False)  # and the run's own cache still holds its split
     cache = cache_identity(cache_path)
     rows = []
     for name, path in encoders.items():

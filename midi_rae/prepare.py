@@ -36,8 +36,9 @@ def add_prepare(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace
                    help=f"skip (and report) files larger than this (default {MAX_FILE_MB})")
 
     def run(args: argparse.Namespace) -> int:
-        if (args.workers is not None and args.workers < 1) or not args.max_file_mb > 0:
-            raise ValueError(f"--workers must be at least 1 and --max-file-mb positive; got {args.workers}, {args.max_file_mb}")
+        if args.paths and args.collections:  # PATHs replace the bundled corpus, whose folders --collections picks
+            raise ValueError("--collections picks folders of the bundled corpus, which PATHs replace; give either "
+                             "PATHs or --collections, not both")
         settings = RollSettings(args.steps_per_beat, onset=not args.no_onset, velocity=args.velocity, drums=args.drums,
                                 expand_repeats=args.expand_repeats)
         summary = prepare(args.paths or None, args.cache_dir, settings, workers=args.workers,

@@ -220,7 +220,7 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
                          f"{crops_per_piece}, {max_pieces_per_class}, {min_pieces}, {max_classes}")
     models = load_models(checkpoints, random_baseline)
     for m in models:
-        check_time_grid(m.config, Path(cache_dir), m.weights)
+        check_time_grid(m.config, Path(cache_dir), m.weights, overrides=False)
         levels = len(m.encoder.feature_info)
         if level not in (None, "all") and not 0 <= int(level) < levels:
             raise ValueError(f"level {level} is out of range for {m.name}: its levels are 0..{levels - 1} (0 = coarsest), "

@@ -136,6 +136,9 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
             raise ValueError(f"--png-steps must be positive, got {args.png_steps}")
         if args.threshold is not None and not 0 <= args.threshold < 1:  # 0: every pixel a note
             raise ValueError(f"--threshold is a note probability, in [0, 1); got {args.threshold}")
+        if Path(args.out).suffix.lower() not in (".mid", ".midi"):  # a name like x.png would get MIDI bytes
+            raise ValueError(f"-o {args.out}: the reconstruction is written as MIDI, give a .mid name (the figure "
+                             f"goes to --png, audio to --wav)")
         source = Path(args.input).resolve()
         for flag, out in (("-o", args.out), ("--png", args.png), ("--wav", args.wav)):
             if out and Path(out).resolve() == source:

@@ -51,16 +51,20 @@ def resolve_cache_dir(cfg: Config) -> Path:
     return default_cache_dir(cfg.data.paths or None, cfg.data.collections or None, roll_settings(cfg))
 
 
-def check_time_grid(cfg: Config, cache: Path, encoder_path: Path | None = None) -> None:
+def check_time_grid(cfg: Config, cache: Path, encoder_path: Path | None = None, overrides: bool = True) -> None:
     """A run reads only a cache on its own time grid: crops of another would silently stretch or
     squeeze time, and its encoder would read music files at a grid it never saw. With the
     encoder's weights: its own cache must still hold what it trained on (`prepare` of other inputs
-    into that folder replaces it, and its validation pieces could then be training pieces)."""
-    spb = load_settings(cache).steps_per_beat
-    if spb != cfg.data.steps_per_beat:
+    into that folder replaces it, and its validation pieces could then be training pieces).
+    `overrides`: the command takes KEY=VALUE overrides, so the fix may be the run's grid; the
+    commands that read a trained run as it is (eval, probe, levels) need a cache on its grid."""
+    spb, run_spb = load_settings(cache).steps_per_beat, cfg.data.steps_per_beat
+    if spb != run_spb:
+        fix = (f"set data.steps_per_beat={spb}, or prepare a cache with --steps-per-beat {run_spb}" if overrides else
+               f"give --cache-dir a cache prepared with --steps-per-beat {run_spb} (`midi-rae prepare PATH... "
+               f"--steps-per-beat {run_spb} --cache-dir DIR`)")
         raise ValueError(f"the cache {cache} was prepared at {spb} steps per beat, the run says data.steps_per_beat="
-                         f"{cfg.data.steps_per_beat}; set data.steps_per_beat={spb}, or prepare a cache with "
-                         f"--steps-per-beat {cfg.data.steps_per_beat}")
+                         f"{run_spb}; {fix}")
     trained_on = read_metadata(encoder_path).get("cache") if encoder_path is not None else None
     if (trained_on and Path(cache).expanduser().resolve() == resolve_cache_dir(cfg).resolve()
             and cache_identity(cache) != trained_on):

@@ -15,7 +15,7 @@ from .layers import (PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify, 
                      resize_relative_position_bias_table)
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
-from .utils import check_roll, init_linears, submodule_no_weight_decay
+from .utils import check_positive, check_roll, init_linears, submodule_no_weight_decay
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -73,6 +73,9 @@ class SwinEncoder(nn.Module):
                  fold_onsets: bool = False) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
+        check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
+                       in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads, window_size=window_size,
+                       mlp_ratio=mlp_ratio)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
         pretrained = _pretrained_windows(pretrained_window_sizes, len(depths), version)
         if not 0.0 <= inter_stage_mask_ratio < 1.0:
@@ -204,7 +207,7 @@ class SwinEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x: (B, C, H, W) in [0, 1]; mae_mask: optional (B, N) bool over the patch grid, True = visible."""
-        check_roll(x, self.in_chans, self.img_size, type(self).__name__)
+        check_roll(x, self.in_chans, self.img_size, type(self).__name__, self.empty_token.dtype)
         tokens, non_empty = self.embed(x)
         visible = self.make_mask(non_empty, mask_ratio, mae_mask)
         masked = mask_ratio > 0 or mae_mask is not None
@@ -327,6 +330,9 @@ class SwinMAEDecoder(nn.Module):
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, head: str = "linear",
                  read_levels: int | None = None) -> None:
         super().__init__()
+        if read_levels is not None and not 1 <= read_levels <= num_levels:  # 0 builds, and fails on the first forward
+            raise ValueError(f"read_levels must be 1..{num_levels} (the coarsest levels the decoder reads) or None (all), "
+                             f"got {read_levels}")
         self.grids = pyramid_grids((img_height, img_width), (patch_h, patch_w), num_levels)
         # Reading only the coarsest levels forces the content of the roll up into them (the finer
         # levels hold as many floats as the crop has pixels and could otherwise just copy it).

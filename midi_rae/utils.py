@@ -3,7 +3,7 @@ import errno
 import filecmp
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -84,13 +84,28 @@ def param_count(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def check_roll(x: Tensor, in_chans: int, img_size: tuple[int, int], who: str) -> None:
-    """Raise a ValueError that says what to change unless x is a (B, in_chans, *img_size) float tensor."""
+def check_positive(who: str, **sizes: float | Sequence[float]) -> None:
+    """Raise a ValueError naming the argument unless every size (a number, or each of a sequence)
+    is positive: a zero or negative one builds, or fails later as torch's own error."""
+    for name, value in sizes.items():
+        if not all(v > 0 for v in (value if isinstance(value, Sequence) else [value])):
+            raise ValueError(f"{who}: {name} must be positive{' (every entry)' if isinstance(value, Sequence) else ''}, "
+                             f"got {value}")
+
+
+def check_roll(x: Tensor, in_chans: int, img_size: tuple[int, int], who: str, dtype: torch.dtype) -> None:
+    """Raise a ValueError that says what to change unless x is a (B, in_chans, *img_size) float tensor
+    of `dtype`, the model's weights' (under autocast, any float that autocast casts)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{who} expects a torch.Tensor piano roll, got {type(x).__name__}; use torch.as_tensor(x).float()")
     if not x.is_floating_point():  # a cache's uint8 roll or a bool mask reach the convolution as torch's own error
         raise ValueError(f"{who} expects a float piano roll in [0, 1], got dtype {x.dtype}; pass x.float() "
                          f"(a velocity roll: x.float() / 127)")
+    # Refused, not converted, as torch's own modules do and as the dtypes above are: a float64 roll
+    # (numpy's default) is most often a float32 one by mistake, and a silent cast would hide it.
+    # Autocast casts a float16, bfloat16 or float32 roll itself, never a float64 one.
+    if x.dtype != dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"{who} has {dtype} weights but got a {x.dtype} piano roll; pass x.to({dtype})")
     if x.dim() != 4:
         hint = "; add the channel axis with x.unsqueeze(1)" if x.dim() == 3 else ""
         raise ValueError(f"{who} expects a (B, C, H, W) piano roll, got shape {tuple(x.shape)}{hint}")

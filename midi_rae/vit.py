@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers import Block, Unpatchify
 from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, patch_non_empty, scatter_visible
-from .utils import check_roll, init_linears
+from .utils import check_positive, check_roll, init_linears
 
 # Base of the rotary frequencies. Token grids are small (8 x 16 for a 128 x 256 roll in 16 x 16
 # patches), so the vision value 100 (RoPE-Axial, https://arxiv.org/abs/2403.13298) is used
@@ -60,6 +60,8 @@ class ViTEncoder(nn.Module):
                  empty_mask_ratio: float = 0.05, qkv_bias: bool = True,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
         super().__init__()
+        check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
+                       in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
         if img_height % patch_h or img_width % patch_w:
             raise ValueError(f"image {img_height}x{img_width} is not a whole number of {patch_h}x{patch_w} patches; "
                              f"choose img_height a multiple of patch_h and img_width a multiple of patch_w")
@@ -148,7 +150,7 @@ class ViTEncoder(nn.Module):
     def forward(self, x: Tensor, mask_ratio: float = 0.0, mae_mask: Tensor | None = None) -> EncoderOutput:
         """x (B, C, H, W) in [0, 1]; mae_mask (B, N) True = visible, with the same number of
         visible patches per sample (it wins over mask_ratio). Returns levels [CLS, patches]."""
-        check_roll(x, self.in_chans, self.img_size, type(self).__name__)
+        check_roll(x, self.in_chans, self.img_size, type(self).__name__, self.cls_token.dtype)
         tokens, non_empty = self._embed(x)  # (B, N, D), (B, N)
         visible = self._visible(non_empty, mask_ratio, mae_mask)  # (B, N)
         pos = grid_positions(*self.grid_size, device=x.device)  # (N, 2)

@@ -22,10 +22,13 @@ import torch
 from tiny_runs import trained_run
 
 from midi_rae import plots, utils
-from midi_rae.cache import prepare
+from midi_rae.cache import CacheReader, prepare
 from midi_rae.cli import main
 from midi_rae.reconstruct import comparison_png
 from midi_rae.roll import RollSettings, score_to_roll
+from midi_rae.swin import SwinEncoder, SwinMAEDecoder
+from midi_rae.vit import ViTEncoder
+from test_notecache import write_dense_cache
 from test_prepare import midi
 
 
@@ -370,18 +373,36 @@ def test_prepare_refuses_a_folder_that_is_not_a_cache_and_deletes_nothing(tmp_pa
         assert main(["prepare", str(src), "--cache-dir", str(tmp_path / cache), "--workers", "1", "--quiet"]) == 0
 
 
+def _shard(cache: Path) -> Path:
+    return sorted((cache / "notes").glob("*.npy"))[0]
+
+
 @pytest.mark.parametrize("damage, problem", [
     (lambda c: (c / "index.json").unlink(), "is damaged or unfinished: index.json is missing; run `midi-rae prepare"),
     (lambda c: (c / "index.json").write_text("{bad"), "is damaged: its index does not read"),
+    (lambda c: next(c.glob("index-*.npy")).write_bytes(b""), "is damaged: its index does not read"),
     (lambda c: (c / "settings.json").write_text('{"steps_per_beat": "x"}'), "settings.json is damaged"),
+    (lambda c: _shard(c).write_bytes(b"garbage"), "is missing or not a whole notes array; delete"),
+    (lambda c: _shard(c).write_bytes(_shard(c).read_bytes()[:200]), "is missing or not a whole notes array; delete"),
+    (lambda c: _shard(c).unlink(), "is missing or not a whole notes array; delete"),
 ])
 def test_damaged_cache_is_one_line_naming_the_fix(tiny_cache: Path, tmp_path: Path, damage: Any, problem: str,
                                                   capsys: pytest.CaptureFixture) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
     damage(cache)
-    assert main(["train", "data.crop_width=32", f"data.cache_dir={cache}", f"out_dir={tmp_path}", "train.max_steps=1"]) == 2
+    assert main(["train", "data.crop_width=32", f"data.cache_dir={cache}", f"out_dir={tmp_path / 'runs'}",
+                 "train.max_steps=1"]) == 2
     assert problem in error_line(capsys, "train")
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is made
+
+
+def test_preparing_again_mends_a_damaged_index(tiny_cache: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    next(cache.glob("index-*.npy")).write_bytes(b"")  # same name, the bytes gone: the cache's own name kept it
+    prepare([tiny_cache.parent], cache, workers=1, progress=False)  # the inputs tiny_cache was made of
+    assert len(CacheReader(cache)) == len(CacheReader(tiny_cache))
 
 
 @pytest.mark.parametrize("config, override, problem", [
@@ -457,3 +478,87 @@ def test_counts_of_zero_are_refused_not_taken_as_the_default(run_dir: Path, piec
     target = [str(piece.parent), "--cache-dir", str(tmp_path / "c")] if command == "prepare" else [str(run_dir)]
     assert main([command, *target, *args]) == 2
     assert problem in error_line(capsys, command)
+
+
+@pytest.mark.parametrize("build, problem", [
+    (lambda: SwinEncoder(128, 128, embed_dim=0), "SwinEncoder: embed_dim must be positive, got 0"),
+    (lambda: SwinEncoder(128, 128, patch_h=0), "SwinEncoder: patch_h must be positive, got 0"),
+    (lambda: SwinEncoder(128, 128, num_heads=(1, 0, 2, 4, 8, 16)), "num_heads must be positive (every entry)"),
+    (lambda: SwinEncoder(128, 128, window_size=(8, -1)), "window_size must be positive (every entry), got (8, -1)"),
+    (lambda: SwinEncoder(128, 128, mlp_ratio=0), "mlp_ratio must be positive"),
+    (lambda: ViTEncoder(128, 128, embed_dim=-32), "ViTEncoder: embed_dim must be positive, got -32"),
+    (lambda: ViTEncoder(128, 128, patch_w=0), "ViTEncoder: patch_w must be positive"),
+    (lambda: ViTEncoder(128, 128, depth=0), "ViTEncoder: depth must be positive"),
+    (lambda: ViTEncoder(128, 128, num_heads=0), "ViTEncoder: num_heads must be positive"),
+    (lambda: SwinMAEDecoder(num_levels=6, read_levels=0), "read_levels must be 1..6"),
+    (lambda: SwinMAEDecoder(num_levels=6, read_levels=7), "read_levels must be 1..6"),
+])
+def test_impossible_model_sizes_are_refused_when_built(build: Any, problem: str) -> None:
+    """From Python, where no config checks them: a zero size built, or failed later as torch's own error."""
+    with pytest.raises(ValueError) as e:
+        build()
+    assert problem in str(e.value)
+
+
+@pytest.mark.parametrize("encoder", [SwinEncoder(128, 32, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4),
+                                     ViTEncoder(128, 32, patch_h=8, patch_w=8, embed_dim=16, depth=1, num_heads=2)],
+                         ids=["swin", "vit"])
+def test_float64_roll_is_refused_in_one_line(encoder: torch.nn.Module) -> None:
+    roll = torch.rand(2, 1, 128, 32, dtype=torch.float64)  # torch.from_numpy of numpy's default dtype
+    with pytest.raises(ValueError, match=r"has torch.float32 weights but got a torch.float64 piano roll; "
+                                         r"pass x.to\(torch.float32\)"):
+        encoder(roll)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the other float dtypes itself
+        assert torch.isfinite(encoder(roll.bfloat16()).latent).all()
+
+
+def test_prepare_refuses_paths_with_collections(piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["prepare", str(piece), "--collections", "bach", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "give either PATHs or --collections, not both" in error_line(capsys, "prepare")
+    assert not (tmp_path / "c").exists()
+
+
+def test_prepare_api_refuses_counts_of_zero(piece: Path, tmp_path: Path) -> None:
+    """The API checks them, not only the CLI: workers=0 passed for "the default" (all cores)."""
+    for kw in (dict(workers=0), dict(max_file_mb=0)):
+        with pytest.raises(ValueError, match="--workers must be at least 1 and --max-file-mb positive"):
+            prepare([piece], tmp_path / "c", progress=False, **kw)
+    assert not (tmp_path / "c").exists()
+
+
+def test_old_dense_cache_counts_refused_files_apart(piece: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old = tmp_path / "old"
+    write_dense_cache(piece.parent, old)
+    with (tmp_path / "huge.mid").open("wb") as f:
+        f.truncate(100 * 2**20)  # sparse: refused for its size before it is read
+    assert main(["prepare", str(tmp_path), "--cache-dir", str(old), "--workers", "1", "--quiet"]) == 0
+    assert "0 files converted in this run, 1 were already in the cache, 1 refused before reading" in capsys.readouterr().out
+
+
+def test_reconstruct_refuses_an_out_that_is_not_midi(run_dir: Path, piece: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    assert main(["reconstruct", str(run_dir), str(piece), "-o", str(tmp_path / "x.png")]) == 2
+    assert "the reconstruction is written as MIDI, give a .mid name" in error_line(capsys, "reconstruct")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_encode_refuses_an_out_file_that_is_not_safetensors(run_dir: Path, piece: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out" / "h.txt"
+    assert main(["encode", str(run_dir), str(piece), "-o", str(out)]) == 2
+    assert f"give {out.with_suffix('.safetensors')} for one piece" in error_line(capsys, "encode")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, args", [("eval", ["-o", "OUT"]), ("probe", ["--no-random"]),
+                                           ("levels", ["--no-random", "-o", "OUT", "--subsets", "1", "--steps", "1"])])
+def test_a_cache_on_another_grid_says_what_the_command_can_change(run_dir: Path, piece: Path, tmp_path: Path, command: str,
+                                                                  args: list[str], capsys: pytest.CaptureFixture) -> None:
+    """These commands take no KEY=VALUE overrides: the fix is a cache on the run's grid, not data.steps_per_beat=."""
+    cache = tmp_path / "spb12"
+    prepare([piece], cache, RollSettings(12), workers=1, progress=False)
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    assert main([command, str(run_dir), "--cache-dir", str(cache), *args]) == 2
+    line = error_line(capsys, command)
+    assert "prepared at 12 steps per beat" in line and "give --cache-dir a cache prepared with --steps-per-beat 4" in line
+    assert "set data.steps_per_beat" not in line
