@@ -57,11 +57,11 @@ def check_time_grid(cfg: Config, cache: Path, encoder_path: Path | None = None, 
     encoder's weights: its own cache must still hold what it trained on (`prepare` of other inputs
     into that folder replaces it, and its validation pieces could then be training pieces).
     `overrides`: the command takes KEY=VALUE overrides, so the fix may be the run's grid; the
-    commands that read a trained run as it is (eval, probe, levels) need a cache on its grid."""
+    commands that read a trained encoder as it is (eval, probe, levels, train-decoder) need a cache on its grid."""
     spb, run_spb = load_settings(cache).steps_per_beat, cfg.data.steps_per_beat
     if spb != run_spb:
         fix = (f"set data.steps_per_beat={spb}, or prepare a cache with --steps-per-beat {run_spb}" if overrides else
-               f"give --cache-dir a cache prepared with --steps-per-beat {run_spb} (`midi-rae prepare PATH... "
+               f"use a cache prepared with --steps-per-beat {run_spb} (`midi-rae prepare PATH... "
                f"--steps-per-beat {run_spb} --cache-dir DIR`)")
         raise ValueError(f"the cache {cache} was prepared at {spb} steps per beat, the run says data.steps_per_beat="
                          f"{run_spb}; {fix}")
@@ -84,12 +84,12 @@ def datasets(cfg: Config, seed: int, pair: bool, encoder_path: Path | None = Non
     """The training crops of the run `cfg` describes, and its validation crops (a fixed set of
     `data.val_max_items`, spread over the validation pieces); `pair`: two views per item, for the
     objectives that compare views; `encoder_path`: a trained encoder whose cache must be unchanged
-    (`check_time_grid`)."""
+    (`check_time_grid`) and whose time grid `cfg` carries (`with_encoder_config`: no override changes it)."""
     cache = resolve_cache_dir(cfg)
     if not (cache / "pieces.jsonl").exists():
         raise FileNotFoundError(f"no prepared cache at {cache}: run `midi-rae prepare --cache-dir {cache}` "
                                 f"(or `midi-rae run`, which prepares first), or set data.cache_dir")
-    check_time_grid(cfg, cache, encoder_path)
+    check_time_grid(cfg, cache, encoder_path, overrides=encoder_path is None)
     d = cfg.data
     kw = dict(crop_width=d.crop_width, pair=pair, max_time_shift=d.max_time_shift, max_pitch_shift=d.max_pitch_shift,
               val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode)
@@ -114,10 +114,12 @@ def encoder_config(path: Path) -> Config:
 
 
 def with_encoder_config(cfg: Config, enc_cfg: Config) -> Config:
-    """`cfg` with the model (and the crop geometry it needs) of the encoder's own config: a
-    decoder must be built for the encoder it reads, whatever the config at hand says."""
+    """`cfg` with the model (and the crop geometry and time grid it needs) of the encoder's own
+    config: a decoder must be built for the encoder it reads, and read crops on the grid that
+    encoder trained on, whatever the config at hand says."""
     return dataclasses.replace(cfg, model=enc_cfg.model, data=dataclasses.replace(
-        cfg.data, crop_width=enc_cfg.data.crop_width, channels=enc_cfg.data.channels))
+        cfg.data, crop_width=enc_cfg.data.crop_width, channels=enc_cfg.data.channels,
+        steps_per_beat=enc_cfg.data.steps_per_beat))
 
 
 def trained_windows(cfg: Config) -> list[tuple[int, int]]:

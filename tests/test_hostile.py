@@ -560,5 +560,19 @@ def test_a_cache_on_another_grid_says_what_the_command_can_change(run_dir: Path,
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
     assert main([command, str(run_dir), "--cache-dir", str(cache), *args]) == 2
     line = error_line(capsys, command)
-    assert "prepared at 12 steps per beat" in line and "give --cache-dir a cache prepared with --steps-per-beat 4" in line
+    assert "prepared at 12 steps per beat" in line and "use a cache prepared with --steps-per-beat 4" in line
     assert "set data.steps_per_beat" not in line
+
+
+def test_train_decoder_reads_crops_on_its_encoders_grid(run_dir: Path, piece: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A grid override came through to the decoder's crops: a decoder trained on 12 steps per beat
+    over an encoder that never saw them. The encoder's grid wins, so that cache is refused."""
+    cache = tmp_path / "spb12"
+    prepare([piece], cache, RollSettings(12), workers=1, progress=False)
+    args = ["train-decoder", "--encoder", str(run_dir / "pretrain"), "name=d", f"out_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={cache}", "data.steps_per_beat=12", "decoder_train.max_steps=1",
+            "decoder_train.progress=false", "decoder_train.threads=1"]
+    assert main(args) == 2
+    line = error_line(capsys, "train-decoder")
+    assert "prepared at 12 steps per beat" in line and "use a cache prepared with --steps-per-beat 4" in line
