@@ -116,11 +116,11 @@ def evaluate(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = 
                          f"got {max_items}, {n_examples}")
     ck = resolve_checkpoint(checkpoint)
     model, cfg = load_autoencoder(ck, device)
+    cache = Path(cache_dir) if cache_dir else resolve_cache_dir(cfg)
+    check_time_grid(cfg, cache, ck.encoder.path, overrides=False)  # before any folder is made
     out = Path(out_dir) if out_dir else (ck.run_dir or ck.encoder.path.parent) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     thr = cfg.decoder.threshold if threshold is None else threshold
-    cache = Path(cache_dir) if cache_dir else resolve_cache_dir(cfg)
-    check_time_grid(cfg, cache, ck.encoder.path, overrides=False)
     d = cfg.data
     ds = PianoRollDataset(cache, split, crop_width=d.crop_width, pair=False, val_fraction=d.val_fraction,
                           channels=d.channels, seed=cfg.decoder_train.seed)

@@ -253,6 +253,10 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     if bad:
         raise ValueError(f"subsets {bad} are impossible: the encoder has {L} levels, so k (the number of coarsest "
                          f"levels read) must be in 1..{L}")
+    # the cache the rows train and score on (`--cache-dir`, else the run's): a row of another is not reused
+    cache_path = Path(cache_dir).expanduser() if cache_dir else resolve_cache_dir(cfg)
+    # and the run's own cache still holds its split; checked before any folder is made
+    check_time_grid(cfg, cache_path, enc_path, overrides=False)
     out = Path(out_dir) if out_dir else run_dir / "levels"
     out.mkdir(parents=True, exist_ok=True)
     encoders = {"trained": enc_path}
@@ -279,9 +283,6 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
         return get
 
     width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
-    # the cache the rows train and score on (`--cache-dir`, else the run's): a row of another is not reused
-    cache_path = Path(cache_dir).expanduser() if cache_dir else resolve_cache_dir(cfg)
-    check_time_grid(cfg, cache_path, enc_path, overrides=False)  # and the run's own cache still holds its split
     cache = cache_identity(cache_path)
     rows = []
     for name, path in encoders.items():

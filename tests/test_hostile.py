@@ -562,6 +562,7 @@ def test_a_cache_on_another_grid_says_what_the_command_can_change(run_dir: Path,
     line = error_line(capsys, command)
     assert "prepared at 12 steps per beat" in line and "use a cache prepared with --steps-per-beat 4" in line
     assert "set data.steps_per_beat" not in line
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_train_decoder_reads_crops_on_its_encoders_grid(run_dir: Path, piece: Path, tmp_path: Path,
