@@ -23,7 +23,7 @@ from midi_rae.cache import load_index
 from midi_rae.descriptors import NAMES, descriptors
 from midi_rae.labels import Crops, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.probes import level_features, load_models, pixel_features, select_and_fit
+from midi_rae.probes import level_features, load_models, pixel_features, select_and_fit, standardization
 
 GROUPS = {  # descriptor group -> its columns (prefixes of `NAMES`)
     "pitch classes (key-relative)": ("pc_rel", "key_corr"),
@@ -56,8 +56,8 @@ def decodability(features: Tensor, target: Tensor, test: Tensor, groups: list[st
     """R^2 per descriptor group on the `test` rows, the ridge penalty chosen on a grouped hold-out
     of the others. Columns constant on the training side are left out (nothing to explain)."""
     train = ~test
-    x, y = features.double(), target.double()
-    x = (x - x[train].mean(0)) / x[train].std(0).clamp_min(1e-6)
+    mean, std = standardization(features[train])  # the probe suite's own
+    x, y = (features.double() - mean) / std, target.double()
     keep = y[train].std(0) > 1e-9
     y = (y - y[train].mean(0)) / y[train].std(0).clamp_min(1e-9)
     cols = {g: [i for i, n in enumerate(NAMES) if keep[i] and n.startswith(GROUPS[g])] for g in GROUPS}
