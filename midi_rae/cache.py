@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from midi_rae.corpus import corpus_files
 from midi_rae.roll import NOTE_DTYPE, SUFFIXES, BadInput, RollSettings, read_pieces, render, sounding
-from midi_rae.utils import atomic_write
+from midi_rae.utils import atomic_write, atomic_write_bytes
 
 
 # ----------------------------------------------------------------------------- building a cache
@@ -183,17 +183,13 @@ def _key(source: Source, settings: RollSettings, max_bytes: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def _convert(source: Source, key: str, settings: RollSettings, cache_dir: Path) -> dict[str, Any]:
     """Worker: read one source file, stage its notes, then write its `done` record (last, atomically)."""
     inflight = cache_dir / "inflight" / key
     inflight.touch()  # left behind only if this process dies mid-file: names the suspect
     try:
         record = _stage(source, key, settings, cache_dir)
-        _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
+        atomic_write_bytes(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
     finally:  # an exception (a full disk) ends the file here; only a killed process leaves the marker
         inflight.unlink(missing_ok=True)
     return record
@@ -257,7 +253,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _crashed(source: Source, key: str, cache_dir: Path) -> None:
     record = {"key": key, "source": source.source_id, "pieces": [], "skipped": [], "error": "the reader crashed (worker process died)"}
-    _atomic_write(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
+    atomic_write_bytes(cache_dir / "done" / f"{key}.json", json.dumps(record, sort_keys=True).encode())
     (cache_dir / "inflight" / key).unlink(missing_ok=True)
 
 

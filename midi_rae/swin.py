@@ -15,7 +15,7 @@ from .layers import (PatchEmbed, PatchExpand, SwinBlock, SwinStage, Unpatchify, 
                      resize_relative_position_bias_table)
 from .masking import apply_mask_token, check_mask, level_mask, patch_non_empty, pool_mask, simmim_mask
 from .predictor import SwinMaskedEmbeddingPredictor  # noqa: F401  (public here: midi_rae.swin is the Swin API)
-from .utils import check_positive, check_roll, init_linears, submodule_no_weight_decay
+from .utils import check_positive, check_rates, check_roll, init_linears, submodule_no_weight_decay
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -76,6 +76,8 @@ class SwinEncoder(nn.Module):
         check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
                        in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads, window_size=window_size,
                        mlp_ratio=mlp_ratio)
+        check_rates(type(self).__name__, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
         pretrained = _pretrained_windows(pretrained_window_sizes, len(depths), version)
         if not 0.0 <= inter_stage_mask_ratio < 1.0:
@@ -423,6 +425,8 @@ class SwinDecoder(nn.Module):
         depths, num_heads = tuple(depths)[::-1], tuple(num_heads)[::-1]  # coarsest first
         L = len(depths)
         width = width or embed_dim
+        check_rates(type(self).__name__, drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
+                    attn_drop_rate=attn_drop_rate)
         _validate(img_height, img_width, patch_h, patch_w, width, depths[::-1], num_heads[::-1], 0.0, 2)
         self.grids = pyramid_grids((img_height, img_width), (patch_h, patch_w), L)
         self.dims = [embed_dim * 2 ** (L - 1 - i) for i in range(L)]  # the encoder's levels, coarsest first

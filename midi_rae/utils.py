@@ -77,6 +77,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
 def param_count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters of `model`."""
     total = sum(p.numel() for p in model.parameters())
@@ -91,6 +95,14 @@ def check_positive(who: str, **sizes: float | Sequence[float]) -> None:
         if not all(v > 0 for v in (value if isinstance(value, Sequence) else [value])):
             raise ValueError(f"{who}: {name} must be positive{' (every entry)' if isinstance(value, Sequence) else ''}, "
                              f"got {value}")
+
+
+def check_rates(who: str, **rates: float) -> None:
+    """Raise a ValueError naming the argument unless every rate (a dropout or stochastic-depth
+    probability) is in [0, 1): a negative one builds and is silently read as 0."""
+    for name, value in rates.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{who}: {name} must be in [0, 1), got {value}")
 
 
 def check_roll(x: Tensor, in_chans: int, img_size: tuple[int, int], who: str, dtype: torch.dtype) -> None:

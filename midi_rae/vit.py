@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
 from .layers import Block, Unpatchify
 from .masking import apply_mask_token, check_mask, gather_visible, mae_mask as draw_mae_mask, patch_non_empty, scatter_visible
-from .utils import check_positive, check_roll, init_linears
+from .utils import check_positive, check_rates, check_roll, init_linears
 
 # Base of the rotary frequencies. Token grids are small (8 x 16 for a 128 x 256 roll in 16 x 16
 # patches), so the vision value 100 (RoPE-Axial, https://arxiv.org/abs/2403.13298) is used
@@ -62,6 +62,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
                        in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        check_rates(type(self).__name__, drop_rate=drop_rate)
         if img_height % patch_h or img_width % patch_w:
             raise ValueError(f"image {img_height}x{img_width} is not a whole number of {patch_h}x{patch_w} patches; "
                              f"choose img_height a multiple of patch_h and img_width a multiple of patch_w")

@@ -26,7 +26,7 @@ from midi_rae.cache import CacheReader, prepare
 from midi_rae.cli import main
 from midi_rae.reconstruct import comparison_png
 from midi_rae.roll import RollSettings, score_to_roll
-from midi_rae.swin import SwinEncoder, SwinMAEDecoder
+from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 from midi_rae.vit import ViTEncoder
 from test_notecache import write_dense_cache
 from test_prepare import midi
@@ -492,6 +492,11 @@ def test_counts_of_zero_are_refused_not_taken_as_the_default(run_dir: Path, piec
     (lambda: ViTEncoder(128, 128, num_heads=0), "ViTEncoder: num_heads must be positive"),
     (lambda: SwinMAEDecoder(num_levels=6, read_levels=0), "read_levels must be 1..6"),
     (lambda: SwinMAEDecoder(num_levels=6, read_levels=7), "read_levels must be 1..6"),
+    # a negative rate built and was read as 0 (no stochastic depth, no dropout), silently
+    (lambda: SwinEncoder(128, 128, drop_path_rate=-0.1), "SwinEncoder: drop_path_rate must be in [0, 1), got -0.1"),
+    (lambda: SwinEncoder(128, 128, attn_drop_rate=1.0), "SwinEncoder: attn_drop_rate must be in [0, 1), got 1.0"),
+    (lambda: SwinDecoder(drop_path_rate=-0.2), "SwinDecoder: drop_path_rate must be in [0, 1), got -0.2"),
+    (lambda: ViTEncoder(128, 128, drop_rate=-0.5), "ViTEncoder: drop_rate must be in [0, 1), got -0.5"),
 ])
 def test_impossible_model_sizes_are_refused_when_built(build: Any, problem: str) -> None:
     """From Python, where no config checks them: a zero size built, or failed later as torch's own error."""
