@@ -27,7 +27,8 @@ from pathlib import Path
 # Each row switches its objectives explicitly, so it means the same over any preset.
 OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
-       "objective.recon_nested=false", "model.inter_stage_mask_ratio=0", "data.view_mode=shift"]
+       "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "model.inter_stage_mask_ratio=0",
+       "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
@@ -65,6 +66,13 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc_fine": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                                         "objective.mask_ratio=0", "objective.descriptor_weight=1",
                                         "objective.descriptor_skip_levels=2"],
+    # the same at a quarter of the target weight; then with nested dropout (the `reference` preset's objective)
+    "coarse_ae_m0_desc25_fine": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                          "objective.mask_ratio=0", "objective.descriptor_weight=0.25",
+                                          "objective.descriptor_skip_levels=2"],
+    "coarse_ae_m0_desc25_fine_nested": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
+                                                 "objective.mask_ratio=0", "objective.descriptor_weight=0.25",
+                                                 "objective.descriptor_skip_levels=2", "objective.recon_nested=true"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
