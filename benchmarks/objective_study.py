@@ -30,6 +30,9 @@ OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.
        "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "model.inter_stage_mask_ratio=0",
        "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
+# the unmasked coarse autoencoder whose descriptor head reads every level but the two coarsest
+COARSE_AE_M0_FINE = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0",
+                              "objective.descriptor_skip_levels=2"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
     "simmim_m75": SIMMIM + ["objective.mask_ratio=0.75"],
@@ -63,16 +66,10 @@ ROWS: dict[str, list[str]] = {
                                           "objective.mask_ratio=0", "objective.descriptor_weight=1",
                                           "objective.recon_nested=true"],
     # the same with the targets read from the finer levels only: the two coarsest are left to the roll
-    "coarse_ae_m0_desc_fine": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
-                                        "objective.mask_ratio=0", "objective.descriptor_weight=1",
-                                        "objective.descriptor_skip_levels=2"],
+    "coarse_ae_m0_desc_fine": COARSE_AE_M0_FINE + ["objective.descriptor_weight=1"],
     # the same at a quarter of the target weight; then with nested dropout (the `reference` preset's objective)
-    "coarse_ae_m0_desc25_fine": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
-                                          "objective.mask_ratio=0", "objective.descriptor_weight=0.25",
-                                          "objective.descriptor_skip_levels=2"],
-    "coarse_ae_m0_desc25_fine_nested": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
-                                                 "objective.mask_ratio=0", "objective.descriptor_weight=0.25",
-                                                 "objective.descriptor_skip_levels=2", "objective.recon_nested=true"],
+    "coarse_ae_m0_desc25_fine": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25"],
+    "coarse_ae_m0_desc25_fine_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25", "objective.recon_nested=true"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

@@ -77,11 +77,10 @@ class SwinEncoder(nn.Module):
                        in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads, window_size=window_size,
                        mlp_ratio=mlp_ratio)
         check_rates(type(self).__name__, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
-                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                    inter_stage_mask_ratio=inter_stage_mask_ratio)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
         pretrained = _pretrained_windows(pretrained_window_sizes, len(depths), version)
-        if not 0.0 <= inter_stage_mask_ratio < 1.0:
-            raise ValueError(f"inter_stage_mask_ratio must be in [0, 1), got {inter_stage_mask_ratio}")
         self.inter_stage_mask_ratio, self.inter_stage_mask_all = inter_stage_mask_ratio, inter_stage_mask_all
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
         self.mae_ratio, self.empty_mask_ratio, self.squash_coarse = mae_ratio, empty_mask_ratio, squash_coarse

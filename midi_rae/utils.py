@@ -98,8 +98,8 @@ def check_positive(who: str, **sizes: float | Sequence[float]) -> None:
 
 
 def check_rates(who: str, **rates: float) -> None:
-    """Raise a ValueError naming the argument unless every rate (a dropout or stochastic-depth
-    probability) is in [0, 1): a negative one builds and is silently read as 0."""
+    """Raise a ValueError naming the argument unless every rate (a dropout, stochastic-depth or
+    masking probability) is in [0, 1): a negative dropout rate builds and is silently read as 0."""
     for name, value in rates.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{who}: {name} must be in [0, 1), got {value}")

@@ -62,7 +62,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
                        in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-        check_rates(type(self).__name__, drop_rate=drop_rate)
+        check_rates(type(self).__name__, drop_rate=drop_rate, mae_ratio=mae_ratio)
         if img_height % patch_h or img_width % patch_w:
             raise ValueError(f"image {img_height}x{img_width} is not a whole number of {patch_h}x{patch_w} patches; "
                              f"choose img_height a multiple of patch_h and img_width a multiple of patch_w")
@@ -71,8 +71,6 @@ class ViTEncoder(nn.Module):
         if (embed_dim // num_heads) % 4:
             raise ValueError(f"head dim embed_dim / num_heads = {embed_dim // num_heads} must be a multiple of 4: 2D RoPE "
                              f"rotates channel pairs in a row half and a column half; change embed_dim or num_heads")
-        if not 0.0 <= mae_ratio < 1.0:
-            raise ValueError(f"mae_ratio must be in [0, 1), got {mae_ratio}")
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
         self.grid_size = (img_height // patch_h, img_width // patch_w)
         self.embed_dim, self.mae_ratio, self.empty_mask_ratio = embed_dim, mae_ratio, empty_mask_ratio
