@@ -180,6 +180,10 @@ class ObjectiveConfig:
     multiscale_weight: float = opt(0.0, "per-level heads predicting the max-pooled roll")
     multiscale_upsample: int = opt(1, "each multi-scale head predicts this many cells per token side")
     recon_levels: int | None = opt(None, "swin: the MAE decoder reads only this many coarsest levels; None: all")
+    recon_decoder: str = opt("fpn", "swin: the decoder of the reconstruction objectives: 'fpn' (SwinMAEDecoder: the "
+                                    "levels merged top-down onto the finest grid, model.mae_decoder_* blocks there) or "
+                                    "'swin' (SwinDecoder: the encoder mirrored, blocks at every scale, as `midi-rae "
+                                    "levels` and train-decoder use)")
     recon_nested: bool = opt(False, "swin: each sample's MAE decoder reads only its k coarsest of those levels, k "
                                     "uniform in 1..recon_levels (nested dropout): each coarse level must stand alone")
     coarse_ae_weight: float = opt(0.0, "swin: the second half of each batch is encoded unmasked and reconstructed "
@@ -433,6 +437,9 @@ class Config:
         _require(o.descriptor_skip_levels == 0 or (m.encoder == "swin" and 0 < o.descriptor_skip_levels < m.num_stages),
                  f"objective.descriptor_skip_levels must leave the descriptor head a level: 0..{m.num_stages - 1} "
                  f"with the Swin encoder (0 with any other), got {o.descriptor_skip_levels} for {m.encoder}")
+        _require(o.recon_decoder == "fpn" or (o.recon_decoder == "swin" and m.encoder == "swin"),
+                 f"objective.recon_decoder must be 'fpn' or 'swin' (the latter with model.encoder=swin), got "
+                 f"{o.recon_decoder!r} for the {m.encoder} encoder")
         _require(not o.recon_nested or (m.encoder == "swin" and o.recon_weight > 0),
                  f"objective.recon_nested drops the Swin MAE decoder's finer levels per sample; it needs "
                  f"model.encoder=swin and objective.recon_weight > 0 (got {m.encoder}, {o.recon_weight}); "

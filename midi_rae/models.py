@@ -65,6 +65,11 @@ def build_mae_decoder(cfg: Config, read_levels: int | None = None) -> nn.Module:
     if m.encoder == "vit":
         return ViTMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
                              m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads)
+    if cfg.objective.recon_decoder == "swin":  # the encoder mirrored: the decoder `midi-rae levels` trains
+        read = read_levels or cfg.objective.recon_levels or len(m.depths)
+        return SwinDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, depths=tuple(m.depths),
+                           num_heads=tuple(m.num_heads), window_size=m.window_size, mlp_ratio=m.mlp_ratio,
+                           drop_path_rate=0.0, skip_levels=list(range(read)))
     return SwinMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, len(m.depths),
                           m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size,
                           read_levels=read_levels or cfg.objective.recon_levels)

@@ -433,6 +433,7 @@ class SwinDecoder(nn.Module):
         self.skip_levels = sorted(set(range(L) if skip_levels is None else skip_levels))
         if not self.skip_levels or not all(0 <= i < L for i in self.skip_levels):
             raise ValueError(f"skip_levels must name at least one of the levels 0..{L - 1} (0 = coarsest), got {skip_levels}")
+        self.read_levels = self.skip_levels[-1] + 1  # the levels past it are never read
         self.lateral = nn.ModuleDict({str(i): nn.Linear(self.dims[i], dims[i]) for i in self.skip_levels})
         self.start_token = None if 0 in self.skip_levels else nn.Parameter(torch.zeros(dims[0]))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -451,13 +452,18 @@ class SwinDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return ({"start_token"} if self.start_token is not None else set()) | submodule_no_weight_decay(self)
 
-    def forward(self, enc_out: EncoderOutput) -> Tensor:
+    def forward(self, enc_out: EncoderOutput, levels: Tensor | None = None) -> Tensor:
+        """Logits (B, C, H, W). levels (B,) int, optional: sample b reads only the levels of
+        `skip_levels` under levels[b] (1..read_levels; nested dropout during pretraining)."""
         check_levels(enc_out, self.grids, self.dims, type(self).__name__)
         B = enc_out.latent.shape[0]
         x = self.start_token.expand(B, *self.grids[0], -1) if self.start_token is not None else 0
         for i, stage in enumerate(self.stages):
             if str(i) in self.lateral:
-                x = x + to_grid(self.lateral[str(i)](enc_out.patches[i].emb), self.grids[i])
+                lat = to_grid(self.lateral[str(i)](enc_out.patches[i].emb), self.grids[i])  # (B, h_i, w_i, D_i)
+                if levels is not None:
+                    lat = lat * (levels > i).to(lat.dtype)[:, None, None, None]
+                x = x + lat
             x = stage(x)  # (B, h_i, w_i, D_i)
             if i < len(self.expand):
                 x = self.expand[i](x)  # (B, 2h_i, 2w_i, D_i / 2)

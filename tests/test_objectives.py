@@ -11,7 +11,7 @@ from midi_rae.dataset import PianoRollDataset
 from midi_rae.descriptors import descriptors
 from midi_rae.losses import info_nce, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
 from midi_rae.models import Pretrainer
-from midi_rae.swin import SwinEncoder, SwinMAEDecoder
+from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 
 SMALL = ["data.crop_width=32", "model.embed_dim=8", "model.depths=[1,1,1]", "model.num_heads=[1,2,4]",
          "model.window_size=4", "model.mae_decoder_dim=16", "model.mae_decoder_heads=2"]
@@ -99,6 +99,48 @@ def test_nested_recon_draws_the_levels_per_sample(tiny_cache: Path) -> None:
     assert torch.allclose(parts["recon"], expect, atol=1e-6)
     with pytest.raises(ConfigError, match="recon_nested"):
         load_config(None, ["objective.recon_nested=true", "objective.recon_weight=0", "objective.descriptor_weight=1"])
+
+
+def test_swin_decoder_nested_levels_read_each_samples_coarsest_levels_only() -> None:
+    """SwinDecoder(levels=...): sample b is decoded from the levels under levels[b] alone; the
+    full count is the plain forward."""
+    enc = SwinEncoder(img_height=32, img_width=32, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4)
+    dec = SwinDecoder(32, 32, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), window_size=4, skip_levels=[0, 1])
+    assert dec.read_levels == 2
+    out = enc((torch.rand(3, 1, 32, 32) > 0.9).float())
+    levels = torch.tensor([1, 2, 2])
+    before = dec(out, levels)
+    assert torch.equal(dec(out), dec(out, torch.full((3,), 2)))
+    assert torch.allclose(before[1:], dec(out)[1:]) and not torch.allclose(before[0], dec(out)[0])
+    out.patches[1].emb = torch.randn_like(out.patches[1].emb)  # sample 0 does not read level 1
+    after = dec(out, levels)
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1:], after[1:])
+
+
+def test_recon_decoder_swin_is_the_mirrored_decoder_of_the_coarse_levels(tiny_cache: Path) -> None:
+    """objective.recon_decoder=swin: the reconstruction (and coarse autoencoder) decoders are
+    SwinDecoders reading the configured coarsest levels; the loss is theirs, nested per sample."""
+    over = [f"data.cache_dir={tiny_cache}", *SMALL, "objective.recon_levels=2", "objective.pos_weight=4",
+            "objective.recon_decoder=swin", "objective.recon_nested=true", "objective.coarse_ae_weight=1",
+            "objective.coarse_ae_levels=1"]
+    model = Pretrainer(load_config(None, over)).eval()
+    assert isinstance(model.mae_decoder, SwinDecoder) and model.mae_decoder.skip_levels == [0, 1]
+    assert isinstance(model.coarse_decoder, SwinDecoder) and model.coarse_decoder.skip_levels == [0]
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(8)])
+    torch.manual_seed(0)
+    loss, parts = model({"x": x})
+    torch.manual_seed(0)
+    model.encoder(x[4:], mask_ratio=0.0)  # the coarse autoencoder's half draws first
+    student = model.encoder(x[:4], mask_ratio=0.5)
+    levels = torch.randint(1, 3, (4,))
+    expect = masked_recon_loss(model.mae_decoder(student, levels), x[:4], student.mae_mask, (4, 4), pos_weight=4.0)
+    assert torch.allclose(parts["recon"], expect, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.mae_decoder.parameters())
+    for preset, bad, why in ((None, "unet", "unet"), ("vit_reference", "swin", "vit")):
+        with pytest.raises(ConfigError, match=f"recon_decoder.*{why}"):
+            load_config(preset, [f"objective.recon_decoder={bad}"])
 
 
 def test_pretrainer_global_objective_trains_every_head(tiny_cache: Path, tmp_path: Path) -> None:
