@@ -128,4 +128,4 @@ def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], widt
 def grouped_split(groups: list[str], test_fraction: float, salt: str = "") -> Tensor:
     """(N,) bool, True for items on the test side; decided per group (a work: `cache.piece_work`),
     salted for an inner split."""
-    return torch.tensor([split_of(salt + g, test_fraction) == "val" for g in groups])
+    return torch.tensor([split_of(salt + g, test_fraction) == "val" for g in groups], dtype=torch.bool)

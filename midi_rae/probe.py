@@ -35,6 +35,7 @@ def add_probe(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace],
             out = Path(args.out)
             if out.is_dir():
                 raise ValueError(f"-o {out} is a folder; give a file name such as {out / 'probe.json'}")
+            probes.check_out_name(out)
             out.parent.mkdir(parents=True, exist_ok=True)
         cache = Path(args.cache_dir) if args.cache_dir else resolve_cache_dir(resolve_checkpoint(args.checkpoints[0]).config)
         if args.level not in (None, "all") and not args.level.lstrip("-").isdigit():

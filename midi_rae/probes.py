@@ -23,6 +23,7 @@ test pieces, and so is each encoder's headline feature set. Reported: balanced a
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,13 +167,23 @@ class Model:
 
 
 def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = True) -> list[Model]:
-    models = []
+    """The runs' encoders (and their twins), each named by its config name, or by its path where
+    two runs share one (seeds of a preset in other out_dirs): rows are keyed by name."""
+    loaded = []
     for ck in checkpoints:
         resolved = resolve_checkpoint(ck)
-        encoder, cfg = load_encoder(resolved)
-        models.append(Model(f"{cfg.name} ({cfg.model.encoder})", encoder, cfg, resolved.encoder.path))
+        loaded.append((ck, resolved, *load_encoder(resolved)))
+    paths = [r.encoder.path.resolve() for _, r, _, _ in loaded]
+    twice = {str(p) for p in paths if paths.count(p) > 1}
+    if twice:
+        raise ValueError(f"the encoder {sorted(twice)[0]} is given twice; give each run once")
+    names = [cfg.name for *_, cfg in loaded]
+    models = []
+    for ck, resolved, encoder, cfg in loaded:
+        name = f"{cfg.name} ({cfg.model.encoder})" if names.count(cfg.name) == 1 else f"{ck} ({cfg.model.encoder})"
+        models.append(Model(name, encoder, cfg, resolved.encoder.path))
         if random_baseline:
-            models.append(Model(f"{cfg.name} ({cfg.model.encoder}) at random init", initial_encoder(cfg), cfg))
+            models.append(Model(f"{name} at random init", initial_encoder(cfg), cfg))
     return models
 
 
@@ -182,7 +193,11 @@ def probe_task(task: Task, crops: Crops, feature_sets: dict[str, dict[str, Tenso
     train_rows, test_rows = rows_of(task.train), rows_of(task.test)
     label = {p["piece_id"]: label_of(p, task.name) for p in task.train + task.test}
     y_all = torch.tensor([task.classes.index(label[pid]) if pid in label else -1 for pid in crops.pieces])  # (N,)
-    tr, te = torch.tensor(train_rows), torch.tensor(test_rows)
+    for side, rows in (("training", train_rows), ("test", test_rows)):
+        if not rows:  # its pieces are all too short or too silent for a crop (`piece_crops`)
+            raise ValueError(f"task {task.name!r}: no {side} piece has a crop with notes; prepare longer pieces "
+                             f"or leave the task out (--label)")
+    tr, te = torch.tensor(train_rows, dtype=torch.long), torch.tensor(test_rows, dtype=torch.long)
     y_tr, y_te = y_all[tr], y_all[te]
     work = {p["piece_id"]: piece_work(p) for p in task.train}
     groups = [work[crops.pieces[i]] for i in train_rows]  # the inner hold-out keeps a work on one side
@@ -213,8 +228,8 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
     (an index, 0 = coarsest, or 'all' for the concatenation); `l2`: a fixed penalty instead of
     the hold-out choice; `test_fraction`: default the first run's `data.val_fraction`; a class
     needs `min_pieces` training pieces and a fifth of that (at least 2) test pieces."""
-    if l2 is not None and not l2 > 0:
-        raise ValueError(f"the L2 penalty must be positive, got {l2}")
+    if l2 is not None and not 0 < l2 < math.inf:
+        raise ValueError(f"the L2 penalty must be positive and finite, got {l2}")
     if crops_per_piece < 1 or max_pieces_per_class < 1 or max_classes < 2 or min_pieces < 1:
         raise ValueError(f"need crops_per_piece, max_pieces_per_class, min_pieces >= 1 and max_classes >= 2; got "
                          f"{crops_per_piece}, {max_pieces_per_class}, {min_pieces}, {max_classes}")
@@ -326,9 +341,17 @@ def figure(result: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def check_out_name(path: Path) -> None:
+    """Refuse an output name whose .md or .png twin would be the JSON file itself."""
+    if path.suffix.lower() != ".json":
+        raise ValueError(f"-o {path}: give a .json name (e.g. {path.with_suffix('.json')}); the table and the figure "
+                         f"are written beside it as .md and .png")
+
+
 def write(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """`result` as JSON at `path`, its tables beside it as .md and its figure as .png."""
+    """`result` as JSON at `path` (a .json name: the table goes beside it as .md, the figure as .png)."""
     path = Path(path)
+    check_out_name(path)
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     atomic_write_text(path.with_suffix(".md"), table(result) + "\n")
     figure(result, path.with_suffix(".png"))

@@ -1,18 +1,21 @@
 """The probe suite: a separable synthetic labelled corpus, split grouped by piece, every baseline
 (majority, pixels, descriptors, random encoder), and one table for a Swin and a ViT run."""
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_runs import isolated, trained_run
 
 from midi_rae.cache import load_index
+from midi_rae.checkpoint import read_metadata, save_weights
 from midi_rae.cli import main
 from midi_rae.models import build_encoder
 from midi_rae.core import PatchState, grid_positions
-from midi_rae.labels import find_tasks
+from midi_rae.labels import find_tasks, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.probes import fit_logistic, probe, time_self_similarity
+from midi_rae.probes import L2_GRID, fit_logistic, probe, probe_task, time_self_similarity
 from midi_rae.runs import initial_encoder
 from midi_rae.runs import load_encoder
 
@@ -172,3 +175,42 @@ def test_one_l2_still_picks_the_headline_on_the_hold_out() -> None:
     rows = {r["features"]: r for r in result["rows"] if r["model"] == "enc"}
     assert all(r["holdout_bacc"] == r["holdout_bacc"] for r in rows.values())  # scored, not NaN
     assert rows["signal"].get("headline") and not rows["noise"].get("headline")
+
+
+def test_runs_of_one_config_name_keep_their_own_rows(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
+                                                     tmp_path: Path, capsys) -> None:
+    """Two seeds of a preset in other folders share the config name: their rows are told apart by
+    path (before, the second run's features replaced the first's under the one name)."""
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    other = tmp_path / "elsewhere" / run.name  # its pretraining stage alone: a decoder names its own encoder
+    shutil.copytree(run / "pretrain", other / "pretrain")
+    enc = other / "pretrain" / "encoder.safetensors"
+    save_weights({k: torch.zeros_like(v) for k, v in load_file(enc).items()}, enc, read_metadata(enc))
+    r = probe([run, other], labelled_cache, tasks=["collection"], test_fraction=0.3, min_pieces=5, random_baseline=False)
+    assert r["models"] == [f"{run} (swin)", f"{other} (swin)"]
+    rows = r["tasks"][0]["rows"]
+    zeroed = [row["balanced_accuracy"] for row in rows if row["model"] == f"{other} (swin)"]
+    assert zeroed == [0.5] * len(zeroed)  # constant features: chance, and only its own rows say so
+    assert any(row["balanced_accuracy"] > 0.5 for row in rows if row["model"] == f"{run} (swin)")
+    with pytest.raises(ValueError, match="given twice"):
+        probe([run, run], labelled_cache, tasks=["collection"], test_fraction=0.3, min_pieces=5)
+
+
+@pytest.mark.parametrize("args, message", [(["-o", "OUT/probe.md"], "give a .json name"),
+                                           (["-o", "OUT/probe.png"], "give a .json name"),
+                                           (["--l2", "inf"], "positive and finite")])
+def test_probe_refuses_outputs_that_overwrite_each_other_and_an_infinite_penalty(
+        args, message, tiny_cache: Path, tmp_path_factory, tmp_path: Path, capsys) -> None:
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    assert main(["probe", str(run), "--cache-dir", str(tiny_cache), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_task_side_without_crops_is_named(labelled_cache: Path) -> None:
+    (task,) = find_tasks(load_index(labelled_cache), 0.3, min_train_pieces=5, min_test_pieces=2)
+    crops = piece_crops(labelled_cache, task.train, 32, 2)  # the test pieces give no crop
+    with pytest.raises(ValueError, match="task 'collection': no test piece has a crop"):
+        probe_task(task, crops, {}, L2_GRID)
