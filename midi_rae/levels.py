@@ -17,10 +17,11 @@ gives:
 
 Layout of OUT (default `<run>/levels/`): `<encoder>/<k>/decoder/` (a decoder stage folder:
 config, metrics, checkpoints, `decoder.safetensors`), `<encoder>/<k>/result.json` (that row),
-`random/encoder.safetensors`, and the report: `levels.json`, `levels.md`, `levels.png`. A rerun
-skips finished rows and resumes interrupted decoders; rows made with other settings (steps, batch
-size, encoder weights, decoder width, or another cache: `cache.cache_identity`) are an error
-unless `--overwrite`.
+`<encoder>/<k>/settings.json` (what the row was started with), `random/encoder.safetensors`, and
+the report: `levels.json`, `levels.md`, `levels.png`. A rerun skips finished rows and resumes
+interrupted decoders; rows made or started with other settings (steps, batch size, encoder
+weights, decoder width, or another cache: `cache.cache_identity`), and a random twin of another
+config or seed, are an error unless `--overwrite`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -86,6 +88,12 @@ def resolve_encoder(run: str | os.PathLike) -> tuple[Path, Path]:
         if enc is None:
             raise FileNotFoundError(f"no pretrain/encoder.safetensors under {p}: train the encoder first (`midi-rae run`)")
     return enc, enc.parent.parent if enc.parent.name == "pretrain" else enc.parent
+
+
+def same_weights(path: Path, state: dict[str, Tensor]) -> bool:
+    """Whether the weights file at `path` holds exactly `state`."""
+    saved = load_file(str(path))
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
 
 
 def weights_sha1(path: Path) -> str:
@@ -209,6 +217,13 @@ def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settin
                              f"settings, another output folder (-o), or --overwrite to train it again")
     if overwrite and row_dir.exists():
         shutil.rmtree(row_dir)
+    started = row_dir / "settings.json"  # what the row's decoder was started with, checked before resuming it
+    if started.exists() and json.loads(started.read_text()) != settings:
+        raise ValueError(f"{row_dir} holds a decoder interrupted with other settings (the encoder weights, steps, "
+                         f"batch size, width or cache changed since): pass the same settings, another output "
+                         f"folder (-o), or --overwrite to train it again")
+    row_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(started, json.dumps(settings, indent=1) + "\n")
     print(f"[levels] {encoder} encoder, levels 0..{k - 1}: training a decoder for {settings['steps']} steps", flush=True)
     final = train_decoder(cfg, enc_path, resume=True)  # resume: continues an interrupted row
     row = {"encoder": encoder, "k": k, "levels": list(range(k)), **settings, "train_seconds": final["seconds"],
@@ -243,7 +258,8 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     if cfg.model.encoder != "swin":
         raise ValueError(f"{enc_path} is a {cfg.model.encoder} encoder; the levels report needs a Swin encoder "
                          f"(decoder.skip_levels reads Swin levels)")
-    for flag, value in (("steps", steps), ("batch-size", batch_size), ("threads", threads)):
+    for flag, value in (("steps", steps), ("batch-size", batch_size), ("threads", threads),
+                        ("decoder-width", decoder_width)):
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
     trained = build_encoder(cfg)
@@ -262,9 +278,15 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
     encoders = {"trained": enc_path}
     if random:
         rand_path = out / "random" / "encoder.safetensors"
+        twin = initial_encoder(cfg).state_dict()
+        if rand_path.exists() and not same_weights(rand_path, twin):
+            if not overwrite:  # another run's twin (an -o shared by runs): its rows would pass for this run's
+                raise ValueError(f"{rand_path} is not this run's random twin (another config or train.seed made it): "
+                                 f"give another output folder (-o), or --overwrite to make this run's and train its rows again")
+            rand_path.unlink()
         if not rand_path.exists():
             rand_path.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(initial_encoder(cfg).state_dict(), rand_path,
+            save_weights(twin, rand_path,
                          {"config": cfg.to_yaml(), "kind": "encoder", "step": "0", "init_seed": str(cfg.train.seed)})
         encoders["random"] = rand_path
 

@@ -1,6 +1,7 @@
 """`midi-rae levels`: rate arithmetic, one row per (encoder, subset), the random twin, the
 threshold's source, and reruns that reuse finished rows."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 from tiny_runs import isolated, trained_run
 
 from midi_rae import levels
+from midi_rae.checkpoint import read_metadata, save_weights
 from midi_rae.cli import main
 from midi_rae.models import build_encoder
 from midi_rae.runs import encoder_config
@@ -124,3 +126,37 @@ def test_scores_by_collection_score_each_collections_crops_alone(report) -> None
     r, _, _ = report
     for row in r["rows"]:
         assert sum(c["crops"] for c in row["val_by_collection"].values()) == row["val_crops"] > 0
+
+
+def test_another_runs_twin_and_a_row_interrupted_with_other_weights_are_refused(report, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """An output folder shared by runs: the random twin there is checked against this run's
+    (before, any file there was reused as this run's twin), and an interrupted row is resumed only
+    with the settings it was started with (before, a decoder begun on other encoder weights went on)."""
+    r, run, _ = report
+    out = shutil.copytree(r["out"], tmp_path / "levels")
+    twin = out / "random" / "encoder.safetensors"
+    state = load_file(str(twin))
+    save_weights({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, twin, read_metadata(twin))
+    with pytest.raises(ValueError, match="not this run's random twin"):
+        levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1])
+    again = levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1], overwrite=True)
+    assert all(torch.equal(load_file(str(twin))[k], state[k]) for k in state)  # this run's twin, made again
+    assert [row["val"] for row in again["rows"] if row["encoder"] == "trained"] == \
+        [row["val"] for row in r["rows"] if row["encoder"] == "trained"]
+    row = out / "trained" / "1"
+    started = json.loads((row / "settings.json").read_text())
+    (row / "result.json").unlink()  # interrupted, and the run's encoder changed since
+    (row / "settings.json").write_text(json.dumps({**started, "encoder_sha1": "0" * 40}))
+    monkeypatch.setattr("midi_rae.levels.train_decoder", lambda *a, **k: pytest.fail("resumed on other weights"))
+    with pytest.raises(ValueError, match="interrupted with other settings"):
+        levels.levels_report(run, out, steps=2, batch_size=4, subsets=[1], random=False)
+
+
+@pytest.mark.parametrize("width", ["0", "-8"])
+def test_decoder_width_must_be_positive(report, width: str, capsys, tmp_path: Path) -> None:
+    _, run, _ = report
+    assert main(["levels", str(run), "--decoder-width", width, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--decoder-width must be at least 1" in err[0]
+    assert not (tmp_path / "out").exists()
