@@ -197,6 +197,20 @@ def probe_head(model: Classifier, crops: list[dict[str, Any]], n_classes: int, d
     return {"l2": l2, "holdout_balanced_accuracy": inner, **fitted}
 
 
+def check_not_pretrained_on(cfg: Config, cache: Path, checkpoint: Checkpoint) -> None:
+    """On the cache the encoder pretrained on, the test pieces (the works hashed under the test
+    fraction) must lie in its validation side (`data.val_fraction` then), and the cache must be
+    the one it read (`check_time_grid` with its weights), as the probe suite requires."""
+    pre = checkpoint.config
+    check_time_grid(pre, cache, checkpoint.encoder.path)
+    test_fraction = cfg.finetune.test_fraction if cfg.finetune.test_fraction is not None else cfg.data.val_fraction
+    if test_fraction > pre.data.val_fraction and cache.resolve() == resolve_cache_dir(pre).resolve():
+        raise ValueError(f"the test fraction {test_fraction} (finetune.test_fraction, else data.val_fraction) is above "
+                         f"the data.val_fraction {pre.data.val_fraction} that {pre.name} pretrained with on {cache}, so "
+                         f"some test pieces were its training pieces; set finetune.test_fraction={pre.data.val_fraction} "
+                         f"or less, or fine-tune on another cache (--cache-dir)")
+
+
 def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None, resume: bool = False) -> dict[str, Any]:
     """The encoder (`checkpoint`'s weights, or its random initialisation with `finetune.scratch`)
     and a classification head trained on `finetune.label` (`Classifier`), on random crops of the
@@ -210,6 +224,8 @@ def finetune(cfg: Config, stage_dir: Path, checkpoint: Checkpoint | None = None,
     d = setup(tcfg)
     cache = resolve_cache_dir(cfg)
     check_time_grid(cfg, cache)
+    if not f.scratch:
+        check_not_pretrained_on(cfg, cache, checkpoint)
     task, train_pieces, val_pieces = finetune_split(cfg, cache)
     labels = {p["piece_id"]: task.classes.index(label_of(p, task.name)) for p in task.train + task.test}
     seed_all(tcfg.seed)  # the same initial weights (and head) in every process

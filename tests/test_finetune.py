@@ -217,7 +217,6 @@ def test_finetune_end_to_end_and_scratch(labelled_cache: Path, tiny_cache: Path,
 
 @pytest.mark.parametrize("args, message", [
     (["--label", "nope"], "no piece of .* has a 'nope' label; use --label with one of: collection"),
-    (["--label", "collection", "--cache-dir", "TINY"], "--label collection has 1 class\\(es\\) .* a classifier needs two"),
     (["--level", "2"], r"finetune.level=2 \(--level\) is out of range: this encoder has 2 levels, 0 \(coarsest\) to 1"),
     (["--level", "top"], r"--level takes a level number \(0 = coarsest\) or 'all', got 'top'"),
 ])
@@ -230,6 +229,21 @@ def test_errors_are_one_line(args: list[str], message: str, labelled_cache: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("midi-rae finetune: error: ")
     assert __import__("re").search(message, err[0]), err[0]
+    assert not (tmp_path / "ft" / "checkpoints").exists()
+
+
+def test_test_pieces_the_encoder_pretrained_on_are_refused(tiny_cache: Path, tmp_path_factory, tmp_path: Path,
+                                                           capsys) -> None:
+    """On the run's own cache, a test fraction above its data.val_fraction (0.2) would score it on
+    pieces it pretrained on: refused, as the probe suite refuses it; at 0.2 the run's own cache passes
+    (and then has one class)."""
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    base = ["finetune", str(run), "--label", "collection", "--cache-dir", str(tiny_cache), *SMALL, "-o", str(tmp_path / "ft")]
+    for extra, message in (([], "the test fraction 0.3 .* is above the data.val_fraction 0.2 that swin pretrained with"),
+                           (["finetune.test_fraction=0.2"], r"--label collection has 1 class\(es\) .* a classifier needs two")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and __import__("re").search(message, err[0]), err
     assert not (tmp_path / "ft" / "checkpoints").exists()
 
 
