@@ -91,9 +91,15 @@ def render_wav(midi: str | os.PathLike, wav: str | os.PathLike, soundfont: str |
             f"soundfont {soundfont} not found" if soundfont else "no General MIDI soundfont found (searched $SOUNDFONT, "
             + ", ".join(SOUNDFONTS[:3]) + ", ...)")
         raise RuntimeError(f"cannot render audio: {missing}; {INSTALL_HINT}")
-    subprocess.run([exe, "-ni", "-F", str(wav), "-r", str(rate), str(sf2), str(midi)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return Path(wav)
+
+    def render(tmp: Path) -> None:  # the type named (-T): the temporary name's extension is not .wav
+        done = subprocess.run([exe, "-ni", "-T", "wav", "-F", str(tmp), "-r", str(rate), str(sf2), str(midi)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise RuntimeError(f"fluidsynth failed (exit status {done.returncode}): {last[0]}; {wav} was not written")
+
+    return atomic_write(wav, render)  # a failed render leaves a WAV already there as it was
 
 
 def comparison_png(target: np.ndarray, probs: np.ndarray, path: str | os.PathLike, threshold: float, title: str,
@@ -139,6 +145,9 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
         if Path(args.out).suffix.lower() not in (".mid", ".midi"):  # a name like x.png would get MIDI bytes
             raise ValueError(f"-o {args.out}: the reconstruction is written as MIDI, give a .mid name (the figure "
                              f"goes to --png, audio to --wav)")
+        for flag, out, suffix in (("--png", args.png, ".png"), ("--wav", args.wav, ".wav")):
+            if out and Path(out).suffix.lower() != suffix:  # found before the model runs, not after the MIDI is written
+                raise ValueError(f"{flag} {out}: give a {suffix} name")
         source = Path(args.input).resolve()
         for flag, out in (("-o", args.out), ("--png", args.png), ("--wav", args.wav)):
             if out and Path(out).resolve() == source:

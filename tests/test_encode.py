@@ -134,6 +134,36 @@ def test_wav_without_fluidsynth_says_how_to_install(tiny_cache: Path, tmp_path_f
     assert code != 0 and (tmp_path / "out.mid").exists() and "fluidsynth" in capsys.readouterr().err
 
 
+def test_a_failed_render_leaves_the_wav_there_whole(tmp_path: Path, monkeypatch) -> None:
+    """fluidsynth exiting with an error after half a file: one RuntimeError line with its message,
+    and a WAV already at the path stays as it was (before, it was overwritten in place and the
+    CalledProcessError escaped as a traceback)."""
+    fake = tmp_path / "bin" / "fluidsynth"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "-F" ]; do shift; done\nprintf RIFFhalf > "$2"\n'
+                    'echo "fluidsynth: error: cannot open soundfont" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    (tmp_path / "x.sf2").write_bytes(b"sf")
+    wav = tmp_path / "x.wav"
+    wav.write_bytes(b"OLDWAV")
+    with pytest.raises(RuntimeError, match="fluidsynth failed \\(exit status 1\\): fluidsynth: error: cannot open soundfont"):
+        render_wav(tmp_path / "x.mid", wav, soundfont=str(tmp_path / "x.sf2"))
+    assert wav.read_bytes() == b"OLDWAV" and sorted(p.name for p in tmp_path.iterdir()) == ["bin", "x.sf2", "x.wav"]
+
+
+@pytest.mark.parametrize("flag, name", [("--png", "fig.mid"), ("--wav", "out.mid"), ("--wav", "a.png")])
+def test_reconstruct_outputs_need_their_own_suffix(flag: str, name: str, tiny_cache: Path, tmp_path_factory,
+                                                   tmp_path: Path, capsys) -> None:
+    """A figure or audio name of another type (the MIDI's own, for one) is refused before the model runs."""
+    run = trained_run("swin", tiny_cache, tmp_path_factory)
+    mid = long_midi(tmp_path / "in.mid")
+    assert main(["reconstruct", str(run), str(mid), "-o", str(tmp_path / "out.mid"), flag, str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} {tmp_path / name}: give a" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mid"]
+
+
 def test_reconstruct_keeps_tempo_and_meter(tmp_path: Path) -> None:
     from midi_rae.reconstruct import write_midi
 
