@@ -148,7 +148,12 @@ def encode_roll(encoder: nn.Module, roll: Tensor | np.ndarray, hop: int | None =
     check_hop(encoder, hop)
     device = next(encoder.parameters()).device
     wins, starts = windows(x, W, hop)  # (K, C, H, W)
-    outs = [encoder(wins[i:i + batch_size].to(device)).patches for i in range(0, len(wins), batch_size)]
+    was_training = encoder.training  # a module handed over mid-training: drop path would make embeddings random
+    encoder.eval()
+    try:
+        outs = [encoder(wins[i:i + batch_size].to(device)).patches for i in range(0, len(wins), batch_size)]
+    finally:
+        encoder.train(was_training)
     levels = []
     for li, info in enumerate(encoder.feature_info):
         emb = torch.cat([o[li].emb for o in outs]).float().cpu()  # (K, N, D)

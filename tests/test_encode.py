@@ -15,6 +15,7 @@ from midi_rae.metrics import note_onsets
 from midi_rae.reconstruct import reconstruct_roll, render_wav
 from midi_rae.roll import midi_to_roll
 from midi_rae.runs import load_autoencoder, load_encoder, resolve_checkpoint, stage_dirs
+from midi_rae.swin import SwinEncoder
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,21 @@ def test_positions_cover_a_long_piece(hop: int | None) -> None:
         sel = (fine.pos[:, 1] >= 40) & (fine.pos[:, 1] < 56)
         cols = (direct.pos[:, 1] >= 2) & (direct.pos[:, 1] < 6)
         assert torch.allclose(fine.emb[sel], direct.emb[0][cols], atol=1e-5)
+
+
+def test_a_module_in_training_mode_is_encoded_as_in_eval_and_left_as_it_was() -> None:
+    """encode() of a module handed over mid-training (drop path on): the embeddings are the eval
+    ones, not a random draw, and the module stays in training mode."""
+    enc = SwinEncoder(img_height=128, img_width=32, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4,
+                      drop_path_rate=0.5)
+    with torch.no_grad():  # the V2 blocks' branches start at zero (their post-norms' weights): give them some
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    roll = (torch.rand(1, 128, 64) > 0.97).float()
+    expect = encode(roll, enc.eval())[0]
+    got = encode(roll, enc.train())[0]
+    assert enc.training
+    assert all(torch.equal(a.emb, b.emb) for a, b in zip(got.levels, expect.levels))
 
 
 def test_hop_must_keep_grids_aligned() -> None:
