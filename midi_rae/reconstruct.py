@@ -148,6 +148,9 @@ def add_reconstruct(sub: argparse._SubParsersAction) -> Callable[[argparse.Names
         for flag, out, suffix in (("--png", args.png, ".png"), ("--wav", args.wav, ".wav")):
             if out and Path(out).suffix.lower() != suffix:  # found before the model runs, not after the MIDI is written
                 raise ValueError(f"{flag} {out}: give a {suffix} name")
+        if not Path(args.input).is_file():  # read_inputs would point to --cache-dir, which this command has not
+            raise FileNotFoundError(f"{args.input} is not a file: reconstruct reads one music file (MIDI, MusicXML, "
+                                    f"ABC, ...)")
         source = Path(args.input).resolve()
         for flag, out in (("-o", args.out), ("--png", args.png), ("--wav", args.wav)):
             if out and Path(out).resolve() == source:

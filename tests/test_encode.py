@@ -178,6 +178,9 @@ def test_reconstruct_outputs_need_their_own_suffix(flag: str, name: str, tiny_ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{flag} {tmp_path / name}: give a" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mid"]
+    assert main(["reconstruct", str(run), str(tmp_path), "-o", str(tmp_path / "out.mid")]) == 2  # a folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a file: reconstruct reads one music file" in err[0]
 
 
 def test_reconstruct_keeps_tempo_and_meter(tmp_path: Path) -> None:
