@@ -27,7 +27,8 @@ from pathlib import Path
 # Each row switches its objectives explicitly, so it means the same over any preset.
 OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
-       "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "model.inter_stage_mask_ratio=0",
+       "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "objective.recon_decoder=fpn",
+       "model.inter_stage_mask_ratio=0",
        "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 # the unmasked coarse autoencoder whose descriptor head reads every level but the two coarsest
@@ -70,6 +71,14 @@ ROWS: dict[str, list[str]] = {
     # the same at a quarter of the target weight; then with nested dropout (the `reference` preset's objective)
     "coarse_ae_m0_desc25_fine": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25"],
     "coarse_ae_m0_desc25_fine_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25", "objective.recon_nested=true"],
+    # the same with 8 x 2 patches (pitch x time; same tokens and floats per level); then decoded by the
+    # mirrored SwinDecoder (the decoder `levels` trains) instead of the FPN-style one
+    "coarse_ae_m0_desc25_fine_p82_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25",
+                                                                "objective.recon_nested=true", "model.patch_h=8",
+                                                                "model.patch_w=2"],
+    "coarse_ae_m0_desc25_fine_p82_swindec_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25",
+                                                                        "objective.recon_nested=true", "model.patch_h=8",
+                                                                        "model.patch_w=2", "objective.recon_decoder=swin"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
