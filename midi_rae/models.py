@@ -67,9 +67,7 @@ def build_mae_decoder(cfg: Config, read_levels: int | None = None) -> nn.Module:
                              m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads)
     if cfg.objective.recon_decoder == "swin":  # the encoder mirrored: the decoder `midi-rae levels` trains
         read = read_levels or cfg.objective.recon_levels or len(m.depths)
-        return SwinDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, depths=tuple(m.depths),
-                           num_heads=tuple(m.num_heads), window_size=m.window_size, mlp_ratio=m.mlp_ratio,
-                           drop_path_rate=0.0, skip_levels=list(range(read)))
+        return swin_decoder(cfg, skip_levels=list(range(read)))
     return SwinMAEDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, len(m.depths),
                           m.mae_decoder_dim, m.mae_decoder_depth, m.mae_decoder_heads, m.window_size,
                           read_levels=read_levels or cfg.objective.recon_levels)
@@ -93,10 +91,17 @@ def build_decoder(cfg: Config) -> nn.Module:
     if m.encoder == "vit":
         return ViTDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim, dc.decoder_dim,
                           dc.depth, dc.vit_heads, head=dc.head)
+    return swin_decoder(cfg, depths=dc.depths, num_heads=dc.num_heads, drop_path_rate=dc.drop_path_rate,
+                        skip_levels=dc.skip_levels, head=dc.head, width=dc.embed_dim)
+
+
+def swin_decoder(cfg: Config, depths: list[int] | None = None, num_heads: list[int] | None = None,
+                 drop_path_rate: float = 0.0, **kw) -> SwinDecoder:
+    """The SwinDecoder mirroring the config's encoder (its depths and heads unless given)."""
+    m, d = cfg.model, cfg.data
     return SwinDecoder(PITCHES, d.crop_width, m.patch_h, m.patch_w, d.channels, m.embed_dim,
-                       depths=tuple(dc.depths or m.depths), num_heads=tuple(dc.num_heads or m.num_heads),
-                       window_size=m.window_size, mlp_ratio=m.mlp_ratio, drop_path_rate=dc.drop_path_rate,
-                       skip_levels=dc.skip_levels, head=dc.head, width=dc.embed_dim)
+                       depths=tuple(depths or m.depths), num_heads=tuple(num_heads or m.num_heads),
+                       window_size=m.window_size, mlp_ratio=m.mlp_ratio, drop_path_rate=drop_path_rate, **kw)
 
 
 def align_levels(out1: EncoderOutput, out2: EncoderOutput, shift1: Tensor, shift2: Tensor) -> tuple[list[Tensor], list[Tensor]]:

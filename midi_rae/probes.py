@@ -40,7 +40,8 @@ from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
 from midi_rae.labels import TASKS, Crops, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.runs import check_time_grid, initial_encoder, load_encoder, resolve_cache_dir, resolve_checkpoint
+from midi_rae.runs import (check_time_grid, initial_encoder, load_encoder, resolve_checkpoint,
+                           tests_on_training_pieces)
 from midi_rae.utils import atomic_write, atomic_write_text
 
 BUNDLED_TASK = ["bach", "palestrina", "monteverdi", "essenFolksong"]
@@ -245,9 +246,7 @@ def probe(checkpoints: list[str | os.PathLike], cache_dir: str | os.PathLike, ta
         raise ValueError(f"the runs read crops of different widths {sorted(widths)}; probe them separately")
     width = widths.pop()
     test_fraction = test_fraction if test_fraction is not None else models[0].config.data.val_fraction
-    here = Path(cache_dir).expanduser().resolve()
-    trained_on = [m.name for m in models if m.config.data.val_fraction < test_fraction
-                  and resolve_cache_dir(m.config).resolve() == here]
+    trained_on = [m.name for m in models if tests_on_training_pieces(m.config, cache_dir, test_fraction)]
     if trained_on:  # the test side is the works hashed under test_fraction: on their own cache, some trained these runs
         raise ValueError(f"--test-fraction {test_fraction} is above the data.val_fraction of {', '.join(trained_on)}, "
                          f"so some test pieces were training pieces of it; use at most the smallest val_fraction "

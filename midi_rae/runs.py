@@ -73,6 +73,13 @@ def check_time_grid(cfg: Config, cache: Path, encoder_path: Path | None = None, 
                          f"inputs into it again, or give another cache (--cache-dir) and read the figures as transfer")
 
 
+def tests_on_training_pieces(run: Config, cache: str | os.PathLike, test_fraction: float) -> bool:
+    """Whether a test side of the works hashed under `test_fraction` on `cache` holds pieces `run`
+    trained on: on its own cache, any fraction above its `data.val_fraction` reaches into them."""
+    return (test_fraction > run.data.val_fraction
+            and Path(cache).expanduser().resolve() == resolve_cache_dir(run).resolve())
+
+
 def spread(n: int, total: int) -> list[int]:
     """`n` item indices spread evenly over `total`, first and last included. Items come in piece-id
     order, so the first n would be the first few pieces: on the whole bundled corpus the first 256

@@ -28,7 +28,8 @@ from midi_rae.labels import TASKS, Task, find_tasks, grouped_split, label_of, pi
 from midi_rae.metrics import class_confusion, scores
 from midi_rae.models import Classifier, DecoderTrainer, Pretrainer, build_decoder, build_encoder
 from midi_rae.probes import select_and_fit, standardization
-from midi_rae.runs import Checkpoint, check_time_grid, datasets, encoder_config, resolve_cache_dir, stage_dirs, trained_encoder, with_encoder_config
+from midi_rae.runs import (Checkpoint, check_time_grid, datasets, encoder_config, resolve_cache_dir, stage_dirs,
+                           tests_on_training_pieces, trained_encoder, with_encoder_config)
 from midi_rae.trainer import Trainer
 
 
@@ -204,7 +205,7 @@ def check_not_pretrained_on(cfg: Config, cache: Path, checkpoint: Checkpoint) ->
     pre = checkpoint.config
     check_time_grid(pre, cache, checkpoint.encoder.path)
     test_fraction = cfg.finetune.test_fraction if cfg.finetune.test_fraction is not None else cfg.data.val_fraction
-    if test_fraction > pre.data.val_fraction and cache.resolve() == resolve_cache_dir(pre).resolve():
+    if tests_on_training_pieces(pre, cache, test_fraction):
         raise ValueError(f"the test fraction {test_fraction} (finetune.test_fraction, else data.val_fraction) is above "
                          f"the data.val_fraction {pre.data.val_fraction} that {pre.name} pretrained with on {cache}, so "
                          f"some test pieces were its training pieces; set finetune.test_fraction={pre.data.val_fraction} "
