@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from midi_rae.layers import (PatchExpand, PatchMerging, SwinBlock, SwinStage, WindowAttention, clamp_window,
+from midi_rae.layers import (PatchEmbed, PatchExpand, PatchMerging, SwinBlock, SwinStage, WindowAttention, clamp_window,
                              log_spaced_relative_coords, resize_relative_position_bias_table, window_attention_mask,
                              window_partition, window_reverse)
 
@@ -143,6 +143,26 @@ def test_patch_expand_places_sub_tokens() -> None:
         expand.expand.weight.copy_(torch.eye(4))
     x = torch.arange(4.0).view(1, 1, 1, 4)  # one token whose 4 channels are (dh, dw) = 00, 01, 10, 11
     assert expand(x)[0, :, :, 0].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+
+
+@pytest.mark.parametrize("chans, patch, fold", [(1, (4, 4), False), (2, (8, 2), False), (2, (4, 4), True)])
+def test_patch_embed_is_its_conv(chans: int, patch: tuple[int, int], fold: bool) -> None:
+    """The patch projection (a matmul over reshaped patches) is the strided conv its weights
+    belong to, in value and in every gradient."""
+    embed = PatchEmbed(chans, 8, patch, norm_layer=torch.nn.Identity, fold=fold)
+    randomize(embed)
+    x = (torch.rand(3, chans, 32, 24) < 0.3).float().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    ref_in = ref_x.mean(1, keepdim=True) if fold else ref_x
+    ref = torch.nn.functional.conv2d(ref_in, embed.proj.weight, embed.proj.bias, stride=patch).permute(0, 2, 3, 1)
+    out = embed(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [x.grad, embed.proj.weight.grad, embed.proj.bias.grad]
+    x.grad = embed.proj.weight.grad = embed.proj.bias.grad = None
+    ref.backward(g)
+    torch.testing.assert_close(grads, [ref_x.grad, embed.proj.weight.grad, embed.proj.bias.grad])
 
 
 def test_heads_must_divide_dim() -> None:
