@@ -7,6 +7,7 @@ pyramid, coarsest first: with the defaults a 128 x 128 roll gives grids 1x1, 2x2
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import EncoderOutput, HierarchicalPatchState, LevelInfo, PatchState, grid_positions
@@ -313,10 +314,10 @@ def to_grid(emb: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def upsample2x(x: Tensor) -> Tensor:
-    """(B, h, w, D) -> (B, 2h, 2w, D), every token copied to its 2 x 2 cell (nearest): one copy
-    through a broadcast view, where two repeat_interleave calls gather twice."""
-    B, h, w, D = x.shape
-    return x[:, :, None, :, None].expand(B, h, 2, w, 2, D).reshape(B, 2 * h, 2 * w, D)
+    """(B, h, w, D) -> (B, 2h, 2w, D), every token copied to its 2 x 2 cell (nearest). Nearest
+    interpolation of the grid seen as a channels-last NCHW tensor: one pass each way, where a
+    broadcast view's backward sums over two interleaved axes (about ten times slower on the CPU)."""
+    return F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode="nearest").permute(0, 2, 3, 1)
 
 
 class SwinMAEDecoder(nn.Module):

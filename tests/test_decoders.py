@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
+from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder, upsample2x
 from midi_rae.vit import ViTDecoder, ViTEncoder, ViTMAEDecoder
 
 SMALL = dict(embed_dim=8, depths=(1, 1, 1, 1, 1, 1), num_heads=(1, 1, 2, 4, 8, 16))
@@ -97,3 +97,15 @@ def test_vit_decoders(make) -> None:
     assert all(p.grad is not None for p in dec.parameters())
     with pytest.raises(ValueError, match="ViTEncoder output"):
         dec(SwinEncoder(128, 256, **SMALL)(roll(1, 256)))
+
+
+def test_upsample2x_copies_each_token_to_its_cell() -> None:
+    """Nearest 2x upsampling of an NHWC grid: each token on its 2 x 2 cell, and the gradient of a
+    token the sum over its cell; the output is a plain contiguous NHWC tensor."""
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    y = upsample2x(x)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, x.repeat_interleave(2, 1).repeat_interleave(2, 2), rtol=0, atol=0)
+    g = torch.randn(2, 6, 10, 4)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g.view(2, 3, 2, 5, 2, 4).sum((2, 4)))
