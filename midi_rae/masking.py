@@ -31,9 +31,11 @@ def _check(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float) -> Non
 
 def pool_mask(mask: Tensor, any_of: bool) -> Tensor:
     """Halve a (B, H, W) bool grid with 2x2 windows: any child True (any_of) or all children True."""
-    m = mask.float()[:, None]
-    pooled = F.max_pool2d(m, 2) if any_of else -F.max_pool2d(-m, 2)
-    return pooled[:, 0].bool()
+    B, H, W = mask.shape
+    # bool reductions over 2 x 2 cells (an odd last row or column dropped, as pooling does): no
+    # float copy and no pooling kernel
+    cells = mask[:, : H // 2 * 2, : W // 2 * 2].reshape(B, H // 2, 2, W // 2, 2)
+    return cells.any(4).any(2) if any_of else cells.all(4).all(2)
 
 
 def simmim_mask(non_empty: Tensor, mask_ratio: float, empty_mask_ratio: float = 0.05,

@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from midi_rae.masking import gather_visible, mae_mask, patch_non_empty, scatter_visible, simmim_mask
+from midi_rae.masking import gather_visible, mae_mask, patch_non_empty, pool_mask, scatter_visible, simmim_mask
 from midi_rae.swin import SwinEncoder
 from midi_rae.vit import ViTEncoder
 
@@ -73,3 +74,13 @@ def test_low_velocity_patch_is_non_empty() -> None:
             out = enc(x)
             assert torch.equal(out.full_non_empty, expected.flatten(1))
             assert not torch.allclose(out.patches.finest.emb, enc(torch.zeros_like(x)).patches.finest.emb)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 6), (2, 5, 7)])
+def test_pool_mask_is_2x2_max_and_min_pooling(shape: tuple[int, int, int]) -> None:
+    """Any / all of each 2 x 2 cell, an odd last row or column dropped: what max pooling of the
+    mask as 0 / 1 gives (and min pooling for all)."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    m = mask.float()[:, None]
+    assert torch.equal(pool_mask(mask, any_of=True), F.max_pool2d(m, 2)[:, 0].bool())
+    assert torch.equal(pool_mask(mask, any_of=False), (-F.max_pool2d(-m, 2))[:, 0].bool())

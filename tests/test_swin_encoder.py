@@ -354,6 +354,25 @@ def test_constant_windows_path_is_chosen_by_occupancy(monkeypatch) -> None:
     assert ran == [enc.stages[0].blocks[0]]  # the only block whose drop-path rate is 0
 
 
+def test_windows_equal_in_one_channel_are_not_constant(monkeypatch) -> None:
+    """The first-channel pre-check only rules windows out: windows whose tokens agree in channel 0
+    but not beyond run as full windows, and the block's output is the dense path's."""
+    calls = []
+    constant = WindowAttention.constant
+    monkeypatch.setattr(WindowAttention, "constant", lambda self, t: calls.append(len(t)) or constant(self, t))
+    torch.manual_seed(0)
+    block = SwinBlock(8, (16, 16), num_heads=2, window_size=(8, 8)).eval()  # 4 windows per sample
+    x = torch.zeros(2, 16, 16, 8)
+    x[..., 1:] = 0.5
+    x[:, :8, :8, 1:] = torch.randn(2, 8, 8, 7)  # the top-left window: varies beyond channel 0 only
+    block.sparse = False
+    dense = block(x)
+    block.sparse = True
+    out = block(x)
+    assert calls == [6]  # the other 3 windows of each sample
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
 def test_fold_onsets_reads_both_channels_through_one() -> None:
     """fold_onsets = a one-channel encoder fed (frame + onset) / 2: the same weights give the same
     levels, and a repeated note (two onsets) no longer looks like one held note."""
