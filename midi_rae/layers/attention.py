@@ -156,7 +156,9 @@ class WindowAttention(nn.Module):
         """(nH, N, N) additive bias from relative positions, N = wh * ww."""
         N = self.window_size[0] * self.window_size[1]
         if self.version == 2:
-            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)  # ((2wh-1)(2ww-1), nH)
+            # On the coordinates as one (R, 2) matrix: a (2wh-1, 2ww-1, 2) input made the MLP's backward
+            # copy its hidden activations back and forth, a third of its cost on the CPU.
+            table = self.cpb_mlp(self.relative_coords_table.view(-1, 2))  # ((2wh-1)(2ww-1), nH)
         else:
             table = self.relative_position_bias_table
         bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads).permute(2, 0, 1)
