@@ -25,17 +25,9 @@ from torch import Tensor, nn
 
 from midi_rae import probes
 from midi_rae.core import PatchState
+from midi_rae.probes import column_means
 
 suite_features = probes.level_features
-
-
-def column_means(lvl: PatchState) -> Tensor:
-    """(B, cols, D): each column's mean over its non-empty tokens (zeros where it is silent)."""
-    rows, cols = int(lvl.pos[:, 0].max()) + 1, int(lvl.pos[:, 1].max()) + 1
-    B, _, D = lvl.emb.shape
-    emb = lvl.emb.float().reshape(B, rows, cols, D)
-    keep = lvl.non_empty.reshape(B, rows, cols, 1).float()
-    return (emb * keep).sum(1) / keep.sum(1).clamp_min(1)
 
 
 def channel_autocorrelation(lvl: PatchState) -> Tensor:

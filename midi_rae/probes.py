@@ -49,6 +49,16 @@ L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 BASELINES = ("majority class", "raw pixels", "descriptors")  # the rows every encoder is read against
 
 
+def column_means(lvl: PatchState) -> Tensor:
+    """(B, cols, D): each column of a level's grid as the mean of its non-empty tokens (zeros
+    where the column is silent)."""
+    rows, cols = int(lvl.pos[:, 0].max()) + 1, int(lvl.pos[:, 1].max()) + 1
+    B, _, D = lvl.emb.shape
+    emb = lvl.emb.float().reshape(B, rows, cols, D)
+    keep = lvl.non_empty.reshape(B, rows, cols, 1).float()
+    return (emb * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
 def time_self_similarity(lvl: PatchState) -> Tensor | None:
     """(B, cols // 2): for each time lag 1..cols // 2 of a level's grid, the mean cosine
     similarity between its columns' embeddings (each the mean of the column's non-empty tokens)
@@ -59,12 +69,8 @@ def time_self_similarity(lvl: PatchState) -> Tensor | None:
     rows, cols = int(lvl.pos[:, 0].max()) + 1, int(lvl.pos[:, 1].max()) + 1
     if cols < 4 or rows * cols != lvl.num_patches:
         return None
-    B, _, D = lvl.emb.shape
-    emb = lvl.emb.float().reshape(B, rows, cols, D)
-    keep = lvl.non_empty.reshape(B, rows, cols, 1).float()
-    col = (emb * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, cols, D), zeros where a column is silent
-    col = F.normalize(col, dim=-1)
-    sounding = keep.amax(1)[..., 0]  # (B, cols)
+    col = F.normalize(column_means(lvl), dim=-1)  # (B, cols, D)
+    sounding = lvl.non_empty.reshape(len(lvl.emb), rows, cols).any(1).float()  # (B, cols)
     out = []
     for lag in range(1, cols // 2 + 1):
         sim = (col[:, lag:] * col[:, :-lag]).sum(-1)  # (B, cols - lag)

@@ -70,7 +70,8 @@ class PatchEmbed(nn.Module):
         # stride, so that is the same map): the CPU's conv backward for the weight took about three
         # times as long as the matmul's, and the output comes out NHWC without a permute.
         B, C, H, W = x.shape
-        (ph, pw), (gh, gw) = self.patch_size, (H // self.patch_size[0], W // self.patch_size[1])
+        ph, pw = self.patch_size
+        gh, gw = H // ph, W // pw
         patches = x[:, :, : gh * ph, : gw * pw].reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
         return self.norm(F.linear(patches.reshape(B, gh, gw, C * ph * pw), self.proj.weight.flatten(1), self.proj.bias))
 
