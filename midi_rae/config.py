@@ -195,6 +195,10 @@ class ObjectiveConfig:
                                         "(midi_rae.descriptors, standardised by running statistics)")
     descriptor_skip_levels: int = opt(0, "swin: the descriptor head skips this many coarsest levels, leaving them to "
                                          "the reconstruction (recon_levels); 0: it reads every level")
+    isotropy_weight: float = opt(0.0, "SIGReg (LeJEPA) on the shape of the isotropy_levels coarsest levels' non-empty "
+                                      "tokens, centred and scaled to unit mean variance: spreads a level over its "
+                                      "dimensions (pretraining otherwise collapses the coarse levels onto a few)")
+    isotropy_levels: int = opt(2, "the coarsest levels isotropy_weight reads")
     global_weight: float = opt(0.0, "one embedding per view (every level's non-empty mean, concatenated, "
                                     "through a projector MLP), pulled together across the two views")
     global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
@@ -205,7 +209,7 @@ class ObjectiveConfig:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         weights = {k: getattr(self, k) for k in ("recon_weight", "mep_weight", "lejepa_weight", "anchor_weight",
                                                  "multiscale_weight", "global_weight", "coarse_ae_weight",
-                                                 "descriptor_weight")}
+                                                 "descriptor_weight", "isotropy_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
@@ -440,6 +444,9 @@ class Config:
         _require(o.recon_decoder == "fpn" or (o.recon_decoder == "swin" and m.encoder == "swin"),
                  f"objective.recon_decoder must be 'fpn' or 'swin' (the latter with model.encoder=swin), got "
                  f"{o.recon_decoder!r} for the {m.encoder} encoder")
+        _require(o.isotropy_weight == 0 or 1 <= o.isotropy_levels <= m.num_stages,
+                 f"objective.isotropy_levels must be 1..{m.num_stages} (this encoder's levels), got {o.isotropy_levels}; "
+                 f"or set objective.isotropy_weight=0")
         _require(not o.recon_nested or (m.encoder == "swin" and o.recon_weight > 0),
                  f"objective.recon_nested drops the Swin MAE decoder's finer levels per sample; it needs "
                  f"model.encoder=swin and objective.recon_weight > 0 (got {m.encoder}, {o.recon_weight}); "

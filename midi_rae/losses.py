@@ -148,6 +148,24 @@ def _sliced_epps_pulley(z: Tensor, a: Tensor, t_max: float = 5.0, num_points: in
         return epps_pulley(z.flatten(0, -2).float() @ a.float(), t_max, num_points).mean()
 
 
+def isotropy_loss(levels: Sequence[Tensor], valid: Sequence[Tensor], num_projections: int = 256,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """SIGReg on the shape of each level's token distribution, averaged over levels: the tokens
+    levels[i] (B, N_i, D_i) where valid[i] (B, N_i) is True, centred and divided by their RMS (one
+    scale for the level, so no direction is rescaled on its own), tested against an isotropic
+    standard normal. Scale and mean are left free (a decoder or a probe normalises them); what it
+    penalises is variance held by a few directions (a collapsed level). A level with fewer than
+    two valid tokens adds 0."""
+    total = levels[0].new_zeros(())
+    for z, keep in zip(levels, valid):
+        z = z[keep].float()  # (M, D)
+        if len(z) < 2:
+            continue
+        z = z - z.mean(0)
+        total = total + sigreg(z / z.square().mean().sqrt().clamp_min(1e-6), num_projections, generator)
+    return total / len(levels)
+
+
 def lejepa_loss(levels_view1: Sequence[Tensor], levels_view2: Sequence[Tensor], lam: float = 0.05,
                 valid: Sequence[Tensor] | None = None, num_projections: int = 256,
                 generator: torch.Generator | None = None, aligned: Sequence[Tensor] | None = None) -> Tensor:

@@ -23,7 +23,7 @@ from midi_rae.config import Config
 from midi_rae.core import EncoderOutput
 from midi_rae.descriptors import NAMES as DESCRIPTOR_NAMES
 from midi_rae.descriptors import descriptors
-from midi_rae.losses import (anchor_loss, info_nce, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
+from midi_rae.losses import (anchor_loss, info_nce, isotropy_loss, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
                              multiscale_recon_loss, patch_recon_loss, patches_at, recon_bce)
 from midi_rae.masking import patch_non_empty
 from midi_rae.predictor import MultiScaleReconHeads, SwinMaskedEmbeddingPredictor, positions
@@ -329,9 +329,15 @@ class Pretrainer(nn.Module):
             # the descriptors are those of the whole crop, so hidden patches must be inferred.
             out = student if student is not None else (views[0] if views else self.encoder(x))
             parts["descriptors"] = self.descriptor_head.loss(out, x)
+        if o.isotropy_weight > 0:
+            out = student if student is not None else (views[0] if views else self.encoder(x))
+            coarse = out.patches[:o.isotropy_levels]
+            parts["isotropy"] = isotropy_loss([lvl.emb for lvl in coarse], [lvl.non_empty for lvl in coarse],
+                                              o.sigreg_projections)
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
                    "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight,
-                   "coarse_ae": o.coarse_ae_weight, "descriptors": o.descriptor_weight}
+                   "coarse_ae": o.coarse_ae_weight, "descriptors": o.descriptor_weight,
+                   "isotropy": o.isotropy_weight}
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from midi_rae.losses import (anchor_loss, epps_pulley, lejepa_loss, masked_recon_loss, mep_loss, multiscale_recon_loss,
+from midi_rae.losses import (anchor_loss, epps_pulley, isotropy_loss, lejepa_loss, masked_recon_loss, mep_loss, multiscale_recon_loss,
                              pool_roll, random_directions, recon_bce, safe_mean, sigreg)
 
 
@@ -148,6 +148,32 @@ def test_sigreg_small_batches_finite_and_directions() -> None:
     assert torch.allclose(a.norm(dim=0), torch.ones(32))
     z = torch.randn(64, 8)
     assert sigreg(z, 16, torch.Generator().manual_seed(3)) == sigreg(z, 16, torch.Generator().manual_seed(3))
+
+
+def test_isotropy_loss_sees_collapse_not_scale_or_mean() -> None:
+    """Isotropic tokens score O(1) at any scale and offset; tokens on two directions (plus a
+    little noise) score far higher; masked-out tokens are not read."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 512, 16, generator=g)
+    keep = torch.ones(2, 512, dtype=torch.bool)
+
+    def iso(t: torch.Tensor, k: torch.Tensor = keep) -> float:
+        return isotropy_loss([t], [k], 64, torch.Generator().manual_seed(1)).item()
+
+    gauss = iso(z)
+    assert gauss < 3.0
+    assert iso(0.01 * z + 7.0) == pytest.approx(gauss, rel=1e-3)  # one scale and a mean shift change nothing
+    low_rank = torch.randn(2, 512, 2, generator=g) @ torch.randn(2, 16, generator=g) + 0.05 * z
+    assert iso(low_rank) > 10 * gauss
+    # The collapsed tokens masked out: only the isotropic ones are read.
+    mixed = torch.cat([z, low_rank], 1)
+    mask = torch.cat([keep, torch.zeros_like(keep)], 1)
+    assert iso(mixed, mask) == pytest.approx(gauss, rel=1e-5)
+    # Averaged over levels; a level with fewer than two valid tokens adds 0.
+    one = torch.zeros(2, 4, dtype=torch.bool)
+    one[0, 0] = True
+    two = isotropy_loss([z, torch.randn(2, 4, 8)], [keep, one], 64, torch.Generator().manual_seed(1)).item()
+    assert two == pytest.approx(gauss / 2, rel=1e-5)
 
 
 # ---- LeJEPA ---------------------------------------------------------------------------

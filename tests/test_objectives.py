@@ -9,7 +9,7 @@ import torch
 from midi_rae.config import ConfigError, load_config
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.descriptors import descriptors
-from midi_rae.losses import info_nce, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
+from midi_rae.losses import info_nce, isotropy_loss, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 
@@ -255,6 +255,29 @@ def test_descriptor_head_that_skips_the_coarse_levels_leaves_them_to_the_reconst
     assert model.descriptor_head.linear.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="descriptor_skip_levels must leave the descriptor head a level: 0..2"):
         load_config(None, [*SMALL, "objective.descriptor_weight=1", "objective.descriptor_skip_levels=3"])
+
+
+def test_isotropy_objective_reads_the_coarse_levels_only(tiny_cache: Path) -> None:
+    """isotropy_levels=1: the term is SIGReg on the coarsest level's non-empty tokens, sends that
+    level a gradient and the finer ones none."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.recon_weight=0",
+                             "objective.isotropy_weight=1", "objective.isotropy_levels=1"])
+    model = Pretrainer(cfg).train()
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(8)])
+    torch.manual_seed(0)
+    loss, parts = model({"x": x})
+    assert set(parts) == {"isotropy"} and torch.equal(loss, parts["isotropy"])
+    torch.manual_seed(0)
+    out = model.encoder(x)
+    coarse, fine = out.patches[0].emb, out.patches[1].emb
+    coarse.retain_grad(), fine.retain_grad()
+    again = isotropy_loss([coarse], [out.patches[0].non_empty], cfg.objective.sigreg_projections)
+    torch.testing.assert_close(again, parts["isotropy"])
+    again.backward()
+    assert coarse.grad.abs().sum() > 0 and fine.grad is None
+    with pytest.raises(ConfigError, match="isotropy_levels must be 1..3"):
+        load_config(None, [*SMALL, "objective.isotropy_weight=1", "objective.isotropy_levels=4"])
 
 
 def test_impossible_objective_configs_are_refused() -> None:
