@@ -50,9 +50,10 @@ import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from array import array
 from dataclasses import asdict, dataclass, field
+from itertools import chain, islice
 from pathlib import Path
-from itertools import islice
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -84,6 +85,54 @@ class Source:
         name = os.path.basename(self.file)
         i = name.rfind(".")
         return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+class Sources:
+    """The source files of a `prepare`, sorted by source id (of equal ids, the last given), as
+    columns: every path and every id as bytes in one buffer each (`os.fsencode`, so that any file
+    name comes back as it was), collection and composer as codes into their few names. 32 bytes
+    per file beside the bytes of its path and id (a `Source` per file, its strings and a list
+    slot held about 170 more): the file list is what `prepare` keeps for the whole run.
+    `sources[i]` builds one `Source`."""
+
+    def __init__(self, rows: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        files, ids, starts = bytearray(), bytearray(), array("q", [0, 0])  # (file end, id end) per row
+        codes: dict[str | None, int] = {}
+        labels = array("i")  # (collection, composer) code pairs
+        for file, source_id, collection, composer in rows:
+            files += os.fsencode(file)
+            ids += source_id.encode("utf-8", "surrogateescape")
+            starts += array("q", (len(files), len(ids)))
+            for name in (collection, composer):
+                labels.append(codes.setdefault(name, len(codes)))
+        self.names = list(codes)  # the distinct collections and composers
+        self._files, self._ids = np.frombuffer(bytes(files), np.uint8), np.frombuffer(bytes(ids), np.uint8)
+        ends = np.frombuffer(starts, np.int64).reshape(-1, 2)  # (N + 1, 2)
+        self._file_at, self._id_at = ends[:, 0].copy(), ends[:, 1].copy()
+        self._labels = np.frombuffer(labels, np.int32).reshape(-1, 2).copy()  # (N, 2)
+        n = len(self._labels)
+        # The rows by id, the last row of each id kept (as a dict by id would); bytes sort as the
+        # ids do (UTF-8 keeps code-point order).
+        width = int(np.diff(self._id_at).max(initial=1))
+        table = np.zeros(n, f"S{max(width, 1)}")
+        for i in range(n):
+            table[i] = self._ids[self._id_at[i]:self._id_at[i + 1]].tobytes()
+        order = np.argsort(table, kind="stable")
+        last = np.append(table[order][1:] != table[order][:-1], True) if n else np.zeros(0, bool)
+        self._order = order[last]  # (M,) row of the i-th source in id order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __getitem__(self, i: int) -> Source:
+        j = int(self._order[i])
+        file = os.fsdecode(self._files[self._file_at[j]:self._file_at[j + 1]].tobytes())
+        source_id = self._ids[self._id_at[j]:self._id_at[j + 1]].tobytes().decode("utf-8", "surrogateescape")
+        collection, composer = (self.names[c] for c in self._labels[j])
+        return Source(file, source_id, collection, composer)
+
+    def __iter__(self) -> Iterator[Source]:
+        return (self[i] for i in range(len(self)))
 
 
 @dataclass
@@ -129,28 +178,28 @@ def default_cache_dir(paths: Iterable[str | os.PathLike] | None = None, collecti
     return Path(base) / (name + settings.tag())
 
 
-def collect_sources(paths: Iterable[str | os.PathLike]) -> list[Source]:
+def collect_sources(paths: Iterable[str | os.PathLike]) -> Sources:
     """Files given, and the music files under folders given (recursive), sorted by source id.
 
     The source id is the path relative to the given folder's parent (`folder/sub/x.mid`), or
     the file name for a file given directly, so it does not depend on where the data lives.
     """
-    sources: dict[str, Source] = {}
-    for p in map(Path, paths):
-        if p.is_dir():
-            # os.walk, not rglob: strings, not a Path object per file (the same files: neither
-            # descends into a linked folder, both list linked files)
-            for root, _, names in os.walk(p):
-                for name in names:
-                    f = os.path.join(root, name)
-                    if os.path.splitext(name)[1].lower() in SUFFIXES and os.path.isfile(f):
-                        sid = posixpath.join(p.name, os.path.relpath(f, p).replace(os.sep, "/"))
-                        sources[sid] = Source(f, sid, collection=p.name)
-        elif p.is_file():
-            sources[p.name] = Source(str(p), p.name)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return [sources[k] for k in sorted(sources)]
+    def rows() -> Iterator[tuple[str, str, str | None, None]]:
+        for p in map(Path, paths):
+            if p.is_dir():
+                # os.walk, not rglob: strings, not a Path object per file (the same files: neither
+                # descends into a linked folder, both list linked files)
+                for root, _, names in os.walk(p):
+                    for name in names:
+                        f = os.path.join(root, name)
+                        if os.path.splitext(name)[1].lower() in SUFFIXES and os.path.isfile(f):
+                            yield f, posixpath.join(p.name, os.path.relpath(f, p).replace(os.sep, "/")), p.name, None
+            elif p.is_file():
+                yield str(p), p.name, None, None
+            else:
+                raise FileNotFoundError(f"{p}: no such file or folder")
+
+    return Sources(rows())
 
 
 # Far above any real MIDI, ABC or MusicXML file (the bundled corpus's largest is about 1.3 MB); a
@@ -257,21 +306,24 @@ def _crashed(source: Source, key: str, cache_dir: Path) -> None:
     (cache_dir / "inflight" / key).unlink(missing_ok=True)
 
 
-def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path, workers: int, bar: tqdm) -> None:
+def _run(todo: Iterable[tuple[Source, str]], settings: RollSettings, cache_dir: Path, workers: int, bar: tqdm) -> None:
     """Convert `todo` in a process pool. If a worker dies (e.g. a parser segfault), the files
     that were in flight are retried one per pool; one that kills its pool alone is reported.
     An OSError writing the cache (a full disk) stops the run: nothing queued is started.
-    A few files per worker are queued at a time: the futures of a 100k-file corpus, each
-    holding its record once done, would otherwise all sit in memory until the end."""
-    queue, suspects = list(todo), []
-    while queue or suspects:
+    `todo` is drawn as the pool takes it, a few files per worker at a time: the futures of a
+    100k-file corpus, each holding its record once done, would otherwise all sit in memory
+    until the end (and so would the list of what is left)."""
+    queue: Iterator[tuple[Source, str]] = iter(todo)
+    suspects: list[tuple[Source, str]] = []
+    while True:
         solo = bool(suspects)
-        batch = iter([suspects.pop(0)] if solo else queue)
-        if not solo:
-            queue = []
+        batch = iter([suspects.pop(0)]) if solo else queue
+        first = list(islice(batch, 4 * workers))
+        if not first:
+            return
         broken: list[tuple[Source, str]] = []
         with ProcessPoolExecutor(1 if solo else workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            running = {pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in islice(batch, 4 * workers)}
+            running = {pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in first}
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
@@ -287,15 +339,15 @@ def _run(todo: list[tuple[Source, str]], settings: RollSettings, cache_dir: Path
                         raise
                 if not broken:
                     running.update({pool.submit(_convert, s, k, settings, cache_dir): (s, k) for s, k in islice(batch, len(finished))})
-        broken += batch  # never submitted: the pool broke first
         if solo and broken:
             _crashed(*broken[0], cache_dir)
             bar.update()
         elif broken:
-            # Files with an in-flight marker were being read when the pool died; the rest never started.
+            # Files with an in-flight marker were being read when the pool died; the rest never
+            # started, and go back in front of what was never submitted (the rest of `batch`).
             inflight = {p.name for p in (cache_dir / "inflight").iterdir()}
             suspects += [t for t in broken if t[1] in inflight]
-            queue = [t for t in broken if t[1] not in inflight]
+            queue = chain([t for t in broken if t[1] not in inflight], batch)
             for name in inflight:
                 (cache_dir / "inflight" / name).unlink(missing_ok=True)
 
@@ -309,6 +361,15 @@ def _rebuild_command(paths: list[str | os.PathLike] | None, cache: Path, collect
     return " ".join(["midi-rae prepare", *args, "--cache-dir", str(cache)])
 
 
+def _bytes_array(items: Iterable[bytes], chunk: int = 4096) -> np.ndarray:
+    """(N,) numpy bytes array of `items`, built a few thousand at a time: a list of all of them
+    first would hold a Python object (about 60 bytes) per item."""
+    parts, it = [np.zeros(0, "S1")], iter(items)
+    while block := list(islice(it, chunk)):
+        parts.append(np.array(block, dtype=bytes))
+    return np.concatenate(parts)
+
+
 class _Done:
     """The records of finished sources by key: packed ones (lines of `done.jsonl`) and those
     converted since (`done/<key>.json`). It holds where each record is, not the records, and
@@ -317,17 +378,22 @@ class _Done:
 
     def __init__(self, cache: Path) -> None:
         self.cache, self.file = cache, None
-        keys, offsets = [], []
+        keys: Iterator[bytes] = iter(())
+        offsets = array("q")
         if (cache / "done.jsonl").exists():
             # Kept open: after `done.jsonl` is replaced, this handle still reads the file it indexed.
             self.file = (cache / "done.jsonl").open("rb")
-            offset = 0
-            for line in self.file:
-                keys.append(json.loads(line)["key"].encode())
-                offsets.append(offset)
-                offset += len(line)
-        self.packed = np.array(keys, dtype=bytes)  # (S,) sorted: done.jsonl is written in key order
-        self.offsets = np.array(offsets, dtype=np.int64)
+
+            def read() -> Iterator[bytes]:
+                offset = 0
+                for line in self.file:
+                    offsets.append(offset)
+                    offset += len(line)
+                    yield json.loads(line)["key"].encode()
+
+            keys = read()
+        self.packed = _bytes_array(keys)  # (S,) sorted: done.jsonl is written in key order
+        self.offsets = np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
         if not np.all(self.packed[:-1] < self.packed[1:]):  # written by hand, or an older version
             order = np.argsort(self.packed, kind="stable")
             self.packed, self.offsets = self.packed[order], self.offsets[order]
@@ -336,7 +402,7 @@ class _Done:
     def rescan(self) -> None:
         """List `done/` again, after conversions added to it (`done.jsonl` changes only in a pack)."""
         with os.scandir(self.cache / "done") as entries:
-            self.fresh = np.sort(np.array([e.name[:-5].encode() for e in entries if e.name.endswith(".json")], dtype=bytes))
+            self.fresh = np.sort(_bytes_array(e.name[:-5].encode() for e in entries if e.name.endswith(".json")))
 
     @staticmethod
     def _find(table: np.ndarray, key: str) -> int | None:
@@ -383,15 +449,16 @@ def prepare(
     if paths:
         sources = collect_sources(paths)
     else:
-        sources = [Source(str(f.path), f.source_id, f.collection, f.composer) for f in corpus_files(collections)]
+        sources = Sources((str(f.path), f.source_id, f.collection, f.composer) for f in corpus_files(collections))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(paths, collections, settings)
-    keys: list[str | None] = []
-    unreadable: dict[int, dict[str, Any]] = {}  # source index -> its error record (never written to done/)
+    # keys[i]: source i's key; b"" where the file cannot be hashed (`unreadable` holds its record,
+    # never written to done/). One fixed-width array: a str per file took 70 bytes more.
+    keys = np.zeros(len(sources), "S20")
+    unreadable: dict[int, dict[str, Any]] = {}
     for i, s in enumerate(sources):
         try:
-            keys.append(_key(s, settings, int(max_file_mb * 2**20)))
+            keys[i] = _key(s, settings, int(max_file_mb * 2**20))
         except BadInput as e:
-            keys.append(None)
             unreadable[i] = {"source": _display_name(s.source_id), "pieces": [], "skipped": [], "error": str(e)}
     if is_dense(cache):
         return _old_cache(cache, keys, unreadable, _rebuild_command(paths, cache, collections))
@@ -403,13 +470,15 @@ def prepare(
         stale.unlink()
     done = _Done(cache)
     try:
-        todo = [(s, k) for s, k in zip(sources, keys) if k is not None and k not in done]
-        if todo:
-            # Largest files first, so that a long score does not start last and keep one core busy alone.
-            todo.sort(key=lambda t: (-os.stat(t[0].file).st_size, t[0].source_id))
+        todo = np.fromiter((i for i, k in enumerate(keys) if k and k.decode() not in done), dtype=np.int64)
+        if len(todo):
+            # Largest files first, so that a long score does not start last and keep one core busy
+            # alone (of equal sizes, by source id: the order of the sources).
+            sizes = np.array([os.stat(sources[i].file).st_size for i in todo], dtype=np.int64)
+            todo = todo[np.lexsort((todo, -sizes))]
             workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(todo)))
             with tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress) as bar:
-                _run(todo, settings, cache, workers, bar)
+                _run(((sources[i], keys[i].decode()) for i in todo.tolist()), settings, cache, workers, bar)
             done.rescan()
         summary = _pack(cache, keys, unreadable, done, settings, progress)
     finally:
@@ -418,17 +487,17 @@ def prepare(
     return summary
 
 
-def _old_cache(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, Any]], command: str) -> Summary:
+def _old_cache(cache: Path, keys: np.ndarray, unreadable: dict[int, dict[str, Any]], command: str) -> Summary:
     """The summary of a dense cache of an earlier version that holds every source; else OldCacheError."""
-    missing = [k for k in keys if k is not None and not (cache / "done" / f"{k}.json").exists()]
+    missing = sum(1 for k in keys if k and not (cache / "done" / f"{k.decode()}.json").exists())
     if missing:
         raise OldCacheError(
             f"{cache} holds a dense roll cache of an earlier midi-rae version, which prepare no longer adds to "
-            f"({len(missing)} of {len(keys)} files are not in it; train, probe and encode still read it as it is). "
+            f"({missing} of {len(keys)} files are not in it; train, probe and encode still read it as it is). "
             f"To rebuild it as a note cache (about 20x smaller), move it away (e.g. to {cache.name}.dense) and run "
             f"`{command}`, or give --cache-dir another folder")
-    records = [unreadable[i] if k is None else json.loads((cache / "done" / f"{k}.json").read_text())
-               for i, k in enumerate(keys)]
+    records = (unreadable[i] if not k else json.loads((cache / "done" / f"{k.decode()}.json").read_text())
+               for i, k in enumerate(keys))
     summary = _summarize(cache, records)
     summary.refused = len(unreadable)  # as `prepare` counts them: not "already in the cache"
     summary.notice = (f"{cache} is a dense roll cache of an earlier midi-rae version holding every input: used as it "
@@ -453,77 +522,114 @@ def _shard_of(key: str) -> int:
     return int(key[:8], 16) % NUM_SHARDS
 
 
-def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, Any]], done: _Done,
+def _pack(cache: Path, keys: np.ndarray, unreadable: dict[int, dict[str, Any]], done: _Done,
           settings: RollSettings, progress: bool) -> Summary:
     """Pack the staged notes into shards and write the index, tables and report (the report in
-    source order of `keys`; None: the source `unreadable` holds); commit with `index.json`; then
+    source order of `keys`; b"": the source `unreadable` holds); commit with `index.json`; then
     remove what it does not name. Records are read one at a time, in three passes (here, then
     for each table: `done.jsonl` in key order, `pieces.jsonl` in piece-id order); between the
-    passes memory holds a few numbers and its work key per piece (about 200 bytes a piece)."""
+    passes memory holds a few numbers per piece in arrays (its id's bytes and about 60 bytes),
+    no Python object per piece or per source."""
     summary = Summary(cache)
     # Pass 1, in source order: the report, and each piece's row: its source, where its notes
-    # are now (a staged file or a shard of the last pack), and what the index needs.
-    first = [0]  # the rows of source i are first[i] .. first[i+1]
-    ids, index_in_source, location, offset, count, steps = [], [], [], [], [], []
+    # are now (its source's staged file: location -1, or a shard of the last pack: the shard's
+    # number in `files`), and what the index needs.
+    first = array("q", [0])  # the rows of source i are first[i] .. first[i+1]
+    id_bytes, id_end = bytearray(), array("q", [0])
+    index_in_source, location, offset, count, steps = (array("q") for _ in range(5))
     linked: list[tuple[str, str]] = []  # (piece id, the parent work its file states)
-    files: dict[str, int] = {}
+    files: dict[str, int] = {}  # the shards of the last pack that hold some of these pieces
     for i, k in enumerate(keys):
-        r = unreadable[i] if k is None else done[k]
+        r = unreadable[i] if not k else done[k.decode()]
         summary.add(r)
         for p in r["pieces"]:
-            ids.append(p["piece_id"].encode())
+            id_bytes += p["piece_id"].encode()
+            id_end.append(len(id_bytes))
             index_in_source.append(p["index"])
-            location.append(files.setdefault(p["file"], len(files)))
+            location.append(-1 if p["file"].startswith("staging/") else files.setdefault(p["file"], len(files)))
             offset.append(p["offset"])
             count.append(p["count"])
             steps.append(p["steps"])
             if p.get("parent_work"):
                 linked.append((p["piece_id"], p["parent_work"]))
-        first.append(len(ids))
-    source = np.repeat(np.arange(len(keys)), np.diff(first))  # (P,) the source of each row
-    shard = np.array([_shard_of(k) if k is not None else 0 for k in keys], dtype=np.int64)[source]
-    order = np.argsort(np.array(ids, dtype=bytes), kind="stable")  # (P,) rows by piece id (bytes sort as str)
-    offset, count = np.array(offset, dtype=np.int64), np.array(count, dtype=np.int64)
-    location, file_names = np.array(location, dtype=np.int64), list(files)
+        first.append(len(id_end) - 1)
+    first_row = np.frombuffer(first, np.int64)
+    ends = np.frombuffer(id_end, np.int64)
+    width = int(np.diff(ends).max(initial=1))
+    ids = np.zeros(len(ends) - 1, f"S{width}")  # (P,) the index's column, built once
+    for row in range(len(ids)):
+        ids[row] = bytes(id_bytes[ends[row]:ends[row + 1]])
+    del id_bytes, id_end
+    source = np.repeat(np.arange(len(keys)), np.diff(first_row))  # (P,) the source of each row
+    shard = np.array([_shard_of(k.decode()) if k else 0 for k in keys], dtype=np.int64)[source]
+    order = np.argsort(ids, kind="stable")  # (P,) rows by piece id (bytes sort as str)
+    offset, count = np.frombuffer(offset, np.int64).copy(), np.frombuffer(count, np.int64)
+    location, file_names = np.frombuffer(location, np.int64).copy(), list(files)
+    index_in_source = np.frombuffer(index_in_source, np.int64)
+
+    def notes_file(row: int) -> str:
+        loc = int(location[row])
+        return file_names[loc] if loc >= 0 else f"staging/{keys[source[row]].decode()}.npy"
+
     shards: list[str | None] = []
-    staged = any(f.startswith("staging/") for f in file_names)
+    staged = bool((location < 0).any())
     for n in tqdm(range(NUM_SHARDS), desc="pack", unit="shard", disable=not progress or not staged):
         group = order[shard[order] == n]  # this shard's rows, by piece id
         if not len(group):
             shards.append(None)
             continue
         # Named by what it holds (key = content + settings): an unchanged shard keeps its file.
-        digest = hashlib.sha1("\n".join(f"{keys[source[i]]}-{index_in_source[i]}" for i in group).encode()).hexdigest()[:16]
-        name = f"notes/{n:02d}-{digest}.npy"
+        digest = hashlib.sha1()
+        for j, i in enumerate(group.tolist()):  # the rows' "key-index" lines, joined by newlines
+            digest.update(("\n" if j else "").encode() + keys[source[i]] + f"-{index_in_source[i]}".encode())
+        name = f"notes/{n:02d}-{digest.hexdigest()[:16]}.npy"
         if not (cache / name).exists():
-            _save_notes(cache / name, _notes(cache, file_names, location[group], offset[group], count[group]),
+            _save_notes(cache / name, _notes(cache, map(notes_file, group.tolist()), offset[group], count[group]),
                         total=int(count[group].sum()))
         shards.append(name)
         location[group] = files.setdefault(name, len(files))
+        file_names = list(files)
         offset[group] = np.cumsum(count[group]) - count[group]
-    file_names = list(files)
-    width = max(map(len, ids), default=1)
-    index = np.zeros(len(ids), _index_dtype(width))
-    index["piece_id"], index["shard"], index["offset"], index["count"], index["steps"] = ids, shard, offset, count, steps
     groups = work_groups(linked)
-    works = [groups.get(k, k) for k in map(work_key, (i.decode() for i in ids))]  # (P,) each row's work
-    index["split"] = [split_hash(w) for w in works]
-    index = index[order]
-    data = _npy_bytes(index)
-    index_name = f"index-{hashlib.sha1(data).hexdigest()[:16]}.npy"
+
+    def work(piece_id: str) -> str:
+        k = work_key(piece_id)
+        return groups.get(k, k)
+
+    # The index, in piece id order, column by column (the ids last: they are the biggest).
+    index = np.zeros(len(ids), _index_dtype(width))
+    index["shard"], index["offset"], index["count"] = shard[order], offset[order], count[order]
+    index["steps"] = np.frombuffer(steps, np.int64)[order]
+    index["piece_id"] = ids[order]
+    del ids
+    index["split"] = np.fromiter((split_hash(work(i.decode())) for i in index["piece_id"]), np.float64, len(index))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(index))
+    raw = index.view(np.uint8)  # (P * row bytes,) the rows as written, without a copy
+    digest = hashlib.sha1(header.getvalue())
+    digest.update(raw)
+    index_name = f"index-{digest.hexdigest()[:16]}.npy"
+
+    def write_index(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            f.write(header.getvalue())
+            f.write(raw)
+
     # Unless it holds these bytes already: a damaged index of this name is mended by preparing again.
-    atomic_write(cache / index_name, lambda tmp: tmp.write_bytes(data), keep_same=True)
+    atomic_write(cache / index_name, write_index, keep_same=True)
+    del index, raw
 
     def placed(i: int) -> dict[str, Any]:
         """The record of source i, its pieces saying where the pack put their notes."""
-        r = done[keys[i]]
-        for row, p in enumerate(r["pieces"], first[i]):
-            p["file"], p["offset"], p["work"] = file_names[location[row]], int(offset[row]), works[row]
+        r = done[keys[i].decode()]
+        for row, p in enumerate(r["pieces"], int(first_row[i])):
+            p["file"], p["offset"], p["work"] = file_names[location[row]], int(offset[row]), work(p["piece_id"])
         return r
 
     def records() -> Iterator[str]:
-        for i in sorted((i for i, k in enumerate(keys) if k is not None), key=keys.__getitem__):
-            yield json.dumps(placed(i), sort_keys=True, ensure_ascii=False) + "\n"
+        for i in np.argsort(keys, kind="stable").tolist():
+            if keys[i]:
+                yield json.dumps(placed(i), sort_keys=True, ensure_ascii=False) + "\n"
 
     def pieces() -> Iterator[str]:
         last = None
@@ -531,7 +637,7 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
             i = int(source[row])
             if last != i:
                 last, held = i, placed(i)["pieces"]
-            yield json.dumps(held[row - first[i]], sort_keys=True, ensure_ascii=False) + "\n"
+            yield json.dumps(held[row - int(first_row[i])], sort_keys=True, ensure_ascii=False) + "\n"
 
     _write_if_changed(cache / "done.jsonl", records())
     _write_if_changed(cache / "pieces.jsonl", pieces())
@@ -549,27 +655,21 @@ def _pack(cache: Path, keys: list[str | None], unreadable: dict[int, dict[str, A
     return summary
 
 
-def _notes(cache: Path, file_names: list[str], location: np.ndarray, offset: np.ndarray, count: np.ndarray) -> Iterator[np.ndarray]:
+def _notes(cache: Path, files: Iterable[str], offset: np.ndarray, count: np.ndarray) -> Iterator[np.ndarray]:
     """The notes of pieces, one array each, read from the files where they are now (a few kept open:
     pieces come file by file)."""
-    open_files: dict[int, np.ndarray] = {}
-    for f, o, c in zip(location.tolist(), offset.tolist(), count.tolist()):
+    open_files: dict[str, np.ndarray] = {}
+    for f, o, c in zip(files, offset.tolist(), count.tolist()):
         if f not in open_files:
             if len(open_files) > 32:
                 open_files.clear()
-            open_files[f] = np.load(cache / file_names[f], mmap_mode="r")
+            open_files[f] = np.load(cache / f, mmap_mode="r")
         yield open_files[f][o:o + c]
 
 
 def _index_dtype(width: int) -> np.dtype:
     return np.dtype([("piece_id", f"S{width}"), ("shard", "<u2"), ("offset", "<u8"), ("count", "<u4"),
                      ("steps", "<u4"), ("split", "<f8")])
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def _write_if_changed(path: Path, lines: Iterable[str]) -> None:
