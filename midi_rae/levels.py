@@ -47,11 +47,11 @@ from midi_rae.dataset import PianoRollDataset
 from midi_rae.distributed import setup
 from midi_rae.engine import best_threshold
 from midi_rae.masking import note_mask
-from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep
+from midi_rae.metrics import inside_piece, onset_confusion, onset_ratios, ratios, threshold_sweep, variance_components
 from midi_rae.models import DecoderTrainer, build_encoder
 from midi_rae.roll import PITCHES
 from midi_rae.runs import (Checkpoint, Weights, check_time_grid, datasets, encoder_config, initial_encoder, load_autoencoder,
-                           resolve_cache_dir, spread)
+                           resolve_cache_dir, spread, trained_encoder)
 from midi_rae.stages import train_decoder
 from midi_rae.utils import atomic_write_text
 
@@ -194,6 +194,25 @@ def evaluate_row(cfg: Config, enc_path: Path, dec_path: Path, d: RowData) -> dic
             "val_selection": VAL_SELECTION, "val": scores(pred, thr), "val_by_collection": scores_by_collection(pred, thr)}
 
 
+@torch.inference_mode()
+def level_spectra(cfg: Config, enc_path: Path, val: Subset) -> list[dict[str, int]]:
+    """Per level (coarsest first): how many principal components hold 90 % of the variance of
+    its non-empty tokens over the validation crops, beside its dim. A level that pretraining
+    collapsed onto a few directions shows it here, before any decoder is trained; the random
+    twin's figure is what the same shape holds without training."""
+    device = setup(cfg.decoder_train).device
+    encoder = trained_encoder(Checkpoint(cfg, Weights(enc_path), None, None), cfg).to(device).eval()
+    tokens: list[list[Tensor]] = [[] for _ in encoder.feature_info]
+    for batch in DataLoader(val, batch_size=cfg.decoder_train.batch_size, shuffle=False):
+        for li, lvl in enumerate(encoder(batch["x"].to(device)).patches):
+            tokens[li].append(lvl.emb[lvl.non_empty].float().cpu())  # (tokens with notes, D)
+    out = []
+    for li, t in enumerate(map(torch.cat, tokens)):
+        out.append({"level": li, "dim": t.shape[1], "tokens": len(t),
+                    "components_90": variance_components(t)[1] if len(t) > 1 else 0})
+    return out
+
+
 def run_row(cfg: Config, encoder: str, k: int, enc_path: Path, out: Path, settings: dict[str, Any],
             overwrite: bool, data: Callable[[], RowData]) -> dict[str, Any]:
     """Train (or resume) and evaluate the decoder of row (encoder, k); reuse a finished one."""
@@ -306,7 +325,7 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
     width = decoder_width or cfg.decoder.embed_dim  # None: the encoder's (rows made before the option say None too)
     cache = cache_identity(cache_path)
-    rows = []
+    rows, spectra = [], {}
     for name, path in encoders.items():
         settings = {"steps": steps, "batch_size": batch_size or cfg.decoder_train.batch_size,
                     "encoder_sha1": weights_sha1(path), "decoder_width": width, "cache": cache}
@@ -315,13 +334,14 @@ def levels_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = No
             row = run_row(row_cfg, name, k, path, out, settings, overwrite, data(row_cfg))
             floats = floats_per_crop(trained, k)
             rows.append({**row, "floats_per_crop": floats, "fraction_of_pixels": floats / crop_pixels(cfg)})
+        spectra[name] = level_spectra(row_cfg, path, data(row_cfg)().val)
     rows.sort(key=lambda r: (ENCODERS.index(r["encoder"]), r["k"]))
     report = {"run": str(run_dir), "out": str(out), "encoder_weights": str(enc_path), "crop_pixels": crop_pixels(cfg),
               "crop": [PITCHES, cfg.data.crop_width, cfg.data.channels], "steps": steps,
               "decoder_width": width or cfg.model.embed_dim,
               "levels": [{"grid": list(i.grid_size), "dim": i.dim, "name": i.name} for i in trained.feature_info],
               "random_init_seed": cfg.train.seed if random else None,
-              "threshold_from": "train", "metric_split": "val", "rows": rows, "seconds": round(time.time() - t0, 1)}
+              "threshold_from": "train", "metric_split": "val", "rows": rows, "spectra": spectra, "seconds": round(time.time() - t0, 1)}
     write_report(report, out)
     return report
 
@@ -343,6 +363,11 @@ def markdown(r: dict[str, Any]) -> str:
     for row in r["rows"]:
         lines.append(f"| {row['encoder']} | {_levels_read(row['k'])} | {row['floats_per_crop']:,} | "
                      f"{row['fraction_of_pixels']:.3f} | {row['threshold']:g} | {fmt(row['val']['pixel']['f1'])} | {fmt(row['val']['onset']['f1'])} |")
+    if r.get("spectra"):  # reports made before the spectra existed have none
+        lines += ["", "Components holding 90 % of the variance of each level's non-empty tokens (validation crops), of its dim:",
+                  "", "| level | dim | " + " | ".join(f"{e} encoder" for e in r["spectra"]) + " |", "|---|---|" + "---|" * len(r["spectra"])]
+        for li, level in enumerate(next(iter(r["spectra"].values()))):
+            lines.append(f"| {li} | {level['dim']} | " + " | ".join(str(s[li]["components_90"]) for s in r["spectra"].values()) + " |")
     lines += ["", "![F1 against floats per crop](levels.png)"]
     names = sorted({c for row in r["rows"] for c in row.get("val_by_collection", {})})
     if len(names) > 1:  # rows made before the breakdown existed show "-"

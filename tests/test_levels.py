@@ -69,6 +69,29 @@ def test_random_encoder_is_the_seeded_init(report) -> None:
     assert any(not torch.equal(rand[k], trained[k]) for k in fresh)
 
 
+def test_spectra_count_each_levels_components_on_its_non_empty_validation_tokens(report) -> None:
+    """Both encoders, every level: the components holding 90 % of the variance of the level's
+    non-empty tokens over the validation crops, as `metrics.variance_components` counts them."""
+    r, _, _ = report
+    assert list(r["spectra"]) == ["trained", "random"]
+    for levels_of in r["spectra"].values():
+        assert [(s["level"], s["dim"]) for s in levels_of] == [(0, 16), (1, 8)]
+        assert all(1 <= s["components_90"] <= s["dim"] and s["tokens"] > s["dim"] for s in levels_of)
+    out = Path(r["out"])
+    rand = levels.trained_encoder(levels.Checkpoint(encoder_config(out / "random" / "encoder.safetensors"),
+                                                    levels.Weights(out / "random" / "encoder.safetensors"), None, None),
+                                  encoder_config(out / "random" / "encoder.safetensors")).eval()
+    cfg = encoder_config(out / "random" / "encoder.safetensors")
+    _, val = levels.datasets(cfg, cfg.decoder_train.seed, False)
+    x = torch.stack([val[i]["x"] for i in range(len(val))])
+    with torch.inference_mode():
+        lvl = rand(x).patches[1]
+    tokens = lvl.emb[lvl.non_empty]
+    assert r["spectra"]["random"][1] == {"level": 1, "dim": 8, "tokens": len(tokens),
+                                         "components_90": levels.variance_components(tokens)[1]}
+    assert "| 1 | 8 | " in (out / "levels.md").read_text()
+
+
 def test_threshold_is_chosen_on_training_crops(report) -> None:
     r, _, splits = report
     assert splits == ["train"] * 4 and r["threshold_from"] == "train"
