@@ -44,7 +44,9 @@ print(peak)
 
 def trace(n: int, corpus: Path, cache: Path) -> None:
     """The Python heap's peak during a second prepare of `corpus` into its finished `cache`."""
-    out = subprocess.run([sys.executable, "-c", TRACE, str(corpus), str(cache)], capture_output=True, text=True, check=True)
+    # -P: no current folder in front of the path, so the child imports the midi_rae this script
+    # was started with (PYTHONPATH, else the installed one), also when run from inside a checkout
+    out = subprocess.run([sys.executable, "-P", "-c", TRACE, str(corpus), str(cache)], capture_output=True, text=True, check=True)
     peak = int(out.stdout.split()[-1])
     print(f"N={n}: second prepare over the finished cache: Python heap peak {peak / 1e6:.1f} MB, "
           f"{peak / n:.0f} bytes per file", flush=True)
@@ -58,10 +60,10 @@ def run(n: int, seed: int, workers: int, root: Path, traced: bool = False) -> No
     # ru_maxrss of the children is the largest single process reaped so far: run each N in a
     # fresh child of a fresh child, so that one N's peak does not hide the next one's.
     code = (f"import resource, subprocess, sys, time; t = time.perf_counter(); "
-            f"r = subprocess.run([sys.executable, '-m', 'midi_rae', 'prepare', {str(corpus)!r}, '--cache-dir', {str(cache)!r}, "
+            f"r = subprocess.run([sys.executable, '-P', '-m', 'midi_rae', 'prepare', {str(corpus)!r}, '--cache-dir', {str(cache)!r}, "
             f"'--workers', '{workers}', '--quiet'], capture_output=True, text=True); "
             f"print(r.stdout.strip().splitlines()[0]); print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     seconds, rss = float(out[-1].split()[0]), int(out[-1].split()[1])
     size = sum(f.stat().st_blocks * 512 for f in cache.rglob("*") if f.is_file())
     startup = load("bench_notecache").startup(cache)
