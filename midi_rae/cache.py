@@ -110,15 +110,11 @@ class Sources:
         ends = np.frombuffer(starts, np.int64).reshape(-1, 2)  # (N + 1, 2)
         self._file_at, self._id_at = ends[:, 0].copy(), ends[:, 1].copy()
         self._labels = np.frombuffer(labels, np.int32).reshape(-1, 2).copy()  # (N, 2)
-        n = len(self._labels)
         # The rows by id, the last row of each id kept (as a dict by id would); bytes sort as the
         # ids do (UTF-8 keeps code-point order).
-        width = int(np.diff(self._id_at).max(initial=1))
-        table = np.zeros(n, f"S{max(width, 1)}")
-        for i in range(n):
-            table[i] = self._ids[self._id_at[i]:self._id_at[i + 1]].tobytes()
+        table = _fixed_width(self._ids, self._id_at)
         order = np.argsort(table, kind="stable")
-        last = np.append(table[order][1:] != table[order][:-1], True) if n else np.zeros(0, bool)
+        last = np.append(table[order][1:] != table[order][:-1], True) if len(table) else np.zeros(0, bool)
         self._order = order[last]  # (M,) row of the i-th source in id order
 
     def __len__(self) -> int:
@@ -361,6 +357,16 @@ def _rebuild_command(paths: list[str | os.PathLike] | None, cache: Path, collect
     return " ".join(["midi-rae prepare", *args, "--cache-dir", str(cache)])
 
 
+def _fixed_width(buffer: bytes | bytearray | np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """(N,) fixed-width bytes array of the N strings packed in `buffer`, string i ending at
+    ends[i + 1] (ends[0] = 0): a sortable column without a Python object per string."""
+    view = memoryview(buffer)
+    out = np.zeros(len(ends) - 1, f"S{int(np.diff(ends).max(initial=1))}")
+    for i, (a, b) in enumerate(zip(ends[:-1].tolist(), ends[1:].tolist())):
+        out[i] = view[a:b].tobytes()
+    return out
+
+
 def _bytes_array(items: Iterable[bytes], chunk: int = 4096) -> np.ndarray:
     """(N,) numpy bytes array of `items`, built a few thousand at a time: a list of all of them
     first would hold a Python object (about 60 bytes) per item."""
@@ -554,11 +560,8 @@ def _pack(cache: Path, keys: np.ndarray, unreadable: dict[int, dict[str, Any]], 
                 linked.append((p["piece_id"], p["parent_work"]))
         first.append(len(id_end) - 1)
     first_row = np.frombuffer(first, np.int64)
-    ends = np.frombuffer(id_end, np.int64)
-    width = int(np.diff(ends).max(initial=1))
-    ids = np.zeros(len(ends) - 1, f"S{width}")  # (P,) the index's column, built once
-    for row in range(len(ids)):
-        ids[row] = bytes(id_bytes[ends[row]:ends[row + 1]])
+    ids = _fixed_width(id_bytes, np.frombuffer(id_end, np.int64))  # (P,) the index's column, built once
+    width = ids.dtype.itemsize
     del id_bytes, id_end
     source = np.repeat(np.arange(len(keys)), np.diff(first_row))  # (P,) the source of each row
     shard = np.array([_shard_of(k.decode()) if k else 0 for k in keys], dtype=np.int64)[source]
