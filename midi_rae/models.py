@@ -307,6 +307,19 @@ class Pretrainer(nn.Module):
         if self.ms_heads is not None:
             parts["multiscale"] = multiscale_recon_loss(self.ms_heads(student), x, o.pos_weight)
         views = []
+        plain: list[EncoderOutput] = []
+
+        def encoded() -> EncoderOutput:
+            """The encoding the objectives below read: the masked student's when there is one, else
+            the first view's, else x encoded unmasked, once however many objectives read it."""
+            if student is not None:
+                return student
+            if views:
+                return views[0]
+            if not plain:
+                plain.append(self.encoder(x))
+            return plain[0]
+
         if o.lejepa_weight > 0:
             views = [self.encoder(x), self.encoder(batch["x2"])]
             parts["lejepa"] = lejepa_shifted(*views, batch["shift1"], batch["shift2"], o.lejepa_lambda,
@@ -314,24 +327,22 @@ class Pretrainer(nn.Module):
         if self.projector is not None:
             # The masked student view (when one exists) against a second view masked alike: the
             # mask is one more augmentation, and no extra unmasked forward is paid for.
-            first = student if student is not None else (views[0] if views else self.encoder(x))
+            first = encoded()
             second = self.encoder(batch["x2"], mask_ratio=o.mask_ratio if student is not None else 0.0)
             z1, z2 = self.projector(first), self.projector(second)
             parts["global"] = (info_nce(z1, z2, o.global_temperature) if o.global_loss == "infonce"
                                else lejepa_global(z1, z2, o.lejepa_lambda, o.sigreg_projections))
         if o.anchor_weight > 0:
-            outs = views or [student if student is not None else self.encoder(x)]
+            outs = views or [encoded()]
             per_level = [anchor_loss(lvl.emb, lvl.non_empty, lvl.emb.new_zeros(lvl.dim))
                          for out in outs for lvl in out.patches]
             parts["anchor"] = torch.stack(per_level).mean()
         if self.descriptor_head is not None:
             # The student's view, masked when the other objectives mask it (no extra forward):
             # the descriptors are those of the whole crop, so hidden patches must be inferred.
-            out = student if student is not None else (views[0] if views else self.encoder(x))
-            parts["descriptors"] = self.descriptor_head.loss(out, x)
+            parts["descriptors"] = self.descriptor_head.loss(encoded(), x)
         if o.isotropy_weight > 0:
-            out = student if student is not None else (views[0] if views else self.encoder(x))
-            coarse = out.patches[:o.isotropy_levels]
+            coarse = encoded().patches[:o.isotropy_levels]
             parts["isotropy"] = isotropy_loss([lvl.emb for lvl in coarse], [lvl.non_empty for lvl in coarse],
                                               o.sigreg_projections)
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,

@@ -280,6 +280,19 @@ def test_isotropy_objective_reads_the_coarse_levels_only(tiny_cache: Path) -> No
         load_config(None, [*SMALL, "objective.isotropy_weight=1", "objective.isotropy_levels=4"])
 
 
+def test_objectives_reading_the_unmasked_encoding_share_one_forward(tiny_cache: Path) -> None:
+    """Without a masked student or views, the descriptor head, the isotropy term and the anchor
+    read one unmasked encoding of the batch: the encoder runs once, not once per objective."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.recon_weight=0",
+                             "objective.descriptor_weight=1", "objective.isotropy_weight=1", "objective.anchor_weight=1"])
+    model = Pretrainer(cfg).train()
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    _, parts = model({"x": torch.stack([ds[i]["x"] for i in range(4)])})
+    assert set(parts) == {"descriptors", "isotropy", "anchor"} and len(calls) == 1
+
+
 def test_impossible_objective_configs_are_refused() -> None:
     with pytest.raises(ConfigError, match="data.view_mode=shift"):
         load_config(None, ["objective.lejepa_weight=1", "data.view_mode=piece"])
