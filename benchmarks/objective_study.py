@@ -28,12 +28,16 @@ from pathlib import Path
 OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
        "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "objective.recon_decoder=fpn",
-       "model.inter_stage_mask_ratio=0",
+       "objective.isotropy_weight=0", "model.inter_stage_mask_ratio=0",
        "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 # the unmasked coarse autoencoder whose descriptor head reads every level but the two coarsest
 COARSE_AE_M0_FINE = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0",
                               "objective.descriptor_skip_levels=2"]
+# the unmasked, nested coarse autoencoder through the mirrored decoder, 8 x 2 patches, light targets on every level
+P82_SWINDEC = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0",
+                        "objective.descriptor_weight=0.25", "objective.recon_nested=true", "model.patch_h=8",
+                        "model.patch_w=2", "objective.recon_decoder=swin"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
     "simmim_m75": SIMMIM + ["objective.mask_ratio=0.75"],
@@ -79,6 +83,11 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_fine_p82_swindec_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25",
                                                                         "objective.recon_nested=true", "model.patch_h=8",
                                                                         "model.patch_w=2", "objective.recon_decoder=swin"],
+    # the same with the targets read from every level (`ref_n82sda`); then with SIGReg on the two
+    # coarsest levels' tokens against their collapse (`ref_n82sdai02`, `ref_n82sdai005`)
+    "coarse_ae_m0_desc25_p82_swindec_nested": P82_SWINDEC,
+    "coarse_ae_m0_desc25_p82_swindec_iso02_nested": P82_SWINDEC + ["objective.isotropy_weight=0.02"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_nested": P82_SWINDEC + ["objective.isotropy_weight=0.005"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

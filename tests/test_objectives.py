@@ -369,3 +369,4 @@ def test_every_objective_study_row_is_a_valid_config() -> None:
             assert cfg.objective.recon_nested == row.endswith("_nested"), row
             # a row that does not name it must not inherit the preset's (the reference skips 2)
             assert (cfg.objective.descriptor_skip_levels > 0) == ("_fine" in row), row
+            assert (cfg.objective.isotropy_weight > 0) == ("_iso" in row), row
