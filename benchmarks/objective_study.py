@@ -80,9 +80,7 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_fine_p82_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25",
                                                                 "objective.recon_nested=true", "model.patch_h=8",
                                                                 "model.patch_w=2"],
-    "coarse_ae_m0_desc25_fine_p82_swindec_nested": COARSE_AE_M0_FINE + ["objective.descriptor_weight=0.25",
-                                                                        "objective.recon_nested=true", "model.patch_h=8",
-                                                                        "model.patch_w=2", "objective.recon_decoder=swin"],
+    "coarse_ae_m0_desc25_fine_p82_swindec_nested": P82_SWINDEC + ["objective.descriptor_skip_levels=2"],
     # the same with the targets read from every level (`ref_n82sda`); then with SIGReg on the two
     # coarsest levels' tokens against their collapse (`ref_n82sdai02`, `ref_n82sdai005`)
     "coarse_ae_m0_desc25_p82_swindec_nested": P82_SWINDEC,
