@@ -249,7 +249,10 @@ def run_summary(cfg: Config, n_examples: int = 4, probe: bool = False) -> dict[s
           f"Encoder: {enc_cfg.model.encoder}, pretrained {p['steps']} steps ({p['seconds']} s); decoder "
           f"{q['steps']} steps ({q['seconds']} s).", "",
           "| stage | metric | value |", "|---|---|---|"]
-    md += [f"| pretrain (masked patches, per-sample mean, p > 0.5) | {k} | {fmt(v)} |" for k, v in p.items() if k not in ("steps", "seconds")]
+    # `loss` is the objective's weighted sum on validation crops; the masked_* scores exist only where
+    # the objective masks patches (an unmasked autoencoder such as `reference` has none).
+    md += [f"| pretrain ({'validation objective' if k == 'loss' else 'masked patches, per-sample mean, p > 0.5'}) "
+           f"| {k} | {fmt(v)} |" for k, v in p.items() if k not in ("steps", "seconds")]
     md += [f"| decoder (pixels of the frame channel inside the piece, p > {q.get('threshold', thr)}) | {k} | {fmt(v)} |" for k, v in q.items() if k not in ("steps", "seconds", "threshold")]
     md += ["", f"![reconstruction]({fig.name})", "", ERROR_MAP_CAPTION]
     atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")

@@ -96,6 +96,9 @@ def test_decoder_and_report(tiny_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "rep"
     assert (run / "recon.png").stat().st_size > 1000 and (run / "summary.md").exists()
     assert summary["decoder"]["threshold"] == 0.5 and "masked_f1" in summary["pretrain"]
+    md = (run / "summary.md").read_text()
+    assert "| pretrain (validation objective) | loss |" in md  # a total loss, not a masked-patch score
+    assert "| pretrain (masked patches, per-sample mean, p > 0.5) | masked_f1 |" in md
     # The frozen encoder is untouched by decoder training.
     ckpt = load_file(str(latest_checkpoint(run / "decoder" / "checkpoints") / "model.safetensors"))
     enc = load_file(str(run / "pretrain" / "encoder.safetensors"))
