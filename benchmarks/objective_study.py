@@ -31,13 +31,13 @@ OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.
        "objective.isotropy_weight=0", "model.inter_stage_mask_ratio=0",
        "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
-# the unmasked coarse autoencoder whose descriptor head reads every level but the two coarsest
-COARSE_AE_M0_FINE = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0",
-                              "objective.descriptor_skip_levels=2"]
-# the unmasked, nested coarse autoencoder through the mirrored decoder, 8 x 2 patches, light targets on every level
-P82_SWINDEC = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0",
-                        "objective.descriptor_weight=0.25", "objective.recon_nested=true", "model.patch_h=8",
-                        "model.patch_w=2", "objective.recon_decoder=swin"]
+# nothing masked: a plain autoencoder through the 2 coarsest levels
+COARSE_AE_M0 = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0"]
+# the same with the descriptor head reading every level but the two coarsest
+COARSE_AE_M0_FINE = COARSE_AE_M0 + ["objective.descriptor_skip_levels=2"]
+# the same nested, through the mirrored decoder, 8 x 2 patches, light targets on every level
+P82_SWINDEC = COARSE_AE_M0 + ["objective.descriptor_weight=0.25", "objective.recon_nested=true", "model.patch_h=8",
+                              "model.patch_w=2", "objective.recon_decoder=swin"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
     "simmim_m75": SIMMIM + ["objective.mask_ratio=0.75"],
@@ -47,8 +47,7 @@ ROWS: dict[str, list[str]] = {
     "inter_stage": SIMMIM + ["model.inter_stage_mask_ratio=0.3"],
     "lejepa_shift": OFF + ["objective.recon_weight=0", "objective.lejepa_weight=1"],  # per-token LeJEPA, aligned views
     "coarse_ae": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1"],  # decoder reads 2 coarsest levels
-    "coarse_ae_m0": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
-                              "objective.mask_ratio=0"],  # nothing masked: a plain autoencoder through the 2 coarsest
+    "coarse_ae_m0": COARSE_AE_M0,
     "coarse_ae_m25": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
                                "objective.mask_ratio=0.25"],  # the mask ratio between coarse_ae and coarse_ae_m0
     "coarse_ae_m75": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
@@ -65,11 +64,8 @@ ROWS: dict[str, list[str]] = {
                                      "objective.descriptor_weight=1", "data.channels=2", "model.fold_onsets=true"],
     # the unmasked coarse autoencoder with the hand-crafted targets; then with nested dropout of its
     # levels (each sample decoded from its k coarsest, k uniform in 1..2), so level 0 must stand alone
-    "coarse_ae_m0_desc": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
-                                   "objective.mask_ratio=0", "objective.descriptor_weight=1"],
-    "coarse_ae_m0_desc_nested": SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1",
-                                          "objective.mask_ratio=0", "objective.descriptor_weight=1",
-                                          "objective.recon_nested=true"],
+    "coarse_ae_m0_desc": COARSE_AE_M0 + ["objective.descriptor_weight=1"],
+    "coarse_ae_m0_desc_nested": COARSE_AE_M0 + ["objective.descriptor_weight=1", "objective.recon_nested=true"],
     # the same with the targets read from the finer levels only: the two coarsest are left to the roll
     "coarse_ae_m0_desc_fine": COARSE_AE_M0_FINE + ["objective.descriptor_weight=1"],
     # the same at a quarter of the target weight; then with nested dropout (the `reference` preset's objective)
