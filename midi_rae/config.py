@@ -87,7 +87,7 @@ class ModelConfig:
     depths: list[int] = opt(factory=lambda: [1, 2, 2, 6, 2, 1], help="swin: blocks per stage")
     depth: int = opt(4, "vit: number of blocks")
     num_heads: int | list[int] = opt(factory=lambda: [1, 1, 2, 4, 8, 16], help="swin: per stage; vit: one int")
-    window_size: int = opt(8, "swin: attention window in tokens, clamped to each stage's grid")
+    window_size: int | list[int] = opt(8, "swin: attention window in tokens, n or [pitch, time], clamped to each stage's grid")
     pretrained_window_sizes: list[int | list[int]] | None = opt(None, "swin V2: per stage (finest first), the window (n or [h, w]) the weights were trained at, when they run at another window or crop width (set by runs.transfer_config); null: trained at this geometry")
     mlp_ratio: float = opt(4.0, "MLP hidden width / block width")
     drop_path_rate: float = opt(0.1, "swin: stochastic depth, rising linearly over the blocks to this rate")
@@ -105,7 +105,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.encoder in ENCODERS, f"model.encoder must be one of {ENCODERS}, got {self.encoder!r}")
         _require(self.patch_h > 0 and self.patch_w > 0 and self.embed_dim > 0, "model.patch_h, patch_w, embed_dim must be positive")
-        _require(self.window_size > 0, f"model.window_size must be positive, got {self.window_size}; e.g. model.window_size=8")
+        ws = self.window_size
+        _require((isinstance(ws, int) and ws > 0) or (isinstance(ws, list) and len(ws) == 2 and min(ws) > 0),
+                 f"model.window_size must be a positive n or [pitch, time] tokens, got {ws}; e.g. model.window_size=8 "
+                 f"or model.window_size=[4,16]")
         _require(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         _require(self.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
         _require(self.mae_decoder_dim > 0 and self.mae_decoder_depth > 0 and self.mae_decoder_heads > 0,

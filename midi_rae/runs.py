@@ -135,7 +135,7 @@ def trained_windows(cfg: Config) -> list[tuple[int, int]]:
     return stage_windows((PITCHES, cfg.data.crop_width), (m.patch_h, m.patch_w), len(m.depths), m.window_size)
 
 
-def transfer_config(cfg: Config, window_size: int | None = None, crop_width: int | None = None) -> Config:
+def transfer_config(cfg: Config, window_size: int | list[int] | None = None, crop_width: int | None = None) -> Config:
     """`cfg` with its encoder moved to another window size and / or crop width (None: as trained),
     for weights trained at `cfg` to run there (`load_encoder`). A Swin V2 encoder records the
     windows its weights were trained at, `model.pretrained_window_sizes` (Swin V2's transfer,
@@ -158,7 +158,7 @@ def transfer_config(cfg: Config, window_size: int | None = None, crop_width: int
         return dataclasses.replace(cfg, data=dataclasses.replace(d, crop_width=width))
     window = m.window_size if window_size is None else window_size
     grid = (PITCHES // m.patch_h, width // m.patch_w)
-    if not 0 < window <= max(grid):
+    if not all(0 < w <= max(grid) for w in ([window] if isinstance(window, int) else window)):
         raise ValueError(f"window_size={window} does not fit the {grid[0]} x {grid[1]} patch grid of 128 x {width} "
                          f"crops; use 1 to {max(grid)} (a window the size of the grid attends over all of it)")
     pretrained = m.pretrained_window_sizes

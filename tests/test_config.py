@@ -157,3 +157,19 @@ def test_every_field_carries_its_help_text() -> None:
     assert len([line for line in text.splitlines() if "  # " in line]) == len(top) + sum(
         len(fields(c)) * (3 if c is TrainConfig else 1)
         for c in (DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, DecoderConfig, FinetuneConfig))
+
+
+def test_rectangular_window_from_the_command_line() -> None:
+    """model.window_size=[pitch, time] builds every stage with that window, clamped to its grid,
+    and the encoder, the pretraining decoder and the full decoder run with it."""
+    cfg = load_config("reference", ["model.window_size=[4,16]"])
+    assert cfg.model.window_size == [4, 16]
+    enc = build_encoder(cfg).eval()
+    # reference: 8 x 2 patches of 128 x 128, five stages, coarsest first
+    assert [(i.grid_size, i.window_size) for i in enc.feature_info] == [
+        ((1, 4), (1, 4)), ((2, 8), (2, 8)), ((4, 16), (4, 16)), ((8, 32), (4, 16)), ((16, 64), (4, 16))]
+    x = (torch.rand(2, 1, 128, 128) > 0.97).float()
+    out = enc(x)
+    logits = build_decoder(cfg)(out)
+    assert logits.shape == (2, 1, 128, 128)
+    assert load_config("reference", ["model.window_size=8"]).model.window_size == 8

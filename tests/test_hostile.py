@@ -234,7 +234,9 @@ def test_folder_given_as_config_file(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.parametrize("override, problem", [
-    ("model.window_size=0", "model.window_size must be positive"),
+    ("model.window_size=0", "model.window_size must be a positive n or [pitch, time] tokens"),
+    ("model.window_size=[4,0]", "model.window_size must be a positive n or [pitch, time] tokens, got [4, 0]"),
+    ("model.window_size=[4,8,8]", "model.window_size must be a positive n or [pitch, time] tokens"),
     ("model.drop_path_rate=2", "model.drop_path_rate must be in [0, 1)"),
     ("model.num_heads=[1,0,2,4]", "model.num_heads must be positive"),
     ("model.mae_decoder_heads=0", "must be positive"),
