@@ -38,6 +38,8 @@ COARSE_AE_M0_FINE = COARSE_AE_M0 + ["objective.descriptor_skip_levels=2"]
 # the same nested, through the mirrored decoder, 8 x 2 patches, light targets on every level
 P82_SWINDEC = COARSE_AE_M0 + ["objective.descriptor_weight=0.25", "objective.recon_nested=true", "model.patch_h=8",
                               "model.patch_w=2", "objective.recon_decoder=swin"]
+# the same with SIGReg on the two coarsest levels (the `reference` preset's objective)
+ISO005 = P82_SWINDEC + ["objective.isotropy_weight=0.005"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
     "simmim_m75": SIMMIM + ["objective.mask_ratio=0.75"],
@@ -81,7 +83,12 @@ ROWS: dict[str, list[str]] = {
     # coarsest levels' tokens against their collapse (`ref_n82sdai02`, `ref_n82sdai005`)
     "coarse_ae_m0_desc25_p82_swindec_nested": P82_SWINDEC,
     "coarse_ae_m0_desc25_p82_swindec_iso02_nested": P82_SWINDEC + ["objective.isotropy_weight=0.02"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_nested": P82_SWINDEC + ["objective.isotropy_weight=0.005"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_nested": ISO005,
+    # the `reference` objective with windows of 4 x 16 tokens (pitch x time), long enough in time
+    # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
+    # frame, so that repeated notes stay apart (`ref_fold6k`)
+    "coarse_ae_m0_desc25_p82_swindec_iso005_nested_w416": ISO005 + ["model.window_size=[4,16]"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_nested_fold": ISO005 + ["data.channels=2", "model.fold_onsets=true"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
