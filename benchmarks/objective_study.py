@@ -87,8 +87,8 @@ ROWS: dict[str, list[str]] = {
     # the `reference` objective with windows of 4 x 16 tokens (pitch x time), long enough in time
     # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
     # frame, so that repeated notes stay apart (`ref_fold6k`)
-    "coarse_ae_m0_desc25_p82_swindec_iso005_nested_w416": ISO005 + ["model.window_size=[4,16]"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_nested_fold": ISO005 + ["data.channels=2", "model.fold_onsets=true"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_w416_nested": ISO005 + ["model.window_size=[4,16]"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_nested": ISO005 + ["data.channels=2", "model.fold_onsets=true"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
