@@ -43,7 +43,7 @@ def main() -> None:
     groups = [work[crops.pieces[i]] for i in tr.tolist()]
 
     features = {"descriptors": descriptors(crops.x)}
-    for run, (encoder, cfg) in zip(args.runs, encoders):
+    for encoder, cfg in encoders:
         features[cfg.name] = level_features(encoder, crops.x[:, : encoder.in_chans])[args.features]
     k = len(task.classes)
     recalls, confusions = {}, {}

@@ -31,6 +31,11 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_window(w: object) -> bool:
+    """A Swin attention window as a config holds it: a positive n or a positive [h, w]."""
+    return (isinstance(w, int) and w > 0) or (isinstance(w, list) and len(w) == 2 and min(w) > 0)
+
+
 def opt(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
     """A config field with its help text in the field's metadata (shown by `--help`, see
     `describe`): `opt(default, help)`, or `opt(factory=list, help=...)` for a mutable default."""
@@ -105,10 +110,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.encoder in ENCODERS, f"model.encoder must be one of {ENCODERS}, got {self.encoder!r}")
         _require(self.patch_h > 0 and self.patch_w > 0 and self.embed_dim > 0, "model.patch_h, patch_w, embed_dim must be positive")
-        ws = self.window_size
-        _require((isinstance(ws, int) and ws > 0) or (isinstance(ws, list) and len(ws) == 2 and min(ws) > 0),
-                 f"model.window_size must be a positive n or [pitch, time] tokens, got {ws}; e.g. model.window_size=8 "
-                 f"or model.window_size=[4,16]")
+        _require(_is_window(self.window_size), f"model.window_size must be a positive n or [pitch, time] tokens, got "
+                 f"{self.window_size}; e.g. model.window_size=8 or model.window_size=[4,16]")
         _require(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         _require(self.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
         _require(self.mae_decoder_dim > 0 and self.mae_decoder_depth > 0 and self.mae_decoder_heads > 0,
@@ -131,8 +134,7 @@ class ModelConfig:
             if pws is not None:
                 _require(self.version == 2, "model.pretrained_window_sizes applies to Swin V2 (its position-bias MLP); "
                          "V1 bias tables are resized when loaded at a new window instead: set it to null")
-                _require(len(pws) == len(self.depths) and all(
-                    (isinstance(w, int) and w > 0) or (isinstance(w, list) and len(w) == 2 and min(w) > 0) for w in pws),
+                _require(len(pws) == len(self.depths) and all(_is_window(w) for w in pws),
                     f"model.pretrained_window_sizes needs one positive window (n or [h, w]) per stage, like depths "
                     f"{self.depths}; got {pws}")
         else:

@@ -161,7 +161,7 @@ def test_every_field_carries_its_help_text() -> None:
 
 def test_rectangular_window_from_the_command_line() -> None:
     """model.window_size=[pitch, time] builds every stage with that window, clamped to its grid,
-    and the encoder, the pretraining decoder and the full decoder run with it."""
+    and the encoder and its mirrored decoder run with it."""
     cfg = load_config("reference", ["model.window_size=[4,16]"])
     assert cfg.model.window_size == [4, 16]
     enc = build_encoder(cfg).eval()
