@@ -28,7 +28,7 @@ from pathlib import Path
 OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.lejepa_weight=0", "objective.mep_weight=0", "objective.multiscale_weight=0",
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
        "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "objective.recon_decoder=fpn",
-       "objective.isotropy_weight=0", "model.inter_stage_mask_ratio=0",
+       "objective.isotropy_weight=0", "model.inter_stage_mask_ratio=0", "objective.descriptor_rhythm_weight=1",
        "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 # nothing masked: a plain autoencoder through the 2 coarsest levels
@@ -89,6 +89,10 @@ ROWS: dict[str, list[str]] = {
     # frame, so that repeated notes stay apart (`ref_fold6k`)
     "coarse_ae_m0_desc25_p82_swindec_iso005_w416_nested": ISO005 + ["model.window_size=[4,16]"],
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_nested": ISO005 + ["data.channels=2", "model.fold_onsets=true"],
+    # the same with the rhythm descriptors (IOI histogram, onset autocorrelation) weighted 4x in the
+    # descriptor loss: alone they read the time signature as well as all the descriptors (`ref_fold_r4`)
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4_nested": ISO005 + [
+        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

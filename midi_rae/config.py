@@ -8,6 +8,7 @@ written into the run folder (`config.yaml`) and into every checkpoint.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -200,6 +201,8 @@ class ObjectiveConfig:
                                         "(midi_rae.descriptors, standardised by running statistics)")
     descriptor_skip_levels: int = opt(0, "swin: the descriptor head skips this many coarsest levels, leaving them to "
                                          "the reconstruction (recon_levels); 0: it reads every level")
+    descriptor_rhythm_weight: float = opt(1.0, "the weight of the rhythm descriptors (inter-onset intervals, onset "
+                                               "autocorrelation: the metre) in the descriptor loss; the others keep 1")
     isotropy_weight: float = opt(0.0, "SIGReg (LeJEPA) on the shape of the isotropy_levels coarsest levels' non-empty "
                                       "tokens, centred and scaled to unit mean variance: spreads a level over its "
                                       "dimensions (pretraining otherwise collapses the coarse levels onto a few)")
@@ -216,6 +219,8 @@ class ObjectiveConfig:
                                                  "multiscale_weight", "global_weight", "coarse_ae_weight",
                                                  "descriptor_weight", "isotropy_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
+        _require(0.0 <= self.descriptor_rhythm_weight < math.inf,
+                 f"objective.descriptor_rhythm_weight must be >= 0 and finite, got {self.descriptor_rhythm_weight}")
         _require(any(w > 0 for w in weights.values()),
                  "every objective weight is 0, so nothing would train; set e.g. objective.recon_weight=1")
         _require(self.coarse_ae_weight == 0 or any(w > 0 for k, w in weights.items() if k != "coarse_ae_weight"),

@@ -27,6 +27,9 @@ NAMES = ([f"pc_rel_{i}" for i in range(12)] + ["key_corr_major", "key_corr_minor
          + [f"ioi_{i}" for i in range(1, MAX_IOI + 1)] + [f"onset_autocorr_{k}" for k in range(1, MAX_LAG + 1)]
          + ["onset_density", "sounding_density", "polyphony_mean", "polyphony_max", "pitch_low", "pitch_high",
             "pitch_range", "pitch_centroid", "pitch_spread", "note_length", "pitch_classes_used"])
+# The rhythm features (inter-onset intervals and onset autocorrelation): the metre's carriers, which
+# alone read the time signature about as well as all the descriptors do (benchmarks/RESULTS.md).
+RHYTHM = [i for i, name in enumerate(NAMES) if name.startswith(("ioi_", "onset_autocorr_"))]
 
 
 CHUNK = 256  # crops per batch of work: its (CHUNK, 128, W) bool and uint8 maps stay a few MB

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from midi_rae.config import Config
 from midi_rae.core import EncoderOutput
 from midi_rae.descriptors import NAMES as DESCRIPTOR_NAMES
+from midi_rae.descriptors import RHYTHM
 from midi_rae.descriptors import descriptors
 from midi_rae.losses import (anchor_loss, info_nce, isotropy_loss, lejepa_global, lejepa_loss, masked_recon_loss, mep_loss,
                              multiscale_recon_loss, patch_recon_loss, patches_at, recon_bce)
@@ -159,19 +160,24 @@ class DescriptorHead(nn.Module):
     on. Skipping the coarse levels leaves them to the reconstruction, whose notes the targets
     otherwise displace there. The targets are standardised by running statistics (buffers, so a
     resumed run continues with them): the descriptors mix histograms summing to 1 with pitches in
-    [0, 1] and polyphony counts."""
+    [0, 1] and polyphony counts. `rhythm_weight` scales the squared errors of the rhythm features
+    (`descriptors.RHYTHM`), the others keep weight 1."""
 
-    def __init__(self, level_dims: list[int], skip: int = 0, momentum: float = 0.01, eps: float = 1e-4) -> None:
+    def __init__(self, level_dims: list[int], skip: int = 0, momentum: float = 0.01, eps: float = 1e-4,
+                 rhythm_weight: float = 1.0) -> None:
         super().__init__()
         self.skip = skip
         self.linear = nn.Linear(sum(level_dims[skip:]), len(DESCRIPTOR_NAMES))
+        weight = torch.ones(len(DESCRIPTOR_NAMES))
+        weight[RHYTHM] = rhythm_weight
+        self.register_buffer("feature_weight", weight, persistent=False)  # (F,), from the config, not the weights file
         self.momentum, self.eps = momentum, eps
         self.register_buffer("target_mean", torch.zeros(len(DESCRIPTOR_NAMES)))
         self.register_buffer("target_var", torch.ones(len(DESCRIPTOR_NAMES)))
         self.register_buffer("seen", torch.tensor(False))
 
     def loss(self, out: EncoderOutput, x: Tensor) -> Tensor:
-        """Mean squared error of the standardised descriptors of x (B, C, H, W), the full crops."""
+        """Mean (feature-weighted) squared error of the standardised descriptors of x (B, C, H, W), the full crops."""
         with torch.no_grad():
             target = descriptors(x).to(x.device)  # (B, F), computed on the CPU
             if self.training:
@@ -182,7 +188,7 @@ class DescriptorHead(nn.Module):
                 self.seen.fill_(True)
             target = (target - self.target_mean) / (self.target_var + self.eps).sqrt()
         pred = self.linear(pooled_levels(out, self.skip))  # (B, F)
-        return F.mse_loss(pred.float(), target)
+        return ((pred.float() - target) ** 2 * self.feature_weight).mean()
 
 
 def clear_attention_caches(module: nn.Module) -> None:
@@ -216,7 +222,8 @@ class Pretrainer(nn.Module):
         self.ms_heads = (MultiScaleReconHeads(level_dims(self.encoder), cfg.data.channels, o.multiscale_upsample)
                          if o.multiscale_weight > 0 else None)
         self.projector = Projector(sum(level_dims(self.encoder)), o.global_dim) if o.global_weight > 0 else None
-        self.descriptor_head = (DescriptorHead(level_dims(self.encoder), o.descriptor_skip_levels)
+        self.descriptor_head = (DescriptorHead(level_dims(self.encoder), o.descriptor_skip_levels,
+                                               rhythm_weight=o.descriptor_rhythm_weight)
                                 if o.descriptor_weight > 0 else None)
         self.teacher = None
         if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained

@@ -8,6 +8,7 @@ import torch
 
 from midi_rae.config import ConfigError, load_config
 from midi_rae.dataset import PianoRollDataset
+from midi_rae.descriptors import NAMES as DESCRIPTOR_NAMES
 from midi_rae.descriptors import descriptors
 from midi_rae.losses import info_nce, isotropy_loss, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
 from midi_rae.models import Pretrainer
@@ -235,6 +236,31 @@ def test_descriptor_objective_regresses_the_whole_crops_standardised_descriptors
     model.eval()({"x": x})
     assert torch.allclose(head.target_mean, moved, atol=1e-6)
     assert {"descriptor_head.target_mean", "descriptor_head.target_var"} <= set(model.state_dict())
+
+
+def test_descriptor_rhythm_weight_scales_only_the_rhythm_features_errors(tiny_cache: Path) -> None:
+    """descriptor_rhythm_weight=w: the squared errors of the inter-onset-interval and onset-
+    autocorrelation features count w times, every other feature's once; it is a setting, not
+    part of the weights file, and a negative weight is a config error."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=1",
+                             "objective.descriptor_rhythm_weight=4"])
+    model = Pretrainer(cfg).train()
+    head = model.descriptor_head
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(4)])
+    out = model.encoder(x)
+    loss = head.loss(out, x)
+    target = descriptors(x)
+    z = (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()
+    err = (head.linear(torch.cat([lvl.pooled() for lvl in out.patches], -1)) - z) ** 2  # (B, F)
+    rhythm = [i for i, n in enumerate(DESCRIPTOR_NAMES) if n.startswith(("ioi_", "onset_autocorr_"))]
+    assert len(rhythm) == 48
+    rest = [i for i in range(len(DESCRIPTOR_NAMES)) if i not in rhythm]
+    expected = (4 * err[:, rhythm].sum() + err[:, rest].sum()) / err.numel()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert not any("feature_weight" in k for k in model.state_dict())
+    with pytest.raises(ConfigError, match="descriptor_rhythm_weight must be >= 0 and finite, got -1"):
+        load_config(None, [*SMALL, "objective.descriptor_weight=1", "objective.descriptor_rhythm_weight=-1"])
 
 
 def test_descriptor_head_that_skips_the_coarse_levels_leaves_them_to_the_reconstruction(tiny_cache: Path) -> None:
