@@ -90,9 +90,12 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_p82_swindec_iso005_w416_nested": ISO005 + ["model.window_size=[4,16]"],
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_nested": ISO005 + ["data.channels=2", "model.fold_onsets=true"],
     # the same with the rhythm descriptors (IOI histogram, onset autocorrelation) weighted 4x in the
-    # descriptor loss: alone they read the time signature as well as all the descriptors (`ref_fold_r4`)
+    # descriptor loss: alone they read the time signature as well as all the descriptors
+    # (`ref_fold_r4`), or 2x (`ref_fold_r2`)
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4_nested": ISO005 + [
         "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm2_nested": ISO005 + [
+        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=2"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
