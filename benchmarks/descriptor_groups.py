@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from midi_rae.cache import load_index
-from midi_rae.descriptors import NAMES, descriptors
+from midi_rae.descriptors import NAMES, RHYTHM, descriptors
 from midi_rae.labels import find_tasks, piece_crops
 from midi_rae.probes import L2_GRID, level_features, probe_task
 from midi_rae.runs import load_encoder
@@ -35,8 +35,8 @@ def columns(prefixes: str) -> list[int]:
 
 def ridge_r2(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor,
              l2: float = 10.0) -> torch.Tensor:
-    """(F,) per-column sums of squares: [residual, total] on the test rows of a ridge fit on
-    standardised features and targets (training-side statistics), as (2, F) float64."""
+    """(2, F): per target column, the residual and the total sum of squares on the test rows of a
+    ridge fit on standardised features and targets (training-side statistics)."""
     mx, sx = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
     my, sy = y_tr.mean(0), y_tr.std(0).clamp_min(1e-6)
     a, b = (x_tr - mx) / sx, (y_tr - my) / sy
@@ -60,7 +60,7 @@ def main() -> None:
     crops = piece_crops(args.cache_dir, task.train + task.test, 128, args.crops_per_piece)
     d = descriptors(crops.x).double()  # (N, F), frame and onset channels
     sets = {g: d[:, columns(prefixes)] for g, prefixes in GROUPS.items()}
-    sets |= {"rhythm (IOI + autocorrelation)": d[:, columns("ioi_ onset_autocorr_")], "all": d,
+    sets |= {"rhythm (IOI + autocorrelation)": d[:, RHYTHM], "all": d,
              "all, frame channel only": descriptors(crops.x[:, :1]).double()}
     result = probe_task(task, crops, {"descriptors": sets}, L2_GRID)
     print(f"{task.name}: {result['train_crops']} training crops, {result['test_crops']} test crops\n")
@@ -68,8 +68,7 @@ def main() -> None:
     for r in result["rows"][1:]:
         print(f"| {r['features']} | {r['dim']} | {r['balanced_accuracy']:.3f} |")
 
-    rows_of = lambda pieces: torch.tensor([i for p in pieces for i in crops.by_piece.get(p["piece_id"], [])])  # noqa: E731
-    tr, te = rows_of(task.train), rows_of(task.test)
+    tr, te = (torch.tensor(crops.rows(side), dtype=torch.long) for side in (task.train, task.test))
     if args.runs:
         print("\nR^2 on the test pieces of a ridge regression (L2 10) from 'all non-empty' to each group\n")
         header = ["run", *GROUPS, "worst autocorrelation lags (lag: R^2)"]

@@ -35,8 +35,7 @@ def main() -> None:
     # the suite's defaults: at most 8 classes, 20 training pieces a class (4 test), 150 training pieces a class
     (task,) = find_tasks(load_index(args.cache_dir), test_fraction, [args.task], None, 20, 4, 8, 150)
     crops = piece_crops(args.cache_dir, task.train + task.test, encoders[0][0].img_size[1], args.crops_per_piece)
-    rows_of = lambda pieces: torch.tensor([i for p in pieces for i in crops.by_piece.get(p["piece_id"], [])])  # noqa: E731
-    tr, te = rows_of(task.train), rows_of(task.test)
+    tr, te = (torch.tensor(crops.rows(side), dtype=torch.long) for side in (task.train, task.test))
     label = {p["piece_id"]: task.classes.index(label_of(p, task.name)) for p in task.train + task.test}
     y = torch.tensor([label.get(pid, -1) for pid in crops.pieces])  # (N,)
     work = {p["piece_id"]: piece_work(p) for p in task.train}

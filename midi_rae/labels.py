@@ -98,6 +98,10 @@ class Crops:
     pieces: list[str]  # piece id of each crop: the groups of the split
     by_piece: dict[str, list[int]]  # piece id -> crop rows
 
+    def rows(self, pieces: list[dict[str, Any]]) -> list[int]:
+        """The crop rows of these pieces (index entries), in their order; a piece without crops adds none."""
+        return [i for p in pieces for i in self.by_piece.get(p["piece_id"], [])]
+
 
 def piece_crops(cache_dir: str | os.PathLike, pieces: list[dict[str, Any]], width: int,
                 crops_per_piece: int = 4) -> Crops:

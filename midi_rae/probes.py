@@ -196,8 +196,7 @@ def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = Tr
 
 def probe_task(task: Task, crops: Crops, feature_sets: dict[str, dict[str, Tensor]], l2_grid: tuple[float, ...]) -> dict[str, Any]:
     """Every feature set of `feature_sets` ({row name: {feature name: (N_crops, F)}}) on one task."""
-    rows_of = lambda pieces: [i for p in pieces for i in crops.by_piece.get(p["piece_id"], [])]  # noqa: E731
-    train_rows, test_rows = rows_of(task.train), rows_of(task.test)
+    train_rows, test_rows = crops.rows(task.train), crops.rows(task.test)
     label = {p["piece_id"]: label_of(p, task.name) for p in task.train + task.test}
     y_all = torch.tensor([task.classes.index(label[pid]) if pid in label else -1 for pid in crops.pieces])  # (N,)
     for side, rows in (("training", train_rows), ("test", test_rows)):
