@@ -29,7 +29,7 @@ OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
        "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "objective.recon_decoder=fpn",
        "objective.isotropy_weight=0", "model.inter_stage_mask_ratio=0", "objective.descriptor_rhythm_weight=1",
-       "data.view_mode=shift"]
+       "objective.descriptor_rhythm_skip_levels=0",        "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 # nothing masked: a plain autoencoder through the 2 coarsest levels
 COARSE_AE_M0 = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0"]
@@ -96,6 +96,10 @@ ROWS: dict[str, list[str]] = {
         "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4"],
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm2_nested": ISO005 + [
         "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=2"],
+    # the rhythm targets (weight 4) on the three finer levels only, the pitch targets on every level
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_nested": ISO005 + [
+        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4",
+        "objective.descriptor_rhythm_skip_levels=2"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],

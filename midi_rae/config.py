@@ -203,6 +203,10 @@ class ObjectiveConfig:
                                          "the reconstruction (recon_levels); 0: it reads every level")
     descriptor_rhythm_weight: float = opt(1.0, "the weight of the rhythm descriptors (inter-onset intervals, onset "
                                                "autocorrelation: the metre) in the descriptor loss; the others keep 1")
+    descriptor_rhythm_skip_levels: int = opt(0, "swin: the rhythm descriptors are read from every level but this many "
+                                                "coarsest (at least descriptor_skip_levels), the others from every "
+                                                "level the head reads: the metre on levels the reconstruction leaves "
+                                                "alone (recon_levels)")
     isotropy_weight: float = opt(0.0, "SIGReg (LeJEPA) on the shape of the isotropy_levels coarsest levels' non-empty "
                                       "tokens, centred and scaled to unit mean variance: spreads a level over its "
                                       "dimensions (pretraining otherwise collapses the coarse levels onto a few)")
@@ -451,6 +455,11 @@ class Config:
         _require(o.descriptor_skip_levels == 0 or (m.encoder == "swin" and 0 < o.descriptor_skip_levels < m.num_stages),
                  f"objective.descriptor_skip_levels must leave the descriptor head a level: 0..{m.num_stages - 1} "
                  f"with the Swin encoder (0 with any other), got {o.descriptor_skip_levels} for {m.encoder}")
+        rs = o.descriptor_rhythm_skip_levels
+        _require(rs == 0 or (m.encoder == "swin" and o.descriptor_skip_levels <= rs < m.num_stages),
+                 f"objective.descriptor_rhythm_skip_levels must leave the rhythm descriptors a level the head reads: "
+                 f"{o.descriptor_skip_levels}..{m.num_stages - 1} with the Swin encoder (0 with any other), got {rs} "
+                 f"for {m.encoder}")
         _require(o.recon_decoder == "fpn" or (o.recon_decoder == "swin" and m.encoder == "swin"),
                  f"objective.recon_decoder must be 'fpn' or 'swin' (the latter with model.encoder=swin), got "
                  f"{o.recon_decoder!r} for the {m.encoder} encoder")

@@ -161,16 +161,23 @@ class DescriptorHead(nn.Module):
     otherwise displace there. The targets are standardised by running statistics (buffers, so a
     resumed run continues with them): the descriptors mix histograms summing to 1 with pitches in
     [0, 1] and polyphony counts. `rhythm_weight` scales the squared errors of the rhythm features
-    (`descriptors.RHYTHM`), the others keep weight 1."""
+    (`descriptors.RHYTHM`), the others keep weight 1; `rhythm_skip` (>= skip) coarsest levels are
+    hidden from the rhythm features alone (their weights masked to zero), so that the metre is
+    asked of the finer levels while the pitch content is asked of every level the head reads."""
 
     def __init__(self, level_dims: list[int], skip: int = 0, momentum: float = 0.01, eps: float = 1e-4,
-                 rhythm_weight: float = 1.0) -> None:
+                 rhythm_weight: float = 1.0, rhythm_skip: int = 0) -> None:
         super().__init__()
         self.skip = skip
         self.linear = nn.Linear(sum(level_dims[skip:]), len(DESCRIPTOR_NAMES))
         weight = torch.ones(len(DESCRIPTOR_NAMES))
         weight[RHYTHM] = rhythm_weight
         self.register_buffer("feature_weight", weight, persistent=False)  # (F,), from the config, not the weights file
+        # (F, D): 0 where a rhythm feature would read one of the rhythm_skip coarsest levels; None when nothing is hidden
+        hidden = sum(level_dims[skip:max(skip, rhythm_skip)])
+        mask = torch.ones_like(self.linear.weight)
+        mask[RHYTHM, :hidden] = 0.0
+        self.register_buffer("weight_mask", mask if hidden else None, persistent=False)
         self.momentum, self.eps = momentum, eps
         self.register_buffer("target_mean", torch.zeros(len(DESCRIPTOR_NAMES)))
         self.register_buffer("target_var", torch.ones(len(DESCRIPTOR_NAMES)))
@@ -187,7 +194,8 @@ class DescriptorHead(nn.Module):
                 self.target_var.lerp_(var, rate)
                 self.seen.fill_(True)
             target = (target - self.target_mean) / (self.target_var + self.eps).sqrt()
-        pred = self.linear(pooled_levels(out, self.skip))  # (B, F)
+        weight = self.linear.weight if self.weight_mask is None else self.linear.weight * self.weight_mask  # (F, D)
+        pred = F.linear(pooled_levels(out, self.skip), weight, self.linear.bias)  # (B, F)
         return ((pred.float() - target) ** 2 * self.feature_weight).mean()
 
 
@@ -223,7 +231,8 @@ class Pretrainer(nn.Module):
                          if o.multiscale_weight > 0 else None)
         self.projector = Projector(sum(level_dims(self.encoder)), o.global_dim) if o.global_weight > 0 else None
         self.descriptor_head = (DescriptorHead(level_dims(self.encoder), o.descriptor_skip_levels,
-                                               rhythm_weight=o.descriptor_rhythm_weight)
+                                               rhythm_weight=o.descriptor_rhythm_weight,
+                                               rhythm_skip=o.descriptor_rhythm_skip_levels)
                                 if o.descriptor_weight > 0 else None)
         self.teacher = None
         if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained

@@ -9,7 +9,7 @@ import torch
 from midi_rae.config import ConfigError, load_config
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.descriptors import NAMES as DESCRIPTOR_NAMES
-from midi_rae.descriptors import descriptors
+from midi_rae.descriptors import RHYTHM, descriptors
 from midi_rae.losses import info_nce, isotropy_loss, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
 from midi_rae.models import Pretrainer
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
@@ -396,3 +396,40 @@ def test_every_objective_study_row_is_a_valid_config() -> None:
             # a row that does not name it must not inherit the preset's (the reference skips 2)
             assert (cfg.objective.descriptor_skip_levels > 0) == ("_fine" in row), row
             assert (cfg.objective.isotropy_weight > 0) == ("_iso" in row), row
+
+
+def test_descriptor_rhythm_skip_levels_hides_the_coarse_levels_from_the_rhythm_features_only(tiny_cache: Path) -> None:
+    """descriptor_rhythm_skip_levels=k: the rhythm features are predicted from the levels but
+    the k coarsest (no gradient reaches those levels from them), every other feature from all
+    levels; a k under descriptor_skip_levels or past the last level is a config error."""
+    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=1",
+                             "objective.descriptor_rhythm_skip_levels=1"])
+    model = Pretrainer(cfg).train()
+    head = model.descriptor_head
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    x = torch.stack([ds[i]["x"] for i in range(4)])
+    out = model.encoder(x)
+    loss = head.loss(out, x)  # the first batch: standardised by its own statistics
+
+    feats = torch.cat([lvl.pooled() for lvl in out.patches], -1)  # (B, D), coarsest level first
+    d0 = out.patches[0].dim
+    target = descriptors(x)
+    z = (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()  # (B, F)
+    rhythm = torch.tensor(RHYTHM)
+    rest = torch.tensor([i for i in range(len(DESCRIPTOR_NAMES)) if i not in RHYTHM])
+    w, b = head.linear.weight, head.linear.bias
+    err_rest = (feats @ w[rest].T + b[rest] - z[:, rest]) ** 2  # (B, F - 48): from every level
+    err_rhythm = (feats[:, d0:] @ w[rhythm, d0:].T + b[rhythm] - z[:, rhythm]) ** 2  # (B, 48): level 0 hidden
+    assert torch.allclose(loss, (err_rest.sum() + err_rhythm.sum()) / z.numel(), atol=1e-5)
+
+    # level 0's tokens get the gradient of the other features' errors alone
+    coarse = out.patches[0].emb
+    grad = torch.autograd.grad(loss, coarse, retain_graph=True)[0]
+    grad_rest = torch.autograd.grad(err_rest.sum() / z.numel(), coarse)[0]
+    assert grad.abs().sum() > 0 and torch.allclose(grad, grad_rest, atol=1e-7)
+    assert not any("weight_mask" in k for k in model.state_dict())
+
+    for bad in (["objective.descriptor_skip_levels=2", "objective.descriptor_rhythm_skip_levels=1"],
+                ["objective.descriptor_rhythm_skip_levels=9"]):
+        with pytest.raises(ConfigError, match="descriptor_rhythm_skip_levels must leave the rhythm descriptors a level"):
+            load_config(None, [*SMALL, "objective.descriptor_weight=1", *bad])
