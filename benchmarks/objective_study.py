@@ -100,6 +100,9 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_nested": ISO005 + [
         "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4",
         "objective.descriptor_rhythm_skip_levels=2"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_nested": ISO005 + [
+        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=8",
+        "objective.descriptor_rhythm_skip_levels=2"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
