@@ -29,7 +29,7 @@ OFF = ["objective.global_weight=0", "objective.descriptor_weight=0", "objective.
        "objective.recon_levels=null", "objective.recon_visible_weight=0", "objective.coarse_ae_weight=0",
        "objective.recon_nested=false", "objective.descriptor_skip_levels=0", "objective.recon_decoder=fpn",
        "objective.isotropy_weight=0", "model.inter_stage_mask_ratio=0", "objective.descriptor_rhythm_weight=1",
-       "objective.descriptor_rhythm_skip_levels=0",        "data.view_mode=shift"]
+       "objective.descriptor_rhythm_skip_levels=0", "data.view_mode=shift"]
 SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 # nothing masked: a plain autoencoder through the 2 coarsest levels
 COARSE_AE_M0 = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0"]
