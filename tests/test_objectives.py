@@ -11,7 +11,7 @@ from midi_rae.dataset import PianoRollDataset
 from midi_rae.descriptors import NAMES as DESCRIPTOR_NAMES
 from midi_rae.descriptors import RHYTHM, descriptors
 from midi_rae.losses import info_nce, isotropy_loss, lejepa_global, masked_recon_loss, mep_loss, patches_at, recon_bce
-from midi_rae.models import Pretrainer
+from midi_rae.models import DescriptorHead, Pretrainer
 from midi_rae.swin import SwinDecoder, SwinEncoder, SwinMAEDecoder
 
 SMALL = ["data.crop_width=32", "model.embed_dim=8", "model.depths=[1,1,1]", "model.num_heads=[1,2,4]",
@@ -207,15 +207,24 @@ def test_coarse_ae_splits_the_batch_between_masked_and_coarse_autoencoding(tiny_
     assert all(p.grad is not None for p in model.coarse_decoder.lateral.parameters())
 
 
+def _descriptor_model(tiny_cache: Path, *overrides: str) -> tuple[Pretrainer, torch.Tensor]:
+    """A small pretrainer with these settings, in training mode, and a batch of 4 crops of the tiny cache."""
+    model = Pretrainer(load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, *overrides])).train()
+    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
+    return model, torch.stack([ds[i]["x"] for i in range(4)])  # (4, 1, 128, 32)
+
+
+def _standardised(target: torch.Tensor, head: DescriptorHead) -> torch.Tensor:
+    """(B, F): descriptors standardised by their own batch's statistics, as the head's first batch is."""
+    return (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()
+
+
 def test_descriptor_objective_regresses_the_whole_crops_standardised_descriptors(tiny_cache: Path) -> None:
     """descriptor_weight: a linear head on every level's non-empty mean of the masked view
     regresses the descriptors of the whole crop; the first training batch sets the running
     statistics, later ones move them, and evaluation leaves them alone."""
-    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=0.5"])
-    model = Pretrainer(cfg).train()
+    model, x = _descriptor_model(tiny_cache, "objective.descriptor_weight=0.5")
     head = model.descriptor_head
-    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
-    x = torch.stack([ds[i]["x"] for i in range(4)])
     target = descriptors(x)
     torch.manual_seed(0)
     loss, parts = model({"x": x})
@@ -223,10 +232,9 @@ def test_descriptor_objective_regresses_the_whole_crops_standardised_descriptors
     assert torch.allclose(loss, parts["recon"] + 0.5 * parts["descriptors"])
     assert torch.allclose(head.target_mean, target.mean(0)) and bool(head.seen)
     torch.manual_seed(0)  # the same mask: the student's view the head read
-    out = model.encoder(x, mask_ratio=cfg.objective.mask_ratio)
+    out = model.encoder(x, mask_ratio=model.objective.mask_ratio)
     pred = head.linear(torch.cat([lvl.pooled() for lvl in out.patches], -1))
-    z = (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()
-    assert torch.allclose(parts["descriptors"], ((pred - z) ** 2).mean(), atol=1e-5)
+    assert torch.allclose(parts["descriptors"], ((pred - _standardised(target, head)) ** 2).mean(), atol=1e-5)
     loss.backward()
     assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0 and head.linear.weight.grad is not None
 
@@ -242,16 +250,11 @@ def test_descriptor_rhythm_weight_scales_only_the_rhythm_features_errors(tiny_ca
     """descriptor_rhythm_weight=w: the squared errors of the inter-onset-interval and onset-
     autocorrelation features count w times, every other feature's once; it is a setting, not
     part of the weights file, and a negative weight is a config error."""
-    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=1",
-                             "objective.descriptor_rhythm_weight=4"])
-    model = Pretrainer(cfg).train()
+    model, x = _descriptor_model(tiny_cache, "objective.descriptor_weight=1", "objective.descriptor_rhythm_weight=4")
     head = model.descriptor_head
-    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
-    x = torch.stack([ds[i]["x"] for i in range(4)])
     out = model.encoder(x)
     loss = head.loss(out, x)
-    target = descriptors(x)
-    z = (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()
+    z = _standardised(descriptors(x), head)
     err = (head.linear(torch.cat([lvl.pooled() for lvl in out.patches], -1)) - z) ** 2  # (B, F)
     rhythm = [i for i, n in enumerate(DESCRIPTOR_NAMES) if n.startswith(("ioi_", "onset_autocorr_"))]
     assert len(rhythm) == 48
@@ -402,19 +405,14 @@ def test_descriptor_rhythm_skip_levels_hides_the_coarse_levels_from_the_rhythm_f
     """descriptor_rhythm_skip_levels=k: the rhythm features are predicted from the levels but
     the k coarsest (no gradient reaches those levels from them), every other feature from all
     levels; a k under descriptor_skip_levels or past the last level is a config error."""
-    cfg = load_config(None, [f"data.cache_dir={tiny_cache}", *SMALL, "objective.descriptor_weight=1",
-                             "objective.descriptor_rhythm_skip_levels=1"])
-    model = Pretrainer(cfg).train()
+    model, x = _descriptor_model(tiny_cache, "objective.descriptor_weight=1", "objective.descriptor_rhythm_skip_levels=1")
     head = model.descriptor_head
-    ds = PianoRollDataset(tiny_cache, crop_width=32, channels=1)
-    x = torch.stack([ds[i]["x"] for i in range(4)])
     out = model.encoder(x)
     loss = head.loss(out, x)  # the first batch: standardised by its own statistics
 
     feats = torch.cat([lvl.pooled() for lvl in out.patches], -1)  # (B, D), coarsest level first
     d0 = out.patches[0].dim
-    target = descriptors(x)
-    z = (target - target.mean(0)) / (target.var(0, unbiased=False) + head.eps).sqrt()  # (B, F)
+    z = _standardised(descriptors(x), head)  # (B, F)
     rhythm = torch.tensor(RHYTHM)
     rest = torch.tensor([i for i in range(len(DESCRIPTOR_NAMES)) if i not in RHYTHM])
     w, b = head.linear.weight, head.linear.bias
