@@ -103,10 +103,14 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_nested": ISO005 + [
         "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=8",
         "objective.descriptor_rhythm_skip_levels=2"],
-    # the weight-4 row with every stage 1.25x wider (embed_dim 20): the levels' means hold 620 floats
-    # instead of 496, levels 0..1 3,840 (under a quarter of the crop's 16,384 pixels); a step costs 1.19x
+    # the weight-4 and weight-8 rows with every stage 1.25x wider (embed_dim 20): the levels' means hold
+    # 620 floats instead of 496, levels 0..1 3,840 (under a quarter of the crop's 16,384 pixels); a step
+    # costs 1.19x
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_e20_nested": ISO005 + [
         "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4",
+        "objective.descriptor_rhythm_skip_levels=2", "model.embed_dim=20"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_e20_nested": ISO005 + [
+        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=8",
         "objective.descriptor_rhythm_skip_levels=2", "model.embed_dim=20"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
