@@ -40,6 +40,10 @@ P82_SWINDEC = COARSE_AE_M0 + ["objective.descriptor_weight=0.25", "objective.rec
                               "model.patch_w=2", "objective.recon_decoder=swin"]
 # the same with SIGReg on the two coarsest levels (the `reference` preset's objective)
 ISO005 = P82_SWINDEC + ["objective.isotropy_weight=0.005"]
+# the same with the onset channel folded into the frame (`ref_fold6k`)
+ISO005_FOLD = ISO005 + ["data.channels=2", "model.fold_onsets=true"]
+# the same with the rhythm descriptors asked of the three finer levels only (weight set per row)
+ISO005_FOLD_FINE = ISO005_FOLD + ["objective.descriptor_rhythm_skip_levels=2"]
 ROWS: dict[str, list[str]] = {
     "simmim": SIMMIM,  # SimMIM alone (the quickstart's objective)
     "simmim_m75": SIMMIM + ["objective.mask_ratio=0.75"],
@@ -88,30 +92,21 @@ ROWS: dict[str, list[str]] = {
     # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
     # frame, so that repeated notes stay apart (`ref_fold6k`)
     "coarse_ae_m0_desc25_p82_swindec_iso005_w416_nested": ISO005 + ["model.window_size=[4,16]"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_nested": ISO005 + ["data.channels=2", "model.fold_onsets=true"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_nested": ISO005_FOLD,
     # the same with the rhythm descriptors (IOI histogram, onset autocorrelation) weighted 4x in the
     # descriptor loss: alone they read the time signature as well as all the descriptors
     # (`ref_fold_r4`), or 2x (`ref_fold_r2`)
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4_nested": ISO005 + [
-        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm2_nested": ISO005 + [
-        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=2"],
-    # the rhythm targets (weight 4) on the three finer levels only, the pitch targets on every level
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_nested": ISO005 + [
-        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4",
-        "objective.descriptor_rhythm_skip_levels=2"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_nested": ISO005 + [
-        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=8",
-        "objective.descriptor_rhythm_skip_levels=2"],
-    # the weight-4 and weight-8 rows with every stage 1.25x wider (embed_dim 20): the levels' means hold
-    # 620 floats instead of 496, levels 0..1 3,840 (under a quarter of the crop's 16,384 pixels); a step
-    # costs 1.19x
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_e20_nested": ISO005 + [
-        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=4",
-        "objective.descriptor_rhythm_skip_levels=2", "model.embed_dim=20"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_e20_nested": ISO005 + [
-        "data.channels=2", "model.fold_onsets=true", "objective.descriptor_rhythm_weight=8",
-        "objective.descriptor_rhythm_skip_levels=2", "model.embed_dim=20"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4_nested": ISO005_FOLD + ["objective.descriptor_rhythm_weight=4"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm2_nested": ISO005_FOLD + ["objective.descriptor_rhythm_weight=2"],
+    # the rhythm targets (weight 4, 8) on the three finer levels only, the pitch targets on every level
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_nested": ISO005_FOLD_FINE + ["objective.descriptor_rhythm_weight=4"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_nested": ISO005_FOLD_FINE + ["objective.descriptor_rhythm_weight=8"],
+    # the same with every stage 1.25x wider (embed_dim 20): the levels' means hold 620 floats instead
+    # of 496, levels 0..1 3,840 (under a quarter of the crop's 16,384 pixels); a step costs 1.19x
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm4fine_e20_nested": ISO005_FOLD_FINE + [
+        "objective.descriptor_rhythm_weight=4", "model.embed_dim=20"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_e20_nested": ISO005_FOLD_FINE + [
+        "objective.descriptor_rhythm_weight=8", "model.embed_dim=20"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
