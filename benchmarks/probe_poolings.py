@@ -25,14 +25,13 @@ from torch import Tensor, nn
 
 from midi_rae import probes
 from midi_rae.core import PatchState
-from midi_rae.probes import column_means
 
 suite_features = probes.level_features
 
 
 def channel_autocorrelation(lvl: PatchState) -> Tensor:
     """(B, cols // 2 * D): per channel, the normalised autocorrelation of the column means over time."""
-    col = column_means(lvl)
+    col = lvl.column_means().float()
     col = col - col.mean(1, keepdim=True)
     var = col.square().mean(1).clamp_min(1e-6)  # (B, D)
     lags = range(1, col.shape[1] // 2 + 1)

@@ -104,6 +104,9 @@ class ModelConfig:
     inter_stage_mask_all: bool = opt(False, "swin: inter-stage masking in every training forward, LeJEPA views and decoder fine-tuning included")
     grad_checkpointing: bool = opt(False, "swin: recompute every block in the backward pass (training only): far less activation memory for about one more forward pass")
     fold_onsets: bool = opt(False, "swin, data.channels=2: the patch embedding reads frame and onset as one value per pixel (0 silent, 0.5 held, 1 onset), so the finest level can still hold the whole roll; the decoders still reconstruct both channels")
+    time_stage_dim: int = opt(0, "swin: width of a time stage beside the pyramid (swin.TimeStage): it reads every level's profile over time under stop-gradient, is trained on the crop's descriptors (objective.time_stage_rhythm_weight) and is read by the probes beside the levels; 0: none")
+    time_stage_depth: int = opt(2, "its Transformer layers (attention over every column of the crop)")
+    time_stage_heads: int = opt(4, "its heads (time_stage_dim must be a multiple)")
     mae_decoder_dim: int = opt(64, "width of the light decoder of masked reconstruction during pretraining")
     mae_decoder_depth: int = opt(2, "its blocks")
     mae_decoder_heads: int = opt(4, "its heads")
@@ -117,6 +120,11 @@ class ModelConfig:
         _require(self.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
         _require(self.mae_decoder_dim > 0 and self.mae_decoder_depth > 0 and self.mae_decoder_heads > 0,
                  "model.mae_decoder_dim, mae_decoder_depth and mae_decoder_heads must be positive")
+        _require(self.time_stage_dim == 0 or (self.time_stage_dim > 0 and self.time_stage_depth > 0
+                                              and self.time_stage_heads > 0
+                                              and self.time_stage_dim % self.time_stage_heads == 0),
+                 f"model.time_stage_dim must be 0 (none) or a positive multiple of model.time_stage_heads "
+                 f"({self.time_stage_heads}), with model.time_stage_depth >= 1; got {self.time_stage_dim}")
         all_heads = self.num_heads if isinstance(self.num_heads, list) else [self.num_heads]
         _require(all(h > 0 for h in all_heads), f"model.num_heads must be positive, got {self.num_heads}")
         _require(0.0 <= self.empty_mask_ratio <= 1.0, f"model.empty_mask_ratio must be in [0, 1], got {self.empty_mask_ratio}")
@@ -207,6 +215,9 @@ class ObjectiveConfig:
                                                 "coarsest (at least descriptor_skip_levels), the others from every "
                                                 "level the head reads: the metre on levels the reconstruction leaves "
                                                 "alone (recon_levels)")
+    time_stage_rhythm_weight: float = opt(4.0, "model.time_stage_dim > 0: the time stage is trained by its own linear "
+                                               "head on its mean token to the crop's descriptors (stop-gradient: "
+                                               "the pyramid is not shaped by it), the rhythm ones weighted this much")
     isotropy_weight: float = opt(0.0, "SIGReg (LeJEPA) on the shape of the isotropy_levels coarsest levels' non-empty "
                                       "tokens, centred and scaled to unit mean variance: spreads a level over its "
                                       "dimensions (pretraining otherwise collapses the coarse levels onto a few)")
@@ -223,6 +234,8 @@ class ObjectiveConfig:
                                                  "multiscale_weight", "global_weight", "coarse_ae_weight",
                                                  "descriptor_weight", "isotropy_weight")}
         _require(all(w >= 0 for w in weights.values()), f"objective weights must be >= 0, got {weights}")
+        _require(0.0 <= self.time_stage_rhythm_weight < math.inf,
+                 f"objective.time_stage_rhythm_weight must be >= 0 and finite, got {self.time_stage_rhythm_weight}")
         _require(0.0 <= self.descriptor_rhythm_weight < math.inf,
                  f"objective.descriptor_rhythm_weight must be >= 0 and finite, got {self.descriptor_rhythm_weight}")
         _require(any(w > 0 for w in weights.values()),
@@ -415,6 +428,9 @@ class Config:
             _require(PITCHES % m.patch_h == 0 and d.crop_width % m.patch_w == 0,
                      f"128 pitches x data.crop_width={d.crop_width} must be whole {m.patch_h}x{m.patch_w} patches; "
                      f"change model.patch_h / model.patch_w or data.crop_width")
+        _require(m.time_stage_dim == 0 or m.encoder == "swin",
+                 f"model.time_stage_dim reads the Swin pyramid's levels over time: it needs model.encoder=swin, "
+                 f"got {m.encoder}; set model.time_stage_dim=0")
         _require(not m.fold_onsets or (m.encoder == "swin" and d.channels == 2),
                  f"model.fold_onsets folds the onset channel into the frame channel: it needs model.encoder=swin and "
                  f"data.channels=2, got {m.encoder} and {d.channels}; set those or model.fold_onsets=false")

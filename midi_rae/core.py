@@ -75,6 +75,15 @@ class PatchState:
         keep = self.non_empty[..., None].to(self.emb.dtype)  # (B, N, 1)
         return (self.emb * keep).sum(1) / keep.sum(1).clamp_min(1)
 
+    def column_means(self) -> Tensor:
+        """(B, cols, D): each column (time position) of the level's grid as the mean of its
+        non-empty tokens, zeros where the column is silent: the level's profile over time."""
+        rows, cols = int(self.pos[:, 0].max()) + 1, int(self.pos[:, 1].max()) + 1
+        B, _, D = self.emb.shape
+        emb = self.emb.reshape(B, rows, cols, D)
+        keep = self.non_empty.reshape(B, rows, cols, 1).to(emb.dtype)
+        return (emb * keep).sum(1) / keep.sum(1).clamp_min(1)
+
     @property
     def visible(self) -> Tensor:
         """Embeddings of the visible tokens of all samples, flattened: (n_visible, D)."""
@@ -151,12 +160,15 @@ class EncoderOutput:
     full_pos:       (N, 2) positions on the finest (patch-embedding) grid
     full_non_empty: (B, N) bool, non-empty patches on the finest grid
     mae_mask:       (B, N) bool, True = visible, on the finest grid
+    time:           the time stage's tokens beside the pyramid, one per finest-grid column
+                    (`SwinEncoder(time_stage_dim=...)`), or None
     """
 
     patches: HierarchicalPatchState
     full_pos: Tensor
     full_non_empty: Tensor
     mae_mask: Tensor
+    time: PatchState | None = None
 
     @property
     def hierarchical(self) -> HierarchicalPatchState:
@@ -181,4 +193,5 @@ class EncoderOutput:
             full_pos=self.full_pos.to(*device_only, **dev_kwargs),
             full_non_empty=self.full_non_empty.to(*device_only, **dev_kwargs),
             mae_mask=self.mae_mask.to(*device_only, **dev_kwargs),
+            time=None if self.time is None else self.time.to(*args, **kwargs),
         )

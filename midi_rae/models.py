@@ -46,7 +46,8 @@ def encoder_kwargs(cfg: Config) -> dict:
               drop_path_rate=m.drop_path_rate, squash_coarse=m.squash_coarse,
               inter_stage_mask_ratio=m.inter_stage_mask_ratio, inter_stage_mask_all=m.inter_stage_mask_all,
               version=m.version, grad_checkpointing=m.grad_checkpointing,
-              pretrained_window_sizes=m.pretrained_window_sizes, fold_onsets=m.fold_onsets)
+              pretrained_window_sizes=m.pretrained_window_sizes, fold_onsets=m.fold_onsets,
+              time_stage_dim=m.time_stage_dim, time_stage_depth=m.time_stage_depth, time_stage_heads=m.time_stage_heads)
     return kw
 
 
@@ -183,10 +184,15 @@ class DescriptorHead(nn.Module):
         self.register_buffer("target_var", torch.ones(len(DESCRIPTOR_NAMES)))
         self.register_buffer("seen", torch.tensor(False))
 
-    def loss(self, out: EncoderOutput, x: Tensor) -> Tensor:
-        """Mean (feature-weighted) squared error of the standardised descriptors of x (B, C, H, W), the full crops."""
+    def features(self, out: EncoderOutput) -> Tensor:
+        """(B, D): what the head reads."""
+        return pooled_levels(out, self.skip)
+
+    def loss(self, out: EncoderOutput, x: Tensor, raw: Tensor | None = None) -> Tensor:
+        """Mean (feature-weighted) squared error of the standardised descriptors of x (B, C, H, W), the full
+        crops; `raw`: their descriptors (B, F) when the caller has them already."""
         with torch.no_grad():
-            target = descriptors(x).to(x.device)  # (B, F), computed on the CPU
+            target = (descriptors(x) if raw is None else raw).to(x.device)  # (B, F), computed on the CPU
             if self.training:
                 mean, var = target.mean(0), target.var(0, unbiased=False)
                 rate = self.momentum if self.seen else 1.0  # the first batch sets the statistics
@@ -195,8 +201,20 @@ class DescriptorHead(nn.Module):
                 self.seen.fill_(True)
             target = (target - self.target_mean) / (self.target_var + self.eps).sqrt()
         weight = self.linear.weight if self.weight_mask is None else self.linear.weight * self.weight_mask  # (F, D)
-        pred = F.linear(pooled_levels(out, self.skip), weight, self.linear.bias)  # (B, F)
+        pred = F.linear(self.features(out), weight, self.linear.bias)  # (B, F)
         return ((pred.float() - target) ** 2 * self.feature_weight).mean()
+
+
+class TimeDescriptorHead(DescriptorHead):
+    """The time stage's objective (`swin.TimeStage`): its own linear head on the mean of its
+    tokens regresses the crop's descriptors, the rhythm ones weighted `rhythm_weight`. The stage
+    reads the pyramid under stop-gradient, so this loss trains the stage alone."""
+
+    def __init__(self, dim: int, rhythm_weight: float) -> None:
+        super().__init__([dim], rhythm_weight=rhythm_weight)
+
+    def features(self, out: EncoderOutput) -> Tensor:
+        return out.time.pooled(non_empty_only=False)
 
 
 def clear_attention_caches(module: nn.Module) -> None:
@@ -234,6 +252,8 @@ class Pretrainer(nn.Module):
                                                rhythm_weight=o.descriptor_rhythm_weight,
                                                rhythm_skip=o.descriptor_rhythm_skip_levels)
                                 if o.descriptor_weight > 0 else None)
+        self.time_head = (TimeDescriptorHead(cfg.model.time_stage_dim, o.time_stage_rhythm_weight)
+                          if cfg.model.time_stage_dim > 0 else None)
         self.teacher = None
         if self.predictor is not None:  # self-distillation target: an EMA of the encoder, never trained
             self.teacher = copy.deepcopy(self.encoder).requires_grad_(False).eval()
@@ -353,10 +373,14 @@ class Pretrainer(nn.Module):
             per_level = [anchor_loss(lvl.emb, lvl.non_empty, lvl.emb.new_zeros(lvl.dim))
                          for out in outs for lvl in out.patches]
             parts["anchor"] = torch.stack(per_level).mean()
+        raw = None
         if self.descriptor_head is not None:
             # The student's view, masked when the other objectives mask it (no extra forward):
             # the descriptors are those of the whole crop, so hidden patches must be inferred.
-            parts["descriptors"] = self.descriptor_head.loss(encoded(), x)
+            raw = descriptors(x)  # (B, F), once for both heads
+            parts["descriptors"] = self.descriptor_head.loss(encoded(), x, raw)
+        if self.time_head is not None:
+            parts["time"] = self.time_head.loss(encoded(), x, raw)
         if o.isotropy_weight > 0:
             coarse = encoded().patches[:o.isotropy_levels]
             parts["isotropy"] = isotropy_loss([lvl.emb for lvl in coarse], [lvl.non_empty for lvl in coarse],
@@ -364,7 +388,8 @@ class Pretrainer(nn.Module):
         weights = {"recon": o.recon_weight, "mep": o.mep_weight, "multiscale": o.multiscale_weight,
                    "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight,
                    "coarse_ae": o.coarse_ae_weight, "descriptors": o.descriptor_weight,
-                   "isotropy": o.isotropy_weight}
+                   "isotropy": o.isotropy_weight,
+                   "time": 1.0}  # the time stage's own loss: under stop-gradient, its weight would only scale its step
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 

@@ -49,16 +49,6 @@ L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 BASELINES = ("majority class", "raw pixels", "descriptors")  # the rows every encoder is read against
 
 
-def column_means(lvl: PatchState) -> Tensor:
-    """(B, cols, D): each column of a level's grid as the mean of its non-empty tokens (zeros
-    where the column is silent)."""
-    rows, cols = int(lvl.pos[:, 0].max()) + 1, int(lvl.pos[:, 1].max()) + 1
-    B, _, D = lvl.emb.shape
-    emb = lvl.emb.float().reshape(B, rows, cols, D)
-    keep = lvl.non_empty.reshape(B, rows, cols, 1).float()
-    return (emb * keep).sum(1) / keep.sum(1).clamp_min(1)
-
-
 def time_self_similarity(lvl: PatchState) -> Tensor | None:
     """(B, cols // 2): for each time lag 1..cols // 2 of a level's grid, the mean cosine
     similarity between its columns' embeddings (each the mean of the column's non-empty tokens)
@@ -69,7 +59,7 @@ def time_self_similarity(lvl: PatchState) -> Tensor | None:
     rows, cols = int(lvl.pos[:, 0].max()) + 1, int(lvl.pos[:, 1].max()) + 1
     if cols < 4 or rows * cols != lvl.num_patches:
         return None
-    col = F.normalize(column_means(lvl), dim=-1)  # (B, cols, D)
+    col = F.normalize(lvl.column_means().float(), dim=-1)  # (B, cols, D)
     sounding = lvl.non_empty.reshape(len(lvl.emb), rows, cols).any(1).float()  # (B, cols)
     out = []
     for lag in range(1, cols // 2 + 1):
@@ -85,11 +75,15 @@ def level_features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> dict
     tokens ('L{i} mean') and over its non-empty tokens ('L{i} non-empty'), both poolings of all
     levels concatenated ('all mean', 'all non-empty'), and the latter with every level's time
     self-similarity appended ('all non-empty + self-sim', see `time_self_similarity`). Level 0 is
-    the coarsest."""
+    the coarsest. An encoder with a time stage (`swin.TimeStage`) adds the mean of its tokens
+    ('time stage') and that appended to the last ('all non-empty + self-sim + time stage')."""
     chunks: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
         sims = []
-        for j, lvl in enumerate(encoder(x[i:i + batch_size]).patches):
+        out = encoder(x[i:i + batch_size])
+        if out.time is not None:
+            chunks.setdefault("time stage", []).append(out.time.pooled(non_empty_only=False).float())
+        for j, lvl in enumerate(out.patches):
             chunks.setdefault(f"L{j} mean", []).append(lvl.pooled(non_empty_only=False).float())
             chunks.setdefault(f"L{j} non-empty", []).append(lvl.pooled().float())
             if (sim := time_self_similarity(lvl)) is not None:
@@ -98,11 +92,16 @@ def level_features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> dict
             chunks.setdefault("self-sim", []).append(torch.cat(sims, dim=1))  # (b, sum over levels of cols // 2)
     feats = {k: torch.cat(v) for k, v in chunks.items()}
     sim = feats.pop("self-sim", None)
+    time = feats.pop("time stage", None)
     n = len([k for k in feats if k.endswith(" mean")])
     for pool in ("mean", "non-empty"):
         feats[f"all {pool}"] = torch.cat([feats[f"L{j} {pool}"] for j in range(n)], dim=1)
     if sim is not None:
         feats["all non-empty + self-sim"] = torch.cat([feats["all non-empty"], sim], dim=1)
+    if time is not None:
+        last = "all non-empty + self-sim" if sim is not None else "all non-empty"
+        feats["time stage"] = time
+        feats[f"{last} + time stage"] = torch.cat([feats[last], time], dim=1)
     return feats
 
 

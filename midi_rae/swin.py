@@ -4,6 +4,7 @@
 `forward(x, mask_ratio, mae_mask) -> EncoderOutput`. Instead of one flat grid it returns a
 pyramid, coarsest first: with the defaults a 128 x 128 roll gives grids 1x1, 2x2, ..., 32x32.
 """
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +35,46 @@ def init_weights(model: nn.Module, version: int) -> None:
                 nn.init.zeros_(norm.bias)
 
 
+def sinusoidal_positions(n: int, dim: int) -> Tensor:
+    """(n, dim): the Transformer's sine / cosine position code (https://arxiv.org/abs/1706.03762)."""
+    freq = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))  # (dim / 2,)
+    angle = torch.arange(n)[:, None] * freq  # (n, dim / 2)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :dim]
+
+
+class TimeStage(nn.Module):
+    """A stage beside the pyramid that reads it over time: every level's column means (its
+    profile over time, `PatchState.column_means`), each repeated to the finest grid's columns and
+    concatenated, through a Linear, a sinusoidal position per column (no table, so a crop of
+    any width runs) and `depth` pre-norm Transformer layers attending over the whole crop: one
+    token per finest column.
+
+    It reads the levels under stop-gradient, so what it is trained for (the crop's descriptors,
+    the metre weighted up: `models.TimeDescriptorHead`) never displaces what the pyramid holds; its own width and
+    global attention in time are what the levels' windowed, narrow tokens lack for the period of
+    the bar."""
+
+    def __init__(self, level_dims: Sequence[int], dim: int, depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(sum(level_dims)), nn.Linear(sum(level_dims), dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, levels: HierarchicalPatchState) -> PatchState:
+        finest = levels.finest
+        rows, cols = int(finest.pos[:, 0].max()) + 1, int(finest.pos[:, 1].max()) + 1
+        profiles = []
+        for lvl in levels:
+            c = lvl.column_means().detach()  # (B, c, D): stop-gradient, the pyramid is not shaped by this stage
+            profiles.append(c.repeat_interleave(cols // c.shape[1], dim=1))
+        x = self.proj(torch.cat(profiles, dim=-1))  # (B, cols, dim)
+        tokens = self.norm(self.blocks(x + sinusoidal_positions(cols, x.shape[-1]).to(x)))
+        B = tokens.shape[0]
+        return PatchState(tokens, grid_positions(1, cols, tokens.device),
+                          finest.non_empty.reshape(B, rows, cols).any(1), finest.mae_mask.reshape(B, rows, cols).all(1))
+
+
 class SwinEncoder(nn.Module):
     """Swin Transformer V2 encoder (https://arxiv.org/abs/2111.09883) for (B, C, H, W) piano rolls.
 
@@ -55,6 +96,9 @@ class SwinEncoder(nn.Module):
     input's channels before the patch projection (`PatchEmbed`): a frame + onset roll enters as
     one value per pixel, 0 silent, 0.5 held, 1 onset.
 
+    `time_stage_dim` > 0 adds a `TimeStage` of that width (`time_stage_depth` layers,
+    `time_stage_heads` heads) beside the pyramid: the output's `time`, one token per finest column.
+
     `pretrained_window_sizes` (V2, one per stage, finest first: an int or (h, w)) are the windows
     the weights were trained at, for weights that run at another window or input size: each
     stage's position-bias MLP then reads its offsets on the trained scale (Swin V2's transfer; timm's
@@ -71,7 +115,8 @@ class SwinEncoder(nn.Module):
                  empty_mask_ratio: float = 0.05, squash_coarse: bool = False, inter_stage_mask_ratio: float = 0.0,
                  inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False,
                  pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None,
-                 fold_onsets: bool = False) -> None:
+                 fold_onsets: bool = False, time_stage_dim: int = 0, time_stage_depth: int = 2,
+                 time_stage_heads: int = 4) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
@@ -81,6 +126,10 @@ class SwinEncoder(nn.Module):
                     attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
                     inter_stage_mask_ratio=inter_stage_mask_ratio)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
+        if time_stage_dim < 0 or (time_stage_dim and (time_stage_depth < 1 or time_stage_heads < 1
+                                                       or time_stage_dim % time_stage_heads)):
+            raise ValueError(f"time_stage_dim ({time_stage_dim}) must be 0 (no time stage) or a positive multiple of "
+                             f"time_stage_heads ({time_stage_heads}), with time_stage_depth ({time_stage_depth}) >= 1")
         pretrained = _pretrained_windows(pretrained_window_sizes, len(depths), version)
         self.inter_stage_mask_ratio, self.inter_stage_mask_all = inter_stage_mask_ratio, inter_stage_mask_all
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
@@ -113,6 +162,8 @@ class SwinEncoder(nn.Module):
         self.stage_mask_tokens = (nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims[:-1]])
                                   if inter_stage_mask_ratio > 0 else None)
         self.feature_info = info[::-1]  # coarsest first, like the output levels
+        self.time_stage = (TimeStage(dims[::-1], time_stage_dim, time_stage_depth, time_stage_heads)
+                           if time_stage_dim else None)
         self.set_grad_checkpointing(grad_checkpointing)
         init_weights(self, version)
         for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):
@@ -147,7 +198,7 @@ class SwinEncoder(nn.Module):
                 ids[name] = first[int(parts[1]) + 1]
             elif parts[0] == "level_empty_tokens":
                 ids[name] = last[int(parts[1])]
-            elif parts[0] == "norm":
+            elif parts[0] in ("norm", "time_stage"):  # beside the pyramid, above its last block
                 ids[name] = n + 1
             else:  # patch_embed, empty_token, mask_token
                 ids[name] = 0
@@ -233,7 +284,8 @@ class SwinEncoder(nn.Module):
                                      ne.reshape(B, h * w), visible.reshape(B, h * w)))
         finest = levels[0]
         hps = HierarchicalPatchState(levels[::-1], self.feature_info)
-        return EncoderOutput(hps, finest.pos, finest.non_empty, finest.mae_mask)
+        time = self.time_stage(hps) if self.time_stage is not None else None
+        return EncoderOutput(hps, finest.pos, finest.non_empty, finest.mae_mask, time)
 
 
 def _validate(img_height: int, img_width: int, patch_h: int, patch_w: int, embed_dim: int,

@@ -431,3 +431,26 @@ def test_descriptor_rhythm_skip_levels_hides_the_coarse_levels_from_the_rhythm_f
                 ["objective.descriptor_rhythm_skip_levels=9"]):
         with pytest.raises(ConfigError, match="descriptor_rhythm_skip_levels must leave the rhythm descriptors a level"):
             load_config(None, [*SMALL, "objective.descriptor_weight=1", *bad])
+
+
+def test_time_stage_objective_trains_the_stage_alone(tiny_cache: Path) -> None:
+    """model.time_stage_dim: the time head regresses the whole crop's standardised descriptors
+    from the mean of the stage's tokens, rhythm features weighted time_stage_rhythm_weight; the
+    term adds to the loss with weight 1 and its gradient reaches the stage and its head, not the
+    pyramid."""
+    model, x = _descriptor_model(tiny_cache, "model.time_stage_dim=16", "model.time_stage_heads=2",
+                                 "objective.time_stage_rhythm_weight=3")
+    head = model.time_head
+    torch.manual_seed(0)
+    loss, parts = model({"x": x})
+    assert set(parts) == {"recon", "time"} and torch.allclose(loss, parts["recon"] + parts["time"])
+    torch.manual_seed(0)
+    out = model.encoder(x, mask_ratio=model.objective.mask_ratio)
+    err = (head.linear(out.time.emb.mean(1)) - _standardised(descriptors(x), head)) ** 2  # (B, F)
+    weight = torch.ones(len(DESCRIPTOR_NAMES))
+    weight[RHYTHM] = 3
+    assert torch.allclose(parts["time"], (err * weight).mean(), atol=1e-5)
+    parts["time"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith(("encoder.time_stage.", "time_head.")) for n in grads)
+    assert any(n.startswith("time_head.") for n in grads) and any(n.startswith("encoder.time_stage.") for n in grads)

@@ -15,9 +15,10 @@ from midi_rae.models import build_encoder
 from midi_rae.core import PatchState, grid_positions
 from midi_rae.labels import find_tasks, piece_crops
 from midi_rae.metrics import scores
-from midi_rae.probes import L2_GRID, fit_logistic, probe, probe_task, time_self_similarity
+from midi_rae.probes import L2_GRID, fit_logistic, level_features, probe, probe_task, time_self_similarity
 from midi_rae.runs import initial_encoder
 from midi_rae.runs import load_encoder
+from midi_rae.swin import SwinEncoder
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,22 @@ def test_time_self_similarity_finds_the_period() -> None:
     lvl2 = PatchState(emb2.reshape(1, rows * cols, D), grid_positions(rows, cols), silent.reshape(1, -1), non_empty)
     assert torch.allclose(time_self_similarity(lvl2)[0, [2, 5]], torch.ones(2))
     assert time_self_similarity(PatchState(emb[:, :6], grid_positions(2, 3), non_empty[:, :6], non_empty[:, :6])) is None
+
+
+def test_level_features_read_the_time_stage_beside_the_levels() -> None:
+    """An encoder with a time stage adds the mean of its tokens, alone and appended to the
+    suite's widest set; one without adds nothing."""
+    torch.manual_seed(0)
+    kw = dict(img_height=128, img_width=64, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), drop_path_rate=0.0)
+    enc = SwinEncoder(time_stage_dim=16, time_stage_depth=1, time_stage_heads=2, **kw).eval()
+    x = (torch.rand(3, 1, 128, 64) < 0.05).float()
+    feats = level_features(enc, x)
+    with torch.no_grad():
+        time = enc(x).time.emb.mean(1)  # (3, 16)
+    torch.testing.assert_close(feats["time stage"], time)
+    widest = feats["all non-empty + self-sim + time stage"]
+    torch.testing.assert_close(widest, torch.cat([feats["all non-empty + self-sim"], time], 1))
+    assert not any("time" in k for k in level_features(SwinEncoder(**kw).eval(), x))
 
 
 def test_split_is_grouped_by_piece(labelled_cache: Path) -> None:

@@ -394,3 +394,43 @@ def test_fold_onsets_reads_both_channels_through_one() -> None:
     assert not torch.allclose(out.patches.finest.emb[0], out.patches.finest.emb[1])
     with pytest.raises(ValueError, match="input has 1 channels"):
         folded(held[:, :1])
+
+
+def test_time_stage_reads_the_pyramid_under_stop_gradient() -> None:
+    """time_stage_dim: one token per finest column beside the pyramid, sounding where the column
+    has a note; the pyramid is the same as without the stage (same weights), and the stage's
+    output sends no gradient into it; a crop of another width runs (sinusoidal positions)."""
+    kw = dict(img_height=128, img_width=64, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    enc = SwinEncoder(time_stage_dim=16, time_stage_depth=1, time_stage_heads=2, **kw)
+    plain = SwinEncoder(**kw)
+    missing, unexpected = plain.load_state_dict(enc.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("time_stage.") for k in unexpected)
+    randomize_post_norms(enc), plain.load_state_dict(enc.state_dict(), strict=False)
+    x = piano_roll(2, 128, 64)
+    x[1, :, :, 40:] = 0  # the second crop falls silent after step 40
+    out = enc(x)
+    assert plain(x).time is None
+    for a, b in zip(out.patches, plain(x).patches):
+        torch.testing.assert_close(a.emb, b.emb)
+    cols = 64 // 4
+    assert out.time.emb.shape == (2, cols, 16) and out.time.pos.tolist() == [[0, c] for c in range(cols)]
+    assert out.time.non_empty[0].all() and out.time.non_empty[1].tolist() == [c < 10 for c in range(cols)]
+    out.time.emb.square().sum().backward()
+    trunk = {n: p.grad for n, p in enc.named_parameters() if not n.startswith("time_stage.")}
+    assert all(g is None for g in trunk.values())
+    assert all(p.grad is not None for n, p in enc.named_parameters() if n.startswith("time_stage."))
+    assert enc.layer_ids()["time_stage.proj.1.weight"] == max(enc.layer_ids().values())
+
+    wide = SwinEncoder(time_stage_dim=16, time_stage_depth=1, time_stage_heads=2, **{**kw, "img_width": 128})
+    wide.load_state_dict(enc.state_dict())
+    assert wide(piano_roll(1, 128, 128)).time.emb.shape == (1, 32, 16)
+    with pytest.raises(ValueError, match="time_stage_dim \\(10\\) must be 0 \\(no time stage\\) or a positive multiple of "
+                                         "time_stage_heads \\(4\\)"):
+        SwinEncoder(time_stage_dim=10, **kw)
+    with pytest.raises(ConfigError, match="model.time_stage_dim reads the Swin pyramid's levels over time: it needs "
+                                          "model.encoder=swin, got vit"):
+        load_config(None, ["model.encoder=vit", "model.num_heads=2", "model.time_stage_dim=16"])
+    with pytest.raises(ConfigError, match="model.time_stage_dim must be 0 \\(none\\) or a positive multiple of "
+                                          "model.time_stage_heads \\(4\\)"):
+        load_config(None, ["model.time_stage_dim=6"])
