@@ -14,9 +14,11 @@ windows' tokens are stitched:
 Positions are in input units, `(pitch row, time step)` of the token's first pixel:
 `(row * downsample_h, window_start + col * downsample_w)`. Tokens that start at or after the
 piece end are dropped. Each level is stored as `levels.<i>.emb` (N_i, D_i) float32,
-`levels.<i>.pos` (N_i, 2) int64 and `levels.<i>.non_empty` (N_i,) bool, coarsest first; the
-safetensors metadata key `midi_rae` holds a JSON object with the piece metadata, the level
-descriptions, window, hop, steps and the checkpoint.
+`levels.<i>.pos` (N_i, 2) int64 and `levels.<i>.non_empty` (N_i,) bool, coarsest first; an
+encoder with a time stage (`model.time_stage_dim`) adds its tokens, one per finest column, as
+`time.emb`, `time.pos` (row 0) and `time.non_empty`. The safetensors metadata key `midi_rae`
+holds a JSON object with the piece metadata, the level descriptions, window, hop, steps and the
+checkpoint.
 
 `--window-size` / `--crop-width` run the encoder at another attention window and input width
 than it was trained at (e.g. trained on 128 x 64 crops with window 8, run on 128 x 256 with
@@ -40,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from midi_rae.core import LevelInfo
+from midi_rae.core import LevelInfo, PatchState
 from midi_rae.dataset import read_inputs, windows
 from midi_rae.roll import RollSettings
 from midi_rae.runs import load_encoder, roll_settings
@@ -63,13 +65,15 @@ class LevelEmbedding:
 
 @dataclass
 class Embeddings:
-    """Every level of one piece, coarsest first, with the piece's metadata."""
+    """Every level of one piece, coarsest first, with the piece's metadata (and the time stage's
+    tokens when the encoder has one)."""
 
     levels: list[LevelEmbedding]
     steps: int  # the piece's length in time steps
     window: int  # the encoder's window (time steps)
     hop: int
     meta: dict[str, Any]
+    time: LevelEmbedding | None = None  # the time stage's tokens (`swin.TimeStage`), one per finest column
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors: dict[str, Tensor] = {}
@@ -80,6 +84,10 @@ class Embeddings:
         info = [dataclasses.asdict(lvl.info) for lvl in self.levels]
         header = {"format": FORMAT, "steps": self.steps, "window": self.window, "hop": self.hop, "levels": info,
                   "piece": self.meta}
+        if self.time is not None:
+            tensors |= {"time.emb": self.time.emb.float().contiguous(), "time.pos": self.time.pos.long().contiguous(),
+                        "time.non_empty": self.time.non_empty.bool().contiguous()}
+            header["time"] = dataclasses.asdict(self.time.info)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Serialised in memory, written by Python: a failed write is an OSError naming the path.
@@ -92,12 +100,14 @@ class Embeddings:
             header = json.loads((f.metadata() or {}).get("midi_rae", "{}"))
             if header.get("format") != FORMAT:
                 raise ValueError(f"{path} is not an embeddings file written by `midi-rae encode`")
-            levels = []
-            for i, d in enumerate(header["levels"]):
+            def level(prefix: str, d: dict[str, Any]) -> LevelEmbedding:
                 info = LevelInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-                levels.append(LevelEmbedding(f.get_tensor(f"levels.{i}.emb"), f.get_tensor(f"levels.{i}.pos"),
-                                             f.get_tensor(f"levels.{i}.non_empty"), info))
-        return cls(levels, header["steps"], header["window"], header["hop"], header["piece"])
+                return LevelEmbedding(f.get_tensor(f"{prefix}.emb"), f.get_tensor(f"{prefix}.pos"),
+                                      f.get_tensor(f"{prefix}.non_empty"), info)
+
+            levels = [level(f"levels.{i}", d) for i, d in enumerate(header["levels"])]
+            time = level("time", header["time"]) if "time" in header else None
+        return cls(levels, header["steps"], header["window"], header["hop"], header["piece"], time)
 
 
 def check_hop(encoder: nn.Module, hop: int) -> None:
@@ -151,15 +161,22 @@ def encode_roll(encoder: nn.Module, roll: Tensor | np.ndarray, hop: int | None =
     was_training = encoder.training  # a module handed over mid-training: drop path would make embeddings random
     encoder.eval()
     try:
-        outs = [encoder(wins[i:i + batch_size].to(device)).patches for i in range(0, len(wins), batch_size)]
+        outs = [encoder(wins[i:i + batch_size].to(device)) for i in range(0, len(wins), batch_size)]
     finally:
         encoder.train(was_training)
-    levels = []
-    for li, info in enumerate(encoder.feature_info):
-        emb = torch.cat([o[li].emb for o in outs]).float().cpu()  # (K, N, D)
-        ne = torch.cat([o[li].non_empty for o in outs]).cpu()  # (K, N)
-        levels.append(stitch(emb, ne, outs[0][li].pos.cpu(), info, starts, W, x.shape[-1]))
-    return Embeddings(levels, x.shape[-1], W, hop, dict(meta or {}))
+
+    def stitched(states: list[PatchState], info: LevelInfo) -> LevelEmbedding:
+        emb = torch.cat([st.emb for st in states]).float().cpu()  # (K, N, D)
+        ne = torch.cat([st.non_empty for st in states]).cpu()  # (K, N)
+        return stitch(emb, ne, states[0].pos.cpu(), info, starts, W, x.shape[-1])
+
+    levels = [stitched([o.patches[li] for o in outs], info) for li, info in enumerate(encoder.feature_info)]
+    time = None
+    if outs[0].time is not None:  # one token per finest column, spanning every pitch
+        cols, dim = outs[0].time.num_patches, outs[0].time.dim
+        info = LevelInfo((1, cols), dim, (1, cols), (encoder.img_size[0], W // cols), "time_stage")
+        time = stitched([o.time for o in outs], info)
+    return Embeddings(levels, x.shape[-1], W, hop, dict(meta or {}), time)
 
 
 def encode(source: str | os.PathLike | Tensor | np.ndarray, checkpoint: str | os.PathLike | nn.Module,

@@ -67,6 +67,26 @@ def test_positions_cover_a_long_piece(hop: int | None) -> None:
         assert torch.allclose(fine.emb[sel], direct.emb[0][cols], atol=1e-5)
 
 
+def test_time_stage_tokens_are_stitched_and_saved(tmp_path: Path) -> None:
+    """An encoder with a time stage: its tokens, one per finest column, cover the piece once and
+    are the window's own (tiles); they survive a save / load; a file without them loads as before."""
+    cfg = load_config(None, ["data.crop_width=32", "model.depths=[1,1,1]", "model.num_heads=[1,2,4]",
+                             "model.window_size=4", "model.time_stage_dim=8", "model.time_stage_heads=2"])
+    enc = build_encoder(cfg).eval()
+    T = 150
+    roll = (torch.rand(1, 128, T, generator=torch.Generator().manual_seed(0)) > 0.95).float()
+    e = encode_roll(enc, roll)
+    cols = enc.grid_size[1]
+    assert e.time.info.grid_size == (1, cols) and e.time.info.downsample == (128, 32 // cols)
+    assert e.time.pos.tolist() == [[0, t] for t in range(0, T, 32 // cols)] and e.time.emb.shape[1] == 8
+    direct = enc(roll[None, :, :, 64:96]).time.emb[0]  # (cols, 8)
+    sel = (e.time.pos[:, 1] >= 64) & (e.time.pos[:, 1] < 96)
+    assert torch.allclose(e.time.emb[sel], direct, atol=1e-5)
+    back = Embeddings.load(e.save(tmp_path / "t.safetensors"))
+    assert back.time.info == e.time.info and torch.equal(back.time.emb, e.time.emb)
+    assert Embeddings.load(encode_roll(swin(), roll).save(tmp_path / "p.safetensors")).time is None
+
+
 def test_a_module_in_training_mode_is_encoded_as_in_eval_and_left_as_it_was() -> None:
     """encode() of a module handed over mid-training (drop path on): the embeddings are the eval
     ones, not a random draw, and the module stays in training mode."""
