@@ -66,7 +66,10 @@ class Logger:
         if not self.enabled:
             return
         values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
-        line = {"split": split, "step": step, "time": round(time.time(), 3), **values}
+        line = {"split": split, "step": step, "time": round(time.time(), 3)}
+        if clash := set(line) & set(values):  # a loss part named like one would silently replace it
+            raise ValueError(f"logged values {sorted(clash)} share a name with the line's own fields {list(line)}")
+        line |= values
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")  # undefined metrics (0 / 0) are written as null
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -380,7 +380,7 @@ class Pretrainer(nn.Module):
             raw = descriptors(x)  # (B, F), once for both heads
             parts["descriptors"] = self.descriptor_head.loss(encoded(), x, raw)
         if self.time_head is not None:
-            parts["time"] = self.time_head.loss(encoded(), x, raw)
+            parts["time_stage"] = self.time_head.loss(encoded(), x, raw)
         if o.isotropy_weight > 0:
             coarse = encoded().patches[:o.isotropy_levels]
             parts["isotropy"] = isotropy_loss([lvl.emb for lvl in coarse], [lvl.non_empty for lvl in coarse],
@@ -389,7 +389,7 @@ class Pretrainer(nn.Module):
                    "lejepa": o.lejepa_weight, "anchor": o.anchor_weight, "global": o.global_weight,
                    "coarse_ae": o.coarse_ae_weight, "descriptors": o.descriptor_weight,
                    "isotropy": o.isotropy_weight,
-                   "time": 1.0}  # the time stage's own loss: under stop-gradient, its weight would only scale its step
+                   "time_stage": 1.0}  # the time stage's own loss: under stop-gradient, its weight would only scale its step
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, parts
 

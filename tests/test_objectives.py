@@ -443,14 +443,14 @@ def test_time_stage_objective_trains_the_stage_alone(tiny_cache: Path) -> None:
     head = model.time_head
     torch.manual_seed(0)
     loss, parts = model({"x": x})
-    assert set(parts) == {"recon", "time"} and torch.allclose(loss, parts["recon"] + parts["time"])
+    assert set(parts) == {"recon", "time_stage"} and torch.allclose(loss, parts["recon"] + parts["time_stage"])
     torch.manual_seed(0)
     out = model.encoder(x, mask_ratio=model.objective.mask_ratio)
     err = (head.linear(out.time.emb.mean(1)) - _standardised(descriptors(x), head)) ** 2  # (B, F)
     weight = torch.ones(len(DESCRIPTOR_NAMES))
     weight[RHYTHM] = 3
-    assert torch.allclose(parts["time"], (err * weight).mean(), atol=1e-5)
-    parts["time"].backward()
+    assert torch.allclose(parts["time_stage"], (err * weight).mean(), atol=1e-5)
+    parts["time_stage"].backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all(n.startswith(("encoder.time_stage.", "time_head.")) for n in grads)
     assert any(n.startswith("time_head.") for n in grads) and any(n.startswith("encoder.time_stage.") for n in grads)

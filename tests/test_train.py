@@ -476,3 +476,15 @@ def test_grad_checkpointing_may_change_on_resume() -> None:
     del old["model"]["grad_checkpointing"]
     assert config_diff(old, on) == []
     assert config_diff(old, load_config("quickstart", ["model.embed_dim=32"]).to_dict()) == ["model.embed_dim: checkpoint 16, now 32"]
+
+
+def test_logged_values_never_replace_the_lines_own_fields(tmp_path: Path) -> None:
+    """A loss part named like a field of the metrics line (a time-stage loss called 'time' once
+    replaced the line's timestamp) is an error, not a silent overwrite."""
+    log = Logger(tmp_path, load_config(None, ["train.tensorboard=false"]), "pretrain", "train", True, 0)
+    log.log("train", 1, {"loss": 1.0, "time_stage": 0.5})
+    with pytest.raises(ValueError, match=r"logged values \['time'\] share a name with the line's own fields"):
+        log.log("train", 2, {"loss": 1.0, "time": 0.5})
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["time_stage"] == 0.5 and lines[0]["time"] > 1e9
