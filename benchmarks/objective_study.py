@@ -107,6 +107,11 @@ ROWS: dict[str, list[str]] = {
         "objective.descriptor_rhythm_weight=4", "model.embed_dim=20"],
     "coarse_ae_m0_desc25_p82_swindec_iso005_fold_rhythm8fine_e20_nested": ISO005_FOLD_FINE + [
         "objective.descriptor_rhythm_weight=8", "model.embed_dim=20"],
+    # the folded-onset row (rhythm weight 1) with a time stage beside the pyramid (`swin.TimeStage`,
+    # width 128): every level's profile over time under stop-gradient, trained on the descriptors with
+    # the rhythm weighted 4x, so the metre is held outside the levels the reconstruction fills; a step
+    # costs 1.13x (`ref_fold_t128`, 5,500 steps)
+    "coarse_ae_m0_desc25_p82_swindec_iso005_fold_time128_nested": ISO005_FOLD + ["model.time_stage_dim=128"],
     # half of each batch SimMIM (decoder reads every level), half the unmasked coarse autoencoder
     "simmim_coarse_ae": SIMMIM + ["objective.coarse_ae_weight=1", "objective.coarse_ae_levels=2"],
     "infonce": OFF + ["objective.recon_weight=0", "objective.global_weight=1", "data.view_mode=piece"],
