@@ -253,7 +253,7 @@ class Trainer:
         final = {"step": self.step, "seconds": round(time.time() - t0, 1), "best": self.best, "best_step": self.best_step,
                  "weights_sha1": digests[d.rank], "ranks_agree": agree, "world_size": d.world,
                  **{f"val_{k}": v for k, v in self.last_val.items()}}
-        self.log.log("final", self.step, final)
+        self.log.log("final", self.step, {k: v for k, v in final.items() if k != "step"})  # the line has its step
         self.log.close()
         if not agree:
             raise RuntimeError(f"processes ended with different weights ({digests}); gradients were not synchronised")
