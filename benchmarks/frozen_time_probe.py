@@ -1,0 +1,123 @@
+"""Would a time stage help a trained encoder? A quick test on a frozen run, before pretraining one.
+
+Every level's column means (`PatchState.column_means`, repeated to the finest grid's columns and
+concatenated) of a frozen run's encoder, on crops of the training works (`--side-crops-per-piece`
+per piece), feed a small Transformer over the columns (learned positions, `--dim` wide, 2 layers,
+4 heads) whose mean token regresses the crops' standardised descriptors (rhythm features weighted
+4x) for `--steps` steps; then the probe suite's tasks (same crops, split and L2 choice as `midi-rae
+probe`, 2 crops per piece) on 'all non-empty + self-sim', on the module's mean token ('side
+hidden'), on its predicted descriptors, and on the first two concatenated. The test works are never
+seen by the module. This is the offline counterpart of `swin.TimeStage` (which differs in its
+sinusoidal positions and is trained beside the pyramid during pretraining); see
+benchmarks/RESULTS.md, "fourteenth pass".
+
+    PYTHONPATH=. python benchmarks/frozen_time_probe.py runs/RUN --cache-dir CACHE --steps 4000 --dim 128
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+
+from midi_rae.cache import load_index, piece_work, split_of
+from midi_rae.descriptors import RHYTHM, descriptors
+from midi_rae.labels import find_tasks, piece_crops
+from midi_rae.probes import L2_GRID, level_features, probe_task
+from midi_rae.runs import datasets, load_encoder
+
+
+class Side(nn.Module):
+    """Column profiles (B, cols, D_in) -> mean token (B, d) -> descriptors."""
+
+    def __init__(self, d_in: int, cols: int, d: int, n_out: int) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d))
+        self.pos = nn.Parameter(torch.zeros(1, cols, d))
+        self.body = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 2 * d, 0.0, batch_first=True, norm_first=True),
+                                          2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, n_out)
+
+    def pooled(self, p: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.body(self.inp(p) + self.pos)).mean(1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--side-crops-per-piece", type=int, default=2)
+    p.add_argument("--side-crops", choices=["piece-starts", "pretraining"], default="piece-starts",
+                   help="the module's training crops: the first windows of each training piece, as the probe "
+                        "cuts its own (phase-aligned with the probe's crops), or as many drawn as pretraining "
+                        "draws them (random offsets and shifts)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    tasks = find_tasks(load_index(args.cache_dir), 0.05, None, None, 20, 4, 8, 150)
+    crops = piece_crops(args.cache_dir, [p for t in tasks for p in t.train + t.test], 128, 2)
+    train_pieces = [p for p in load_index(args.cache_dir) if split_of(piece_work(p), 0.05) != "val"]
+    side_x = piece_crops(args.cache_dir, train_pieces, 128, args.side_crops_per_piece).x  # training works only
+    assert not ({p["piece_id"] for t in tasks for p in t.test} & {p["piece_id"] for p in train_pieces})
+    enc, cfg = load_encoder(args.run)
+    if args.side_crops == "pretraining":  # the same number of crops, drawn by the run's training dataset
+        cfg.data.cache_dir = args.cache_dir
+        train, _ = datasets(cfg, 0, False)
+        side_x = torch.stack([train[i]["x"] for i in torch.randint(len(train), (len(side_x),)).tolist()])
+    print("probe crops", len(crops.x), "side crops", len(side_x), flush=True)
+    enc.eval()
+    cols = enc.grid_size[1]
+
+    @torch.inference_mode()
+    def profiles(x: torch.Tensor, bs: int = 128) -> torch.Tensor:
+        out = []
+        for i in range(0, len(x), bs):
+            levels = enc(x[i:i + bs, :enc.in_chans]).patches
+            out.append(torch.cat([lvl.column_means().float().repeat_interleave(cols // lvl.column_means().shape[1], 1)
+                                  for lvl in levels], -1))
+        return torch.cat(out)  # (N, cols, sum of the level dims)
+
+    t0 = time.time()
+    p_side, p_probe = profiles(side_x), profiles(crops.x)
+    d_side = descriptors(side_x)
+    y = (d_side - d_side.mean(0)) / d_side.std(0).clamp_min(1e-6)
+    w = torch.ones(y.shape[1])
+    w[RHYTHM] = 4.0
+    print("profiles", tuple(p_side.shape), f"{time.time() - t0:.0f}s", flush=True)
+
+    side = Side(p_side.shape[-1], cols, args.dim, y.shape[1])
+    opt = torch.optim.AdamW(side.parameters(), 1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.05)
+    for s in range(args.steps):
+        idx = torch.randint(len(p_side), (64,))
+        shift = int(torch.randint(0, 8, ()))  # a little time shift
+        loss = (((side.out(side.pooled(torch.roll(p_side[idx], shift, 1))) - y[idx]) ** 2) * w).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if s % 500 == 0:
+            print(s, f"{loss.item():.4f}", f"{time.time() - t0:.0f}s", flush=True)
+    with torch.no_grad():
+        hid = side.pooled(p_probe)
+        pred = side.out(hid)
+    base = level_features(enc, crops.x[:, :enc.in_chans])["all non-empty + self-sim"]
+    sets = {"run": {"all non-empty + self-sim": base, "side hidden": hid, "side predicted": pred,
+                    "all + side hidden": torch.cat([base, hid], 1)},
+            "descriptors": {"hand-crafted": descriptors(crops.x)}}
+    for task in tasks:
+        res = probe_task(task, crops, sets, L2_GRID)
+        print(f"\n{task.name}: {res['train_crops']} training crops, {res['test_crops']} test crops")
+        for r in res["rows"]:
+            print(f"| {r['model']} | {r['features']} | {r['dim']} | {r['balanced_accuracy']:.3f} |"
+                  + (" headline |" if r.get("headline") else " |"))
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
