@@ -77,9 +77,8 @@ def main() -> None:
     def profiles(x: torch.Tensor, bs: int = 128) -> torch.Tensor:
         out = []
         for i in range(0, len(x), bs):
-            levels = enc(x[i:i + bs, :enc.in_chans]).patches
-            out.append(torch.cat([lvl.column_means().float().repeat_interleave(cols // lvl.column_means().shape[1], 1)
-                                  for lvl in levels], -1))
+            means = [lvl.column_means().float() for lvl in enc(x[i:i + bs, :enc.in_chans]).patches]  # [(b, c, D)]
+            out.append(torch.cat([m.repeat_interleave(cols // m.shape[1], 1) for m in means], -1))
         return torch.cat(out)  # (N, cols, sum of the level dims)
 
     t0 = time.time()

@@ -100,6 +100,7 @@ class Embeddings:
             header = json.loads((f.metadata() or {}).get("midi_rae", "{}"))
             if header.get("format") != FORMAT:
                 raise ValueError(f"{path} is not an embeddings file written by `midi-rae encode`")
+
             def level(prefix: str, d: dict[str, Any]) -> LevelEmbedding:
                 info = LevelInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
                 return LevelEmbedding(f.get_tensor(f"{prefix}.emb"), f.get_tensor(f"{prefix}.pos"),
