@@ -64,6 +64,8 @@ class DataConfig:
     view_mode: str = opt("shift", "the second view: 'shift' (the same passage moved by max_time_shift / "
                                   "max_pitch_shift) or 'piece' (another passage of the same piece, moved by up to "
                                   "max_pitch_shift semitones of its own)")
+    crop_starts: str = opt("any", "where a crop starts in its piece: 'any' step, or 'tiles': a multiple of crop_width "
+                                  "from the piece start, the windows `encode` and the probes read")
     val_fraction: float = opt(0.05, "pieces held out, by a hash of their work (pieces.jsonl `work`, cache.work_groups)")
     val_max_items: int | None = opt(256, "cap on the fixed validation crops (None: all)")
     num_workers: int = opt(0, "DataLoader workers per process")
@@ -79,6 +81,7 @@ class DataConfig:
                  f"data.val_max_items must be positive or null (all), got {self.val_max_items}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.view_mode in ("shift", "piece"), f"data.view_mode must be 'shift' or 'piece', got {self.view_mode!r}")
+        _require(self.crop_starts in ("any", "tiles"), f"data.crop_starts must be 'any' or 'tiles', got {self.crop_starts!r}")
 
 
 @dataclass

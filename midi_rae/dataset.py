@@ -42,6 +42,8 @@ class PianoRollDataset(Dataset):
     any number of loader workers; call `set_epoch` to get new crops. The validation split is
     a fixed set of crops and shifts (no augmentation), identical on every run.
     Near-empty crops (fewer than `min_active` columns with a sounding note) are redrawn.
+    `crop_starts='tiles'` starts every anchor crop at a multiple of `crop_width` from the piece
+    start (the windows `encode` and the probe suite read) instead of at any step.
     `pieces`: these records of the cache's index instead of a split of it (`split` then only says
     whether crops are augmented); `labels`: piece id -> class index, given to each item as `y`.
     """
@@ -60,6 +62,7 @@ class PianoRollDataset(Dataset):
         channels: int | None = None,
         seed: int = 0,
         view_mode: str = "shift",
+        crop_starts: str = "any",
         pieces: list[dict[str, Any]] | None = None,
         labels: dict[str, int] | None = None,
     ) -> None:
@@ -78,6 +81,9 @@ class PianoRollDataset(Dataset):
         if view_mode not in ("shift", "piece"):
             raise ValueError(f"view_mode must be 'shift' or 'piece', got {view_mode!r}")
         self.view_mode = view_mode
+        if crop_starts not in ("any", "tiles"):
+            raise ValueError(f"crop_starts must be 'any' or 'tiles', got {crop_starts!r}")
+        self.crop_starts = crop_starts
         self.seed, self.epoch = seed, 0
         self.scale = self.settings.scale
         if pieces is not None:  # these records of the index, in their order
@@ -123,7 +129,10 @@ class PianoRollDataset(Dataset):
         t = len(sounding)
         best, best_count = 0, -1
         for _ in range(10):
-            start = int(rng.integers(0, max(t - self.crop_width, 0) + 1))
+            if self.crop_starts == "tiles":  # a tile that begins inside the piece, as `encode` and the probes cut them
+                start = self.crop_width * int(rng.integers(0, max(t - 1, 0) // self.crop_width + 1))
+            else:
+                start = int(rng.integers(0, max(t - self.crop_width, 0) + 1))
             count = int(sounding[start:start + self.crop_width].sum())
             if count >= self.min_active:
                 return start

@@ -99,7 +99,8 @@ def datasets(cfg: Config, seed: int, pair: bool, encoder_path: Path | None = Non
     check_time_grid(cfg, cache, encoder_path, overrides=encoder_path is None)
     d = cfg.data
     kw = dict(crop_width=d.crop_width, pair=pair, max_time_shift=d.max_time_shift, max_pitch_shift=d.max_pitch_shift,
-              val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode)
+              val_fraction=d.val_fraction, channels=d.channels, seed=seed, view_mode=d.view_mode,
+              crop_starts=d.crop_starts)
     train = PianoRollDataset(cache, "train", transpose=d.transpose, **kw)
     try:
         val = PianoRollDataset(cache, "val", **kw)

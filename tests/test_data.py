@@ -10,6 +10,7 @@ import torch
 
 from midi_rae.cache import CacheReader, load_settings, prepare, split_hash, split_of, work_groups, work_key
 from midi_rae.cache import crop, load_index, load_roll
+from midi_rae.config import ConfigError, load_config
 from midi_rae.corpus import corpus_root
 from midi_rae.dataset import PianoRollDataset
 from midi_rae.roll import BadInput, RollSettings, abc_tune_to_score, midi_to_roll, roll_to_midi, split_abc
@@ -214,6 +215,22 @@ def test_dataset_options(cache: Path) -> None:
     assert all(torch.equal(transposed[i]["x"].sum(), plain[i]["x"].sum()) for i in range(10))  # pitches 40..92 stay in range
     with pytest.raises(ValueError, match="split"):
         PianoRollDataset(cache, "test")
+
+
+def test_crops_on_the_tile_grid(cache: Path) -> None:
+    """crop_starts='tiles': every crop starts at a multiple of the crop width inside its piece (the
+    windows `encode` and the probes read), and every tile of a long piece is drawn; 'any' starts
+    elsewhere too; anything else is an error."""
+    tiles = PianoRollDataset(cache, "all", crop_width=32, pair=False, crop_starts="tiles", min_active=0)
+    starts = [(tiles[i]["start"], tiles[i]["steps"]) for i in range(len(tiles))]
+    assert all(s % 32 == 0 and s < max(steps, 1) for s, steps in starts)
+    assert len({s for s, _ in starts}) > 2
+    anywhere = PianoRollDataset(cache, "all", crop_width=32, pair=False)
+    assert any(anywhere[i]["start"] % 32 for i in range(len(anywhere)))
+    with pytest.raises(ValueError, match="crop_starts must be 'any' or 'tiles', got 'bars'"):
+        PianoRollDataset(cache, "all", crop_starts="bars")
+    with pytest.raises(ConfigError, match="data.crop_starts must be 'any' or 'tiles', got 'bars'"):
+        load_config(None, ["data.crop_starts=bars"])
 
 
 def test_hostile_length_refused(tmp_path: Path) -> None:
