@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--side-crops", choices=["piece-starts", "pretraining"], default="piece-starts",
                    help="the module's training crops: the first windows of each training piece, as the probe "
                         "cuts its own (phase-aligned with the probe's crops), or as many drawn as pretraining "
-                        "draws them (random offsets and shifts)")
+                        "draws them (the run's training dataset)")
+    p.add_argument("--crop-starts", choices=["any", "tiles"], default="any",
+                   help="--side-crops pretraining: the dataset's data.crop_starts")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -66,7 +68,7 @@ def main() -> None:
     assert not ({p["piece_id"] for t in tasks for p in t.test} & {p["piece_id"] for p in train_pieces})
     enc, cfg = load_encoder(args.run)
     if args.side_crops == "pretraining":  # the same number of crops, drawn by the run's training dataset
-        cfg.data.cache_dir = args.cache_dir
+        cfg.data.cache_dir, cfg.data.crop_starts = args.cache_dir, args.crop_starts
         train, _ = datasets(cfg, 0, False)
         side_x = torch.stack([train[i]["x"] for i in torch.randint(len(train), (len(side_x),)).tolist()])
     print("probe crops", len(crops.x), "side crops", len(side_x), flush=True)
