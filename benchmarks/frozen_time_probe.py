@@ -61,9 +61,10 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    tasks = find_tasks(load_index(args.cache_dir), 0.05, None, None, 20, 4, 8, 150)
+    index = load_index(args.cache_dir)
+    tasks = find_tasks(index, 0.05, None, None, 20, 4, 8, 150)
     crops = piece_crops(args.cache_dir, [p for t in tasks for p in t.train + t.test], 128, 2)
-    train_pieces = [p for p in load_index(args.cache_dir) if split_of(piece_work(p), 0.05) != "val"]
+    train_pieces = [p for p in index if split_of(piece_work(p), 0.05) != "val"]
     side_x = piece_crops(args.cache_dir, train_pieces, 128, args.side_crops_per_piece).x  # training works only
     assert not ({p["piece_id"] for t in tasks for p in t.test} & {p["piece_id"] for p in train_pieces})
     enc, cfg = load_encoder(args.run)

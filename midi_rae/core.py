@@ -75,10 +75,12 @@ class PatchState:
         keep = self.non_empty[..., None].to(self.emb.dtype)  # (B, N, 1)
         return (self.emb * keep).sum(1) / keep.sum(1).clamp_min(1)
 
-    def column_means(self) -> Tensor:
+    def column_means(self, grid: tuple[int, int] | None = None) -> Tensor:
         """(B, cols, D): each column (time position) of the level's grid as the mean of its
-        non-empty tokens, zeros where the column is silent: the level's profile over time."""
-        rows, cols = int(self.pos[:, 0].max()) + 1, int(self.pos[:, 1].max()) + 1
+        non-empty tokens, zeros where the column is silent: the level's profile over time.
+        `grid`: the level's (rows, cols) when the caller knows it (`LevelInfo.grid_size`);
+        otherwise read from `pos`, which costs a device-to-host copy on an accelerator."""
+        rows, cols = grid or (int(self.pos[:, 0].max()) + 1, int(self.pos[:, 1].max()) + 1)
         B, _, D = self.emb.shape
         emb = self.emb.reshape(B, rows, cols, D)
         keep = self.non_empty.reshape(B, rows, cols, 1).to(emb.dtype)

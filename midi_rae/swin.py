@@ -50,9 +50,10 @@ class TimeStage(nn.Module):
     token per finest column.
 
     It reads the levels under stop-gradient, so what it is trained for (the crop's descriptors,
-    the metre weighted up: `models.TimeDescriptorHead`) never displaces what the pyramid holds; its own width and
-    global attention in time are what the levels' windowed, narrow tokens lack for the period of
-    the bar."""
+    the metre weighted up: `models.TimeDescriptorHead`) never displaces what the pyramid holds;
+    its own width and global attention in time are what the levels' windowed, narrow tokens lack
+    for the period of the bar. The levels' grids come from `levels.info` (the encoder's
+    `feature_info`), so no shape is read back from the device."""
 
     def __init__(self, level_dims: Sequence[int], dim: int, depth: int = 2, heads: int = 4) -> None:
         super().__init__()
@@ -63,10 +64,10 @@ class TimeStage(nn.Module):
 
     def forward(self, levels: HierarchicalPatchState) -> PatchState:
         finest = levels.finest
-        rows, cols = int(finest.pos[:, 0].max()) + 1, int(finest.pos[:, 1].max()) + 1
+        rows, cols = levels.info[-1].grid_size
         profiles = []
-        for lvl in levels:
-            c = lvl.column_means().detach()  # (B, c, D): stop-gradient, the pyramid is not shaped by this stage
+        for lvl, info in zip(levels, levels.info):
+            c = lvl.column_means(info.grid_size).detach()  # (B, c, D): stop-gradient, the pyramid is not shaped by this stage
             profiles.append(c.repeat_interleave(cols // c.shape[1], dim=1))
         x = self.proj(torch.cat(profiles, dim=-1))  # (B, cols, dim)
         tokens = self.norm(self.blocks(x + sinusoidal_positions(cols, x.shape[-1]).to(x)))

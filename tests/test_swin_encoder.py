@@ -413,6 +413,8 @@ def test_time_stage_reads_the_pyramid_under_stop_gradient() -> None:
     assert plain(x).time is None
     for a, b in zip(out.patches, plain(x).patches):
         torch.testing.assert_close(a.emb, b.emb)
+    for lvl, info in zip(out.patches, enc.feature_info):  # the grid the stage is given is the one pos spells
+        torch.testing.assert_close(lvl.column_means(info.grid_size), lvl.column_means())
     cols = 64 // 4
     assert out.time.emb.shape == (2, cols, 16) and out.time.pos.tolist() == [[0, c] for c in range(cols)]
     assert out.time.non_empty[0].all() and out.time.non_empty[1].tolist() == [c < 10 for c in range(cols)]
