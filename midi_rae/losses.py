@@ -102,6 +102,9 @@ def mep_loss(preds: Sequence[Tensor], targets: Sequence[Tensor], masks: Sequence
     return total / sum(weights)
 
 
+# Outside torch.compile's graph (a small draw): a width seen at two sizes (two levels) turns symbolic
+# there, and randn of a symbolic size fails to trace.
+@torch.compiler.disable
 def random_directions(dim: int, num: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Tensor:
     """(dim, num) unit-norm random directions, uniform on the sphere."""

@@ -176,6 +176,22 @@ def test_isotropy_loss_sees_collapse_not_scale_or_mean() -> None:
     assert two == pytest.approx(gauss / 2, rel=1e-5)
 
 
+def test_isotropy_loss_under_torch_compile_over_levels_of_two_widths() -> None:
+    """`train.compile=true` with `objective.isotropy_weight` (the `reference` preset): the loss over
+    levels of two widths traces (the tracer turns the width symbolic, and the random directions
+    are drawn outside its graph, from the global generator as training draws them) and gives the
+    eager values."""
+    compiled = torch.compile(isotropy_loss, backend="eager")  # dynamo's tracing is what failed; no inductor needed
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # the second call recompiles with the widths symbolic
+        levels = [torch.randn(2, 8, 32, generator=g), torch.randn(2, 4, 16, generator=g)]
+        valid = [torch.rand(2, 8, generator=g) > 0.3, torch.rand(2, 4, generator=g) > 0.3]
+        torch.manual_seed(1)
+        got = compiled(levels, valid, 64).item()
+        torch.manual_seed(1)
+        assert got == pytest.approx(isotropy_loss(levels, valid, 64).item(), rel=1e-5)
+
+
 # ---- LeJEPA ---------------------------------------------------------------------------
 
 def pyramid(B: int = 2, seed: int = 0, requires_grad: bool = False) -> list[torch.Tensor]:
