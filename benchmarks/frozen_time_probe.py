@@ -9,7 +9,15 @@ probe`, 2 crops per piece) on 'all non-empty + self-sim', on the module's mean t
 hidden'), on its predicted descriptors, and on the first two concatenated. The test works are never
 seen by the module. This is the offline counterpart of `swin.TimeStage` (which differs in its
 sinusoidal positions and is trained beside the pyramid during pretraining); see
-benchmarks/RESULTS.md, "fourteenth pass".
+benchmarks/RESULTS.md, "fourteenth pass" and "fifteenth pass".
+
+`--inputs roll` gives the module the roll's own counts per time step instead of the levels'
+profiles (the notes sounding and starting: every onset the rhythm descriptors read), `both` the two.
+`--side-crops later-tiles` trains on the 3rd to 8th tiles of each training piece with at least 4
+(never the probe's kind of crop, the first two), grouped by piece, so that `--piece-weight` can
+add a same-piece InfoNCE (SimCLR's loss on an MLP projection of the mean token; two tiles of one
+piece are a positive pair, the other pieces of the batch the negatives) to the descriptor loss
+(`--descriptor-weight`, 0 for the contrastive loss alone).
 
     PYTHONPATH=. python benchmarks/frozen_time_probe.py runs/RUN --cache-dir CACHE --steps 4000 --dim 128
 """
@@ -24,16 +32,21 @@ import torch.nn as nn
 from midi_rae.cache import load_index, piece_work, split_of
 from midi_rae.descriptors import RHYTHM, descriptors
 from midi_rae.labels import find_tasks, piece_crops
+from midi_rae.losses import info_nce
 from midi_rae.probes import L2_GRID, level_features, probe_task
 from midi_rae.runs import datasets, load_encoder
 
 
 class Side(nn.Module):
-    """Column profiles (B, cols, D_in) -> mean token (B, d) -> descriptors."""
+    """Column profiles (B, cols, D_levels + D_counts) -> mean token (B, d) -> descriptors. The levels'
+    means are layer-normalised per column; the roll's counts enter as log(1 + count): normalising a
+    column of a few counts would make a silent column and one full of onsets alike."""
 
-    def __init__(self, d_in: int, cols: int, d: int, n_out: int) -> None:
+    def __init__(self, d_levels: int, d_counts: int, cols: int, d: int, n_out: int) -> None:
         super().__init__()
-        self.inp = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d))
+        self.d_levels = d_levels
+        self.norm_in = nn.LayerNorm(d_levels) if d_levels else nn.Identity()
+        self.inp = nn.Linear(d_levels + d_counts, d)
         self.pos = nn.Parameter(torch.zeros(1, cols, d))
         self.body = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 2 * d, 0.0, batch_first=True, norm_first=True),
                                           2, enable_nested_tensor=False)
@@ -41,7 +54,8 @@ class Side(nn.Module):
         self.out = nn.Linear(d, n_out)
 
     def pooled(self, p: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.body(self.inp(p) + self.pos)).mean(1)
+        x = torch.cat([self.norm_in(p[..., :self.d_levels]), p[..., self.d_levels:].log1p()], -1)
+        return self.norm(self.body(self.inp(x) + self.pos)).mean(1)
 
 
 def main() -> None:
@@ -51,12 +65,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--side-crops-per-piece", type=int, default=2)
-    p.add_argument("--side-crops", choices=["piece-starts", "pretraining"], default="piece-starts",
+    p.add_argument("--side-crops", choices=["piece-starts", "pretraining", "later-tiles"], default="piece-starts",
                    help="the module's training crops: the first windows of each training piece, as the probe "
-                        "cuts its own (phase-aligned with the probe's crops), or as many drawn as pretraining "
-                        "draws them (the run's training dataset)")
+                        "cuts its own (phase-aligned with the probe's crops), as many drawn as pretraining "
+                        "draws them (the run's training dataset), or the 3rd to 8th tiles, grouped by piece")
+    p.add_argument("--descriptor-weight", type=float, default=1.0)
+    p.add_argument("--piece-weight", type=float, default=0.0,
+                   help="--side-crops later-tiles: same-piece InfoNCE between two tiles of each piece of a batch")
     p.add_argument("--crop-starts", choices=["any", "tiles"], default="any",
                    help="--side-crops pretraining: the dataset's data.crop_starts")
+    p.add_argument("--inputs", choices=["levels", "roll", "both"], default="levels",
+                   help="what the module reads a column of: the levels' column means, the roll's own counts "
+                        "(sounding and onset pitches at each of the column's time steps, every channel), or both")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -65,7 +85,22 @@ def main() -> None:
     tasks = find_tasks(index, 0.05, None, None, 20, 4, 8, 150)
     crops = piece_crops(args.cache_dir, [p for t in tasks for p in t.train + t.test], 128, 2)
     train_pieces = [p for p in index if split_of(piece_work(p), 0.05) != "val"]
-    side_x = piece_crops(args.cache_dir, train_pieces, 128, args.side_crops_per_piece).x  # training works only
+    groups: list[list[int]] = []  # --side-crops later-tiles: the rows of side_x of each piece
+    if args.side_crops == "later-tiles":
+        xs, n = [], 0
+        for c0 in range(0, len(train_pieces), 500):  # in chunks: 8 tiles of every piece at once would not fit in memory
+            part = piece_crops(args.cache_dir, train_pieces[c0:c0 + 500], 128, 8)
+            for rows in part.by_piece.values():
+                if len(rows) >= 4:
+                    xs.append(part.x[rows[2:]])
+                    groups.append(list(range(n, n + len(rows) - 2)))
+                    n += len(rows) - 2
+        side_x = torch.cat(xs)
+        del xs, part
+    else:
+        side_x = piece_crops(args.cache_dir, train_pieces, 128, args.side_crops_per_piece).x  # training works only
+    if args.piece_weight and not groups:
+        p.error("--piece-weight needs --side-crops later-tiles (crops grouped by piece)")
     assert not ({p["piece_id"] for t in tasks for p in t.test} & {p["piece_id"] for p in train_pieces})
     enc, cfg = load_encoder(args.run)
     if args.side_crops == "pretraining":  # the same number of crops, drawn by the run's training dataset
@@ -80,9 +115,15 @@ def main() -> None:
     def profiles(x: torch.Tensor, bs: int = 128) -> torch.Tensor:
         out = []
         for i in range(0, len(x), bs):
-            means = [lvl.column_means().float() for lvl in enc(x[i:i + bs, :enc.in_chans]).patches]  # [(b, c, D)]
-            out.append(torch.cat([m.repeat_interleave(cols // m.shape[1], 1) for m in means], -1))
-        return torch.cat(out)  # (N, cols, sum of the level dims)
+            xb, parts = x[i:i + bs, :enc.in_chans], []
+            if args.inputs != "roll":
+                means = [lvl.column_means().float() for lvl in enc(xb).patches]  # [(b, c, D)]
+                parts.append(torch.cat([m.repeat_interleave(cols // m.shape[1], 1) for m in means], -1))
+            if args.inputs != "levels":  # (b, cols, C * steps a column): notes sounding / starting at each step
+                b, c, _, t = xb.shape
+                parts.append(xb.float().sum(2).reshape(b, c, cols, t // cols).permute(0, 2, 1, 3).reshape(b, cols, -1))
+            out.append(torch.cat(parts, -1))
+        return torch.cat(out)  # (N, cols, features of a column)
 
     t0 = time.time()
     p_side, p_probe = profiles(side_x), profiles(crops.x)
@@ -92,13 +133,27 @@ def main() -> None:
     w[RHYTHM] = 4.0
     print("profiles", tuple(p_side.shape), f"{time.time() - t0:.0f}s", flush=True)
 
-    side = Side(p_side.shape[-1], cols, args.dim, y.shape[1])
-    opt = torch.optim.AdamW(side.parameters(), 1e-3, weight_decay=0.05)
+    d_levels = sum(i.dim for i in enc.feature_info) if args.inputs != "roll" else 0
+    side = Side(d_levels, p_side.shape[-1] - d_levels, cols, args.dim, y.shape[1])
+    params = list(side.parameters())
+    if args.piece_weight:  # the InfoNCE's projector (built only then: the other runs draw the same numbers as before)
+        proj = nn.Sequential(nn.Linear(args.dim, args.dim), nn.GELU(), nn.Linear(args.dim, 64))
+        params += proj.parameters()
+    opt = torch.optim.AdamW(params, 1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.05)
     for s in range(args.steps):
-        idx = torch.randint(len(p_side), (64,))
+        if args.piece_weight:  # 64 pieces, two of their tiles each: (128,), pairs i and i + 64
+            pairs = [torch.tensor(groups[g])[torch.randperm(len(groups[g]))[:2]]
+                     for g in torch.randint(len(groups), (64,)).tolist()]
+            idx = torch.cat([torch.stack([q[0] for q in pairs]), torch.stack([q[1] for q in pairs])])
+        else:
+            idx = torch.randint(len(p_side), (64,))
         shift = int(torch.randint(0, 8, ()))  # a little time shift
-        loss = (((side.out(side.pooled(torch.roll(p_side[idx], shift, 1))) - y[idx]) ** 2) * w).mean()
+        hid = side.pooled(torch.roll(p_side[idx], shift, 1))
+        loss = args.descriptor_weight * (((side.out(hid) - y[idx]) ** 2) * w).mean()
+        if args.piece_weight:
+            z1, z2 = proj(hid).chunk(2)
+            loss = loss + args.piece_weight * info_nce(z1, z2, 0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()
