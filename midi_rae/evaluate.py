@@ -262,7 +262,9 @@ def run_summary(cfg: Config, n_examples: int = 4, probe: bool = False) -> dict[s
         md += ["", "## Linear probes (balanced accuracy on held-out pieces; all levels pooled; details in probe.md)", "",
                *probes.headline_table(heads["models"], heads["headline"]), "",
                "The random-initialisation twin has the trained encoder's shape: what pretraining added is the "
-               "difference; the descriptors are hand-crafted music statistics (midi_rae.descriptors)."]
+               "difference; the descriptors are hand-crafted music statistics (midi_rae.descriptors). The "
+               "differences, with 95 % intervals over resamples of the test works (paired):", "",
+               *probes.differences_table(heads["differences"])]
         atomic_write_text(run_dir / "summary.md", "\n".join(md) + "\n")
     return summary
 
@@ -278,4 +280,5 @@ def probe_summary(cfg: Config) -> dict[str, Any] | None:
         print(f"[probe] skipped: {e}", flush=True)
         return None
     probes.write(result, run_dir / "probe.json")
-    return {"models": result["models"], "headline": probes.headline(result)}
+    return {"models": result["models"], "headline": probes.headline(result),
+            "differences": [d for t in result["tasks"] for d in t["differences"]]}

@@ -7,7 +7,8 @@ metrics) or the ratios are taken per sample and then averaged over the samples w
 defined (masked-patch metrics: a sample whose masked patches hold no note and got none
 predicted has no precision, recall or F1 and does not enter their means).
 
-Classification metrics (probes, fine-tuning): accuracy, balanced accuracy, the confusion matrix.
+Classification metrics (probes, fine-tuning): accuracy, balanced accuracy, the confusion matrix,
+and balanced accuracy over bootstrap resamples of the test groups (for intervals and paired differences).
 """
 from __future__ import annotations
 
@@ -157,6 +158,29 @@ def scores(pred: Tensor, true: Tensor) -> dict[str, float]:
     """accuracy and balanced accuracy (mean recall over the classes present in `true`)."""
     recalls = [float((pred[true == c] == c).float().mean()) for c in true.unique()]
     return {"accuracy": float((pred == true).float().mean()), "balanced_accuracy": sum(recalls) / len(recalls)}
+
+
+def bootstrap_balanced_accuracy(correct: Tensor, true: Tensor, groups: list[str], n_boot: int = 1000,
+                                seed: int = 0) -> Tensor:
+    """Balanced accuracy of M predictors on `n_boot` resamples of the test set: (n_boot, M) float64.
+
+    correct: (M, N) bool, whether predictor m got item n right; true: (N,) classes; groups: (N,) the
+    unit resampled with replacement (a work: crops of one work are not independent draws). Every
+    predictor is scored on the same resamples, so differences between columns are paired. A class
+    that a resample leaves out does not count in its mean (as `scores`: classes present in `true`).
+    """
+    names = sorted(set(groups))
+    member = torch.tensor([names.index(g) for g in groups])  # (N,) group index of each item
+    draws = torch.randint(len(names), (n_boot, len(names)), generator=torch.Generator().manual_seed(seed))
+    times = torch.zeros(n_boot, len(names), dtype=torch.float64).scatter_add_(  # (n_boot, G) times drawn
+        1, draws, torch.ones(draws.shape, dtype=torch.float64))
+    w = times[:, member]  # (n_boot, N) weight of each item in each resample
+    onehot = torch.nn.functional.one_hot(true, int(true.max()) + 1).double()  # (N, C)
+    per_class = w @ onehot  # (n_boot, C) items of each class drawn
+    hits = torch.einsum("bn,mn,nc->bmc", w, correct.double(), onehot)  # (n_boot, M, C) of them right
+    present = (per_class > 0).unsqueeze(1)  # (n_boot, 1, C)
+    recall = torch.where(present, hits / per_class.clamp_min(1.0).unsqueeze(1), 0.0)
+    return recall.sum(2) / present.sum(2)
 
 
 def class_confusion(pred: Tensor, true: Tensor, n_classes: int) -> Tensor:

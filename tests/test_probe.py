@@ -110,10 +110,14 @@ def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_pa
     for model in r["models"]:  # one headline per encoder, chosen on the training side
         assert sum(bool(row.get("headline")) for row in rows if row["model"] == model) == 1
     assert all(row["l2"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0) for row in rows if "l2" in row)
+    assert all(0 <= row["ci95"][0] <= row["ci95"][1] <= 1 for row in rows)
+    assert [(d["model"], d["against"]) for d in task["differences"]] == [
+        (m, other) for m in ("swin (swin)", "vit (vit)") for other in (m + " at random init", "raw pixels", "descriptors")]
     assert main(["probe", *map(str, runs), "--cache-dir", str(labelled_cache), "--level", "0", "--test-fraction", "0.3",
                  "--label", "collection", "--min-pieces", "5", "--no-random", "-o", str(tmp_path / "new" / "probe.json")]) == 0
     out = capsys.readouterr().out
     assert "| swin (swin) | L0 mean" in out and "| vit (vit) | L0 non-empty" in out and "random init" not in out
+    assert "| collection | swin (swin) | descriptors | " in out and "| collection | vit (vit) | raw pixels | " in out
     assert all((tmp_path / "new" / f"probe.{ext}").stat().st_size > 0 for ext in ("json", "md", "png"))  # folder made
     assert main(["probe", str(runs[0]), "-o", str(tmp_path)]) == 2  # a folder, refused before any probing
     assert "is a folder; give a file name" in capsys.readouterr().err
@@ -192,6 +196,45 @@ def test_one_l2_still_picks_the_headline_on_the_hold_out() -> None:
     rows = {r["features"]: r for r in result["rows"] if r["model"] == "enc"}
     assert all(r["holdout_bacc"] == r["holdout_bacc"] for r in rows.values())  # scored, not NaN
     assert rows["signal"].get("headline") and not rows["noise"].get("headline")
+
+
+def test_bootstrap_resamples_groups_and_pairs_predictors() -> None:
+    from midi_rae.metrics import bootstrap_balanced_accuracy, scores
+
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 0, 1, 1, 2, 2, 0])
+    correct = torch.stack([pred == y, pred == y, torch.ones(8, dtype=torch.bool)])  # (3, 8)
+    boot = bootstrap_balanced_accuracy(correct, y, [f"w{i}" for i in range(8)], 4000)  # (4000, 3)
+    assert boot.shape == (4000, 3)
+    assert torch.equal(boot[:, 0], boot[:, 1])  # the same predictions on the same resamples: paired
+    assert (boot[:, 2] == 1).all() and boot[:, 0].std() > 0.05
+    assert abs(float(boot[:, 0].mean()) - scores(pred, y)["balanced_accuracy"]) < 0.05
+    assert torch.equal(boot, bootstrap_balanced_accuracy(correct, y, [f"w{i}" for i in range(8)], 4000))  # seeded
+    # one work holding every crop: each resample draws the whole test side, so no spread at all
+    whole = bootstrap_balanced_accuracy(correct, y, ["w"] * 8, 100)
+    assert torch.allclose(whole[:, 0], torch.tensor(scores(pred, y)["balanced_accuracy"], dtype=torch.float64))
+
+
+def test_differences_are_paired_against_the_twin_and_the_baselines() -> None:
+    """An encoder whose features are its twin's differs from it by exactly zero on every resample;
+    one with the label in its features is ahead of the twin with an interval above zero."""
+    from midi_rae.labels import Crops, Task
+    from midi_rae.probes import probe_task
+
+    g = torch.Generator().manual_seed(0)
+    pieces = [{"piece_id": f"w{i}.mid", "collection": "ab"[i % 2]} for i in range(120)]
+    y = torch.tensor([i % 2 for i in range(120)], dtype=torch.float64)
+    crops = Crops(torch.zeros(120, 1, 1, 1), [p["piece_id"] for p in pieces], {p["piece_id"]: [i] for i, p in enumerate(pieces)})
+    noise = {"f": torch.randn(120, 4, generator=g, dtype=torch.float64)}
+    signal = {"f": y[:, None] + 0.1 * torch.randn(120, 1, generator=g, dtype=torch.float64)}
+    task = Task("collection", ["a", "b"], pieces[:80], pieces[80:])
+    sets = {"descriptors": noise, "same": noise, "same at random init": noise, "good": signal, "good at random init": noise}
+    diffs = {(d["model"], d["against"]): d for d in probe_task(task, crops, sets, l2_grid=(1e-2,))["differences"]}
+    assert set(diffs) == {("same", "same at random init"), ("same", "descriptors"),
+                          ("good", "good at random init"), ("good", "descriptors")}  # no raw-pixel row given
+    assert diffs[("same", "same at random init")]["difference"] == 0 and diffs[("same", "same at random init")]["ci95"] == [0, 0]
+    good = diffs[("good", "good at random init")]
+    assert good["difference"] > 0.3 and good["ci95"][0] > 0.1
 
 
 def test_runs_of_one_config_name_keep_their_own_rows(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
