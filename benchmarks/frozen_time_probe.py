@@ -17,7 +17,9 @@ profiles (the notes sounding and starting: every onset the rhythm descriptors re
 (never the probe's kind of crop, the first two), grouped by piece, so that `--piece-weight` can
 add a same-piece InfoNCE (SimCLR's loss on an MLP projection of the mean token; two tiles of one
 piece are a positive pair, the other pieces of the batch the negatives) to the descriptor loss
-(`--descriptor-weight`, 0 for the contrastive loss alone).
+(`--descriptor-weight`, 0 for the contrastive loss alone). `--module autocorr` swaps the Transformer
+for `AutocorrSide`: learned per-column signals and their autocorrelations, the offline counterpart of
+`swin.AutocorrTimeStage` (benchmarks/RESULTS.md, "sixteenth pass").
 
     PYTHONPATH=. python benchmarks/frozen_time_probe.py runs/RUN --cache-dir CACHE --steps 4000 --dim 128
 """
@@ -58,6 +60,31 @@ class Side(nn.Module):
         return self.norm(self.body(self.inp(x) + self.pos)).mean(1)
 
 
+class AutocorrSide(nn.Module):
+    """Column profiles (B, cols, D_levels + D_counts) -> `channels` soft onset-like signals per
+    column (a per-column MLP, sigmoid) -> their autocorrelations at lags 1..`lags` columns, each
+    divided by its energy as the descriptors' onset autocorrelation is -> mean token (B, d). The
+    lagged products a regression has to approximate are computed here exactly; what is learned is
+    which signals to correlate."""
+
+    def __init__(self, d_levels: int, d_counts: int, cols: int, d: int, n_out: int, channels: int = 16,
+                 lags: int = 32) -> None:
+        super().__init__()
+        self.d_levels, self.lags = d_levels, lags
+        self.norm_in = nn.LayerNorm(d_levels) if d_levels else nn.Identity()
+        self.signal = nn.Sequential(nn.Linear(d_levels + d_counts, d), nn.GELU(), nn.Linear(d, channels))
+        self.inp = nn.Linear(channels * (lags + 1), d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, n_out)
+
+    def pooled(self, p: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.norm_in(p[..., :self.d_levels]), p[..., self.d_levels:].log1p()], -1)
+        g = torch.sigmoid(self.signal(x))  # (B, cols, C)
+        energy = (g * g).sum(1).clamp_min(1e-6)  # (B, C)
+        ac = torch.stack([(g[:, :-k] * g[:, k:]).sum(1) / energy for k in range(1, self.lags + 1)], -1)  # (B, C, lags)
+        return self.norm(self.inp(torch.cat([ac, g.mean(1, keepdim=True).transpose(1, 2)], -1).flatten(1)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run")
@@ -77,6 +104,9 @@ def main() -> None:
     p.add_argument("--inputs", choices=["levels", "roll", "both"], default="levels",
                    help="what the module reads a column of: the levels' column means, the roll's own counts "
                         "(sounding and onset pitches at each of the column's time steps, every channel), or both")
+    p.add_argument("--module", choices=["transformer", "autocorr"], default="transformer",
+                   help="the side module: a Transformer over the columns (`Side`), or learned signals and "
+                        "their autocorrelations (`AutocorrSide`)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -134,7 +164,8 @@ def main() -> None:
     print("profiles", tuple(p_side.shape), f"{time.time() - t0:.0f}s", flush=True)
 
     d_levels = sum(i.dim for i in enc.feature_info) if args.inputs != "roll" else 0
-    side = Side(d_levels, p_side.shape[-1] - d_levels, cols, args.dim, y.shape[1])
+    side = (Side if args.module == "transformer" else AutocorrSide)(d_levels, p_side.shape[-1] - d_levels, cols,
+                                                                    args.dim, y.shape[1])
     params = list(side.parameters())
     if args.piece_weight:  # the InfoNCE's projector (built only then: the other runs draw the same numbers as before)
         proj = nn.Sequential(nn.Linear(args.dim, args.dim), nn.GELU(), nn.Linear(args.dim, 64))

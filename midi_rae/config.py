@@ -110,6 +110,9 @@ class ModelConfig:
     time_stage_dim: int = opt(0, "swin: width of a time stage beside the pyramid (swin.TimeStage): it reads every level's profile over time under stop-gradient, is trained on the crop's descriptors (objective.time_stage_rhythm_weight) and is read by the probes beside the levels; 0: none")
     time_stage_depth: int = opt(2, "its Transformer layers (attention over every column of the crop)")
     time_stage_heads: int = opt(4, "its heads (time_stage_dim must be a multiple)")
+    time_stage_kind: str = opt("transformer", "the time stage: 'transformer' (attention over the columns, one token a column) or 'autocorr' (swin.AutocorrTimeStage: learned signals per column and their autocorrelations, one token a crop)")
+    time_stage_signals: int = opt(16, "time_stage_kind=autocorr: the signals it correlates")
+    time_stage_lags: int = opt(32, "time_stage_kind=autocorr: lags 1..this many finest columns")
     mae_decoder_dim: int = opt(64, "width of the light decoder of masked reconstruction during pretraining")
     mae_decoder_depth: int = opt(2, "its blocks")
     mae_decoder_heads: int = opt(4, "its heads")
@@ -123,11 +126,15 @@ class ModelConfig:
         _require(self.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
         _require(self.mae_decoder_dim > 0 and self.mae_decoder_depth > 0 and self.mae_decoder_heads > 0,
                  "model.mae_decoder_dim, mae_decoder_depth and mae_decoder_heads must be positive")
-        _require(self.time_stage_dim == 0 or (self.time_stage_dim > 0 and self.time_stage_depth > 0
-                                              and self.time_stage_heads > 0
-                                              and self.time_stage_dim % self.time_stage_heads == 0),
+        _require(self.time_stage_dim == 0 or (self.time_stage_dim > 0 and (
+                     self.time_stage_kind != "transformer" or (self.time_stage_depth > 0 and self.time_stage_heads > 0
+                                                               and self.time_stage_dim % self.time_stage_heads == 0))),
                  f"model.time_stage_dim must be 0 (none) or a positive multiple of model.time_stage_heads "
                  f"({self.time_stage_heads}), with model.time_stage_depth >= 1; got {self.time_stage_dim}")
+        _require(self.time_stage_kind in ("transformer", "autocorr") and self.time_stage_signals > 0
+                 and self.time_stage_lags > 0,
+                 f"model.time_stage_kind must be 'transformer' or 'autocorr' (got {self.time_stage_kind!r}), with "
+                 f"model.time_stage_signals and model.time_stage_lags >= 1")
         all_heads = self.num_heads if isinstance(self.num_heads, list) else [self.num_heads]
         _require(all(h > 0 for h in all_heads), f"model.num_heads must be positive, got {self.num_heads}")
         _require(0.0 <= self.empty_mask_ratio <= 1.0, f"model.empty_mask_ratio must be in [0, 1], got {self.empty_mask_ratio}")

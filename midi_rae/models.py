@@ -47,7 +47,9 @@ def encoder_kwargs(cfg: Config) -> dict:
               inter_stage_mask_ratio=m.inter_stage_mask_ratio, inter_stage_mask_all=m.inter_stage_mask_all,
               version=m.version, grad_checkpointing=m.grad_checkpointing,
               pretrained_window_sizes=m.pretrained_window_sizes, fold_onsets=m.fold_onsets,
-              time_stage_dim=m.time_stage_dim, time_stage_depth=m.time_stage_depth, time_stage_heads=m.time_stage_heads)
+              time_stage_dim=m.time_stage_dim, time_stage_depth=m.time_stage_depth, time_stage_heads=m.time_stage_heads,
+              time_stage_kind=m.time_stage_kind, time_stage_signals=m.time_stage_signals,
+              time_stage_lags=m.time_stage_lags)
     return kw
 
 

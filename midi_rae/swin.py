@@ -76,6 +76,48 @@ class TimeStage(nn.Module):
                           finest.non_empty.reshape(B, rows, cols).any(1), finest.mae_mask.reshape(B, rows, cols).all(1))
 
 
+def lagged_autocorrelation(g: Tensor, lags: int) -> Tensor:
+    """(B, T, S) signals -> (B, S, lags): sum_t g[t] g[t + k] / sum_t g[t]^2 for k = 1..lags, in one
+    product over a strided view (0 where k >= T)."""
+    later = F.pad(g, (0, 0, 0, lags)).unfold(1, g.shape[1], 1)[:, 1:]  # (B, lags, S, T): g shifted by 1..lags
+    return torch.einsum("bts,bkst->bsk", g, later) / (g * g).sum(1).clamp_min(1e-6).unsqueeze(-1)
+
+
+class AutocorrTimeStage(nn.Module):
+    """A time stage that computes periodicity instead of attending for it: every level's column
+    means (as `TimeStage` reads them, under stop-gradient) through a per-column MLP to `signals`
+    soft onset-like signals in (0, 1); each signal's autocorrelation at lags 1..`lags` columns,
+    divided by its energy (as `descriptors`' onset autocorrelation is), and its mean, through a
+    Linear and a LayerNorm: one token for the crop. The lagged products, which a regression over
+    the columns only approximates (benchmarks/RESULTS.md, "sixteenth pass"), are computed
+    exactly; what is learned is which signals to correlate. Lags past the crop give 0."""
+
+    def __init__(self, level_dims: Sequence[int], dim: int, signals: int = 16, lags: int = 32) -> None:
+        super().__init__()
+        self.lags = lags
+        self.signal = nn.Sequential(nn.LayerNorm(sum(level_dims)), nn.Linear(sum(level_dims), dim), nn.GELU(),
+                                    nn.Linear(dim, signals))
+        self.proj = nn.Linear(signals * (lags + 1), dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, levels: HierarchicalPatchState) -> PatchState:
+        finest = levels.finest
+        rows, cols = levels.info[-1].grid_size
+        profiles = []
+        for lvl, info in zip(levels, levels.info):
+            c = lvl.column_means(info.grid_size).detach()  # (B, c, D): stop-gradient, as TimeStage
+            profiles.append(c.repeat_interleave(cols // c.shape[1], dim=1))
+        g = torch.sigmoid(self.signal(torch.cat(profiles, dim=-1)))  # (B, cols, S)
+        ac = lagged_autocorrelation(g, self.lags)  # (B, S, lags)
+        token = self.norm(self.proj(torch.cat([ac, g.mean(1).unsqueeze(-1)], dim=-1).flatten(1)))  # (B, dim)
+        B = token.shape[0]
+        return PatchState(token[:, None], grid_positions(1, 1, token.device), finest.non_empty.reshape(B, -1).any(1, keepdim=True),
+                          finest.mae_mask.reshape(B, -1).all(1, keepdim=True))
+
+
+TIME_STAGES = ("transformer", "autocorr")  # `time_stage_kind`: TimeStage, AutocorrTimeStage
+
+
 class SwinEncoder(nn.Module):
     """Swin Transformer V2 encoder (https://arxiv.org/abs/2111.09883) for (B, C, H, W) piano rolls.
 
@@ -98,7 +140,9 @@ class SwinEncoder(nn.Module):
     one value per pixel, 0 silent, 0.5 held, 1 onset.
 
     `time_stage_dim` > 0 adds a `TimeStage` of that width (`time_stage_depth` layers,
-    `time_stage_heads` heads) beside the pyramid: the output's `time`, one token per finest column.
+    `time_stage_heads` heads) beside the pyramid: the output's `time`, one token per finest column;
+    with `time_stage_kind="autocorr"` an `AutocorrTimeStage` instead (`time_stage_signals` signals,
+    `time_stage_lags` lags): one token per crop.
 
     `pretrained_window_sizes` (V2, one per stage, finest first: an int or (h, w)) are the windows
     the weights were trained at, for weights that run at another window or input size: each
@@ -117,7 +161,8 @@ class SwinEncoder(nn.Module):
                  inter_stage_mask_all: bool = False, version: int = 2, grad_checkpointing: bool = False,
                  pretrained_window_sizes: Sequence[int | Sequence[int]] | None = None,
                  fold_onsets: bool = False, time_stage_dim: int = 0, time_stage_depth: int = 2,
-                 time_stage_heads: int = 4) -> None:
+                 time_stage_heads: int = 4, time_stage_kind: str = "transformer", time_stage_signals: int = 16,
+                 time_stage_lags: int = 32) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         check_positive(type(self).__name__, img_height=img_height, img_width=img_width, patch_h=patch_h, patch_w=patch_w,
@@ -127,10 +172,13 @@ class SwinEncoder(nn.Module):
                     attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
                     inter_stage_mask_ratio=inter_stage_mask_ratio)
         _validate(img_height, img_width, patch_h, patch_w, embed_dim, depths, num_heads, mae_ratio, version)
-        if time_stage_dim < 0 or (time_stage_dim and (time_stage_depth < 1 or time_stage_heads < 1
-                                                       or time_stage_dim % time_stage_heads)):
+        if time_stage_dim < 0 or (time_stage_dim and time_stage_kind == "transformer"
+                                  and (time_stage_depth < 1 or time_stage_heads < 1 or time_stage_dim % time_stage_heads)):
             raise ValueError(f"time_stage_dim ({time_stage_dim}) must be 0 (no time stage) or a positive multiple of "
                              f"time_stage_heads ({time_stage_heads}), with time_stage_depth ({time_stage_depth}) >= 1")
+        if time_stage_kind not in TIME_STAGES or time_stage_signals < 1 or time_stage_lags < 1:
+            raise ValueError(f"time_stage_kind must be one of {TIME_STAGES} (got {time_stage_kind!r}), with "
+                             f"time_stage_signals ({time_stage_signals}) and time_stage_lags ({time_stage_lags}) >= 1")
         pretrained = _pretrained_windows(pretrained_window_sizes, len(depths), version)
         self.inter_stage_mask_ratio, self.inter_stage_mask_all = inter_stage_mask_ratio, inter_stage_mask_all
         self.img_size, self.patch_size, self.in_chans = (img_height, img_width), (patch_h, patch_w), in_chans
@@ -163,8 +211,11 @@ class SwinEncoder(nn.Module):
         self.stage_mask_tokens = (nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in dims[:-1]])
                                   if inter_stage_mask_ratio > 0 else None)
         self.feature_info = info[::-1]  # coarsest first, like the output levels
-        self.time_stage = (TimeStage(dims[::-1], time_stage_dim, time_stage_depth, time_stage_heads)
-                           if time_stage_dim else None)
+        self.time_stage = None
+        if time_stage_dim and time_stage_kind == "autocorr":
+            self.time_stage = AutocorrTimeStage(dims[::-1], time_stage_dim, time_stage_signals, time_stage_lags)
+        elif time_stage_dim:
+            self.time_stage = TimeStage(dims[::-1], time_stage_dim, time_stage_depth, time_stage_heads)
         self.set_grad_checkpointing(grad_checkpointing)
         init_weights(self, version)
         for t in (self.empty_token, self.mask_token, *(self.level_empty_tokens or []), *(self.stage_mask_tokens or [])):

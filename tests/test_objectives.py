@@ -433,13 +433,14 @@ def test_descriptor_rhythm_skip_levels_hides_the_coarse_levels_from_the_rhythm_f
             load_config(None, [*SMALL, "objective.descriptor_weight=1", *bad])
 
 
-def test_time_stage_objective_trains_the_stage_alone(tiny_cache: Path) -> None:
+@pytest.mark.parametrize("kind", ["transformer", "autocorr"])
+def test_time_stage_objective_trains_the_stage_alone(tiny_cache: Path, kind: str) -> None:
     """model.time_stage_dim: the time head regresses the whole crop's standardised descriptors
-    from the mean of the stage's tokens, rhythm features weighted time_stage_rhythm_weight; the
-    term adds to the loss with weight 1 and its gradient reaches the stage and its head, not the
-    pyramid."""
+    from the mean of the stage's tokens (the autocorrelation stage's one token), rhythm features
+    weighted time_stage_rhythm_weight; the term adds to the loss with weight 1 and its gradient
+    reaches the stage and its head, not the pyramid."""
     model, x = _descriptor_model(tiny_cache, "model.time_stage_dim=16", "model.time_stage_heads=2",
-                                 "objective.time_stage_rhythm_weight=3")
+                                 f"model.time_stage_kind={kind}", "objective.time_stage_rhythm_weight=3")
     head = model.time_head
     torch.manual_seed(0)
     loss, parts = model({"x": x})

@@ -396,6 +396,49 @@ def test_fold_onsets_reads_both_channels_through_one() -> None:
         folded(held[:, :1])
 
 
+def test_lagged_autocorrelation_is_the_descriptors_onset_autocorrelation() -> None:
+    """The autocorrelation stage's product, given the onset-column indicator of a hand-made roll
+    (an onset every 3 steps in one voice, every 8 in another), is the descriptors' onset
+    autocorrelation at every lag, lags past the crop included (0)."""
+    from midi_rae.descriptors import NAMES, descriptors
+    from midi_rae.swin import lagged_autocorrelation
+
+    W = 40
+    x = torch.zeros(1, 2, 128, W)  # frame + onset
+    for pitch, period in ((60, 3), (48, 8)):
+        x[0, :, pitch, ::period] = 1
+    lags = [NAMES.index(f"onset_autocorr_{k}") for k in range(1, 33)]
+    onset_cols = (x[0, 1].sum(0) > 0).float()  # (W,)
+    got = lagged_autocorrelation(onset_cols[None, :, None], 48)[0, 0]  # (48,)
+    torch.testing.assert_close(got[:32], descriptors(x)[0, lags].float())
+    assert got[W - 1:].eq(0).all() and got[2] > 3 * max(got[1], got[3])  # lag 3 stands out
+
+
+def test_autocorr_time_stage_is_one_token_under_stop_gradient() -> None:
+    """time_stage_kind=autocorr: one token a crop, sounding where the crop has a note; its output
+    sends no gradient into the pyramid; a crop narrower than its lags runs."""
+    kw = dict(img_height=128, img_width=64, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 4), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    enc = SwinEncoder(time_stage_dim=16, time_stage_kind="autocorr", time_stage_signals=4, time_stage_lags=32, **kw)
+    x = piano_roll(3, 128, 64)
+    x[2] = 0  # a silent crop
+    out = enc(x)
+    assert out.time.emb.shape == (3, 1, 16) and out.time.pos.tolist() == [[0, 0]]
+    assert out.time.non_empty.tolist() == [[True], [True], [False]]
+    out.time.emb.square().sum().backward()
+    assert all(p.grad is None for n, p in enc.named_parameters() if not n.startswith("time_stage."))
+    assert all(p.grad is not None for n, p in enc.named_parameters() if n.startswith("time_stage."))
+    narrow = SwinEncoder(time_stage_dim=16, time_stage_kind="autocorr", time_stage_signals=4, time_stage_lags=32,
+                         **{**kw, "img_width": 32})  # 8 finest columns, 32 lags
+    narrow.load_state_dict(enc.state_dict())
+    assert narrow(piano_roll(1, 128, 32)).time.emb.shape == (1, 1, 16)
+    with pytest.raises(ValueError, match="time_stage_kind must be one of \\('transformer', 'autocorr'\\) \\(got 'fft'\\)"):
+        SwinEncoder(time_stage_dim=16, time_stage_kind="fft", **kw)
+    with pytest.raises(ConfigError, match="model.time_stage_kind must be 'transformer' or 'autocorr' \\(got 'fft'\\)"):
+        load_config(None, ["model.time_stage_dim=16", "model.time_stage_kind=fft"])
+    load_config(None, ["model.time_stage_dim=6", "model.time_stage_kind=autocorr"])  # no heads to divide its width
+
+
 def test_time_stage_reads_the_pyramid_under_stop_gradient() -> None:
     """time_stage_dim: one token per finest column beside the pyramid, sounding where the column
     has a note; the pyramid is the same as without the stage (same weights), and the stage's
