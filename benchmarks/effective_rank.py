@@ -16,7 +16,7 @@ import argparse
 import torch
 from torch import Tensor, nn
 
-from midi_rae.runs import datasets, initial_encoder, load_encoder
+from midi_rae.runs import datasets, initial_encoder, load_encoder, pretraining_config, resolve_checkpoint
 
 
 def effective_rank(z: Tensor) -> float:
@@ -45,4 +45,4 @@ if __name__ == "__main__":
         _, val = datasets(cfg, 0, False)
         x = torch.stack([val[i]["x"] for i in range(min(args.crops, len(val)))])
         print(run, "trained:", "; ".join(level_ranks(encoder, x)))
-        print(run, "random twin:", "; ".join(level_ranks(initial_encoder(cfg), x)))
+        print(run, "random twin:", "; ".join(level_ranks(initial_encoder(pretraining_config(resolve_checkpoint(run))), x)))

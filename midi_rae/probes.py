@@ -44,7 +44,7 @@ from midi_rae.core import PatchState
 from midi_rae.descriptors import descriptors
 from midi_rae.labels import TASKS, Crops, Task, find_tasks, grouped_split, label_of, piece_crops
 from midi_rae.metrics import bootstrap_balanced_accuracy, scores
-from midi_rae.runs import (check_time_grid, initial_encoder, load_encoder, resolve_checkpoint,
+from midi_rae.runs import (check_time_grid, initial_encoder, load_encoder, pretraining_config, resolve_checkpoint,
                            tests_on_training_pieces)
 from midi_rae.utils import atomic_write, atomic_write_text
 
@@ -195,7 +195,7 @@ def load_models(checkpoints: list[str | os.PathLike], random_baseline: bool = Tr
         name = f"{cfg.name} ({cfg.model.encoder})" if names.count(cfg.name) == 1 else f"{ck} ({cfg.model.encoder})"
         models.append(Model(name, encoder, cfg, resolved.encoder.path))
         if random_baseline:
-            models.append(Model(name + TWIN, initial_encoder(cfg), cfg))
+            models.append(Model(name + TWIN, initial_encoder(pretraining_config(resolved)), cfg))
     return models
 
 

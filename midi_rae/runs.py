@@ -271,6 +271,14 @@ def load_autoencoder(checkpoint: str | os.PathLike | Checkpoint, device: torch.d
     return DecoderTrainer(encoder, decoder).to(device).eval(), ck.config
 
 
+def pretraining_config(ck: Checkpoint) -> Config:
+    """The config the checkpoint's encoder was pretrained with: its own file's. A run folder's
+    config is its decoder's when it has one, and a decoder trained apart (`train-decoder`) records
+    the config it was given, whose `train.seed` may not be the pretraining's. Inside a training
+    checkpoint (one file) the encoder has no config of its own: the checkpoint's."""
+    return ck.config if ck.encoder.prefix else encoder_config(ck.encoder.path)
+
+
 def initial_encoder(cfg: Config) -> nn.Module:
     """The encoder of `cfg` as pretraining built it before its first step (seeded by
     `train.seed`), in eval mode: the random-initialisation baseline of probes and levels.

@@ -92,6 +92,27 @@ def test_random_init_baseline_is_untrained(tiny_cache: Path, tmp_path_factory) -
     assert all(torch.equal(r[k], fresh[k]) for k in r)
 
 
+def test_the_twin_has_the_pretraining_seed_when_the_decoder_was_trained_apart(tiny_cache: Path, tmp_path: Path) -> None:
+    """`train-decoder` run later without the pretraining's train.seed writes its own config (seed
+    0) beside the decoder; the twin is still the encoder pretraining started from (seed 1)."""
+    from midi_rae.config import load_config
+    from midi_rae.probes import load_models
+    from midi_rae.stages import pretrain, train_decoder
+
+    base = ["name=s1", f"data.cache_dir={tiny_cache}", f"out_dir={tmp_path}", "data.crop_width=32", "model.embed_dim=8",
+            "model.depths=[1,1]", "model.num_heads=[1,2]", "model.window_size=4", "model.mae_decoder_dim=16",
+            "model.mae_decoder_heads=2", "train.batch_size=4", "train.max_steps=1", "train.warmup_steps=1",
+            "train.progress=false", "train.tensorboard=false", "decoder_train.batch_size=4", "decoder_train.max_steps=1",
+            "decoder_train.warmup_steps=1", "decoder_train.progress=false", "decoder_train.tensorboard=false"]
+    seeded = load_config(None, [*base, "train.seed=1"])
+    pretrain(seeded)
+    train_decoder(load_config(None, base))
+    _, twin = load_models([tmp_path / "s1"])
+    want, other = initial_encoder(seeded).state_dict(), initial_encoder(load_config(None, base)).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in twin.encoder.state_dict().items())
+    assert not all(torch.equal(v, other[k]) for k, v in twin.encoder.state_dict().items())
+
+
 def test_probe_suite_swin_and_vit(labelled_cache: Path, tiny_cache: Path, tmp_path_factory,
                                   tmp_path: Path, capsys) -> None:
     runs = [trained_run("swin", tiny_cache, tmp_path_factory), trained_run("vit", tiny_cache, tmp_path_factory)]
