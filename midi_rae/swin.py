@@ -42,18 +42,25 @@ def sinusoidal_positions(n: int, dim: int) -> Tensor:
     return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :dim]
 
 
+def level_profiles(levels: HierarchicalPatchState) -> Tensor:
+    """(B, cols, sum of the levels' dims): every level's column means (`PatchState.column_means`),
+    each repeated to the finest grid's columns, concatenated, under stop-gradient: what the time
+    stages read, so that the pyramid is not shaped by them. The grids come from `levels.info`, so
+    no shape is read back from the device."""
+    cols = levels.info[-1].grid_size[1]
+    profiles = [lvl.column_means(info.grid_size).detach() for lvl, info in zip(levels, levels.info)]  # [(B, c, D)]
+    return torch.cat([c.repeat_interleave(cols // c.shape[1], dim=1) for c in profiles], dim=-1)
+
+
 class TimeStage(nn.Module):
-    """A stage beside the pyramid that reads it over time: every level's column means (its
-    profile over time, `PatchState.column_means`), each repeated to the finest grid's columns and
-    concatenated, through a Linear, a sinusoidal position per column (no table, so a crop of
-    any width runs) and `depth` pre-norm Transformer layers attending over the whole crop: one
-    token per finest column.
+    """A stage beside the pyramid that reads it over time: the levels' profiles (`level_profiles`)
+    through a Linear, a sinusoidal position per column (no table, so a crop of any width runs) and
+    `depth` pre-norm Transformer layers attending over the whole crop: one token per finest column.
 
     It reads the levels under stop-gradient, so what it is trained for (the crop's descriptors,
     the metre weighted up: `models.TimeDescriptorHead`) never displaces what the pyramid holds;
     its own width and global attention in time are what the levels' windowed, narrow tokens lack
-    for the period of the bar. The levels' grids come from `levels.info` (the encoder's
-    `feature_info`), so no shape is read back from the device."""
+    for the period of the bar."""
 
     def __init__(self, level_dims: Sequence[int], dim: int, depth: int = 2, heads: int = 4) -> None:
         super().__init__()
@@ -65,11 +72,7 @@ class TimeStage(nn.Module):
     def forward(self, levels: HierarchicalPatchState) -> PatchState:
         finest = levels.finest
         rows, cols = levels.info[-1].grid_size
-        profiles = []
-        for lvl, info in zip(levels, levels.info):
-            c = lvl.column_means(info.grid_size).detach()  # (B, c, D): stop-gradient, the pyramid is not shaped by this stage
-            profiles.append(c.repeat_interleave(cols // c.shape[1], dim=1))
-        x = self.proj(torch.cat(profiles, dim=-1))  # (B, cols, dim)
+        x = self.proj(level_profiles(levels))  # (B, cols, dim)
         tokens = self.norm(self.blocks(x + sinusoidal_positions(cols, x.shape[-1]).to(x)))
         B = tokens.shape[0]
         return PatchState(tokens, grid_positions(1, cols, tokens.device),
@@ -84,8 +87,8 @@ def lagged_autocorrelation(g: Tensor, lags: int) -> Tensor:
 
 
 class AutocorrTimeStage(nn.Module):
-    """A time stage that computes periodicity instead of attending for it: every level's column
-    means (as `TimeStage` reads them, under stop-gradient) through a per-column MLP to `signals`
+    """A time stage that computes periodicity instead of attending for it: the levels' profiles
+    (`level_profiles`, under stop-gradient, as `TimeStage`) through a per-column MLP to `signals`
     soft onset-like signals in (0, 1); each signal's autocorrelation at lags 1..`lags` columns,
     divided by its energy (as `descriptors`' onset autocorrelation is), and its mean, through a
     Linear and a LayerNorm: one token for the crop. The lagged products, which a regression over
@@ -102,12 +105,7 @@ class AutocorrTimeStage(nn.Module):
 
     def forward(self, levels: HierarchicalPatchState) -> PatchState:
         finest = levels.finest
-        rows, cols = levels.info[-1].grid_size
-        profiles = []
-        for lvl, info in zip(levels, levels.info):
-            c = lvl.column_means(info.grid_size).detach()  # (B, c, D): stop-gradient, as TimeStage
-            profiles.append(c.repeat_interleave(cols // c.shape[1], dim=1))
-        g = torch.sigmoid(self.signal(torch.cat(profiles, dim=-1)))  # (B, cols, S)
+        g = torch.sigmoid(self.signal(level_profiles(levels)))  # (B, cols, S)
         ac = lagged_autocorrelation(g, self.lags)  # (B, S, lags)
         token = self.norm(self.proj(torch.cat([ac, g.mean(1).unsqueeze(-1)], dim=-1).flatten(1)))  # (B, dim)
         B = token.shape[0]
