@@ -37,6 +37,7 @@ from midi_rae.labels import find_tasks, piece_crops
 from midi_rae.losses import info_nce
 from midi_rae.probes import L2_GRID, level_features, probe_task
 from midi_rae.runs import datasets, load_encoder
+from midi_rae.swin import lagged_autocorrelation
 
 
 class Side(nn.Module):
@@ -80,8 +81,7 @@ class AutocorrSide(nn.Module):
     def pooled(self, p: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.norm_in(p[..., :self.d_levels]), p[..., self.d_levels:].log1p()], -1)
         g = torch.sigmoid(self.signal(x))  # (B, cols, C)
-        energy = (g * g).sum(1).clamp_min(1e-6)  # (B, C)
-        ac = torch.stack([(g[:, :-k] * g[:, k:]).sum(1) / energy for k in range(1, self.lags + 1)], -1)  # (B, C, lags)
+        ac = lagged_autocorrelation(g, self.lags)  # (B, C, lags)
         return self.norm(self.inp(torch.cat([ac, g.mean(1, keepdim=True).transpose(1, 2)], -1).flatten(1)))
 
 
