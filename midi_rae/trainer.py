@@ -35,6 +35,9 @@ RESUMABLE_CHANGES = (*(f"{s}.{k}" for s in SECTIONS.values() for k in ("progress
 # Fields that change the result from the resumed step on, and that the advice after a non-finite
 # loss asks for: allowed on resume, and named in the log.
 TUNABLE_ON_RESUME = ("lr", "min_lr", "warmup_steps", "clip_grad", "amp")
+# Sections a stage never reads: pretraining may resume after the later stages' settings changed
+# (a preset's decoder budget edited while its pretraining was stopped), and says nothing of them.
+UNREAD_BY_STAGE = {"pretrain": ("decoder.", "decoder_train.", "finetune.", "finetune_train.")}
 
 
 # ----------------------------------------------------------------------------- batches
@@ -154,8 +157,9 @@ class Trainer:
         for note in notes:
             say(d, f"[{stage}] {note}; resuming from {latest.name}")
         tunable = tuple(f"{self.section}.{k}" for k in TUNABLE_ON_RESUME)
-        diff = config_diff(state["config"], self.cfg.to_dict())
-        refused = config_diff(state["config"], self.cfg.to_dict(), allowed=RESUMABLE_CHANGES + tunable)
+        unread = UNREAD_BY_STAGE.get(stage, ())
+        diff = config_diff(state["config"], self.cfg.to_dict(), allowed=RESUMABLE_CHANGES + unread)
+        refused = config_diff(state["config"], self.cfg.to_dict(), allowed=RESUMABLE_CHANGES + unread + tunable)
         if refused:
             raise ConfigError(f"--resume: the config differs from the checkpoint's ({latest}):\n  " + "\n  ".join(refused)
                               + f"\nresume with the same config (see its config.yaml; only {', '.join(tunable)} may "

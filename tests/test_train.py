@@ -243,6 +243,18 @@ def test_missing_latest_folder_never_restarts_the_run(tiny_cache: Path, tmp_path
     assert [l["step"] for l in lines(metrics) if l["split"] == "train"] == [1, 2, 3, 4]
 
 
+def test_pretraining_resumes_after_the_decoder_settings_changed(tiny_cache: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Pretraining never reads the decoder's or fine-tuning's sections: a preset whose decoder budget
+    was edited while its pretraining was stopped resumes, and the log says nothing of them."""
+    overrides, ckpts = _four_steps(tiny_cache, tmp_path)
+    capsys.readouterr()
+    changed = ["decoder_train.max_steps=7", "decoder.pos_weight=2", "finetune_train.lr=1e-3"]
+    assert pretrain(load_config(None, [*overrides, *changed]), resume=True)["step"] == 4
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "changed on resume" not in out
+
+
 def test_resume_may_change_the_learning_rate(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     overrides, ckpts = _four_steps(tiny_cache, tmp_path)
