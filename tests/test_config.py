@@ -168,8 +168,9 @@ def test_rectangular_window_from_the_command_line() -> None:
     # reference: 8 x 2 patches of 128 x 128, five stages, coarsest first
     assert [(i.grid_size, i.window_size) for i in enc.feature_info] == [
         ((1, 4), (1, 4)), ((2, 8), (2, 8)), ((4, 16), (4, 16)), ((8, 32), (4, 16)), ((16, 64), (4, 16))]
-    x = (torch.rand(2, 1, 128, 128) > 0.97).float()
+    c = cfg.data.channels
+    x = (torch.rand(2, c, 128, 128) > 0.97).float()
     out = enc(x)
     logits = build_decoder(cfg)(out)
-    assert logits.shape == (2, 1, 128, 128)
+    assert logits.shape == (2, c, 128, 128)
     assert load_config("reference", ["model.window_size=8"]).model.window_size == 8
