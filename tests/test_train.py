@@ -247,7 +247,7 @@ def test_pretraining_resumes_after_the_decoder_settings_changed(tiny_cache: Path
                                                                 capsys: pytest.CaptureFixture) -> None:
     """Pretraining never reads the decoder's or fine-tuning's sections: a preset whose decoder budget
     was edited while its pretraining was stopped resumes, and the log says nothing of them."""
-    overrides, ckpts = _four_steps(tiny_cache, tmp_path)
+    overrides, _ = _four_steps(tiny_cache, tmp_path)
     capsys.readouterr()
     changed = ["decoder_train.max_steps=7", "decoder.pos_weight=2", "finetune_train.lr=1e-3"]
     assert pretrain(load_config(None, [*overrides, *changed]), resume=True)["step"] == 4
