@@ -158,8 +158,8 @@ class Trainer:
             say(d, f"[{stage}] {note}; resuming from {latest.name}")
         tunable = tuple(f"{self.section}.{k}" for k in TUNABLE_ON_RESUME)
         unread = UNREAD_BY_STAGE.get(stage, ())
-        diff = config_diff(state["config"], self.cfg.to_dict(), allowed=RESUMABLE_CHANGES + unread)
-        refused = config_diff(state["config"], self.cfg.to_dict(), allowed=RESUMABLE_CHANGES + unread + tunable)
+        diff = config_diff(state["config"], self.cfg.to_dict(), allowed=RESUMABLE_CHANGES + unread)  # ["key: ..."]
+        refused = [line for line in diff if not line.startswith(tunable)]
         if refused:
             raise ConfigError(f"--resume: the config differs from the checkpoint's ({latest}):\n  " + "\n  ".join(refused)
                               + f"\nresume with the same config (see its config.yaml; only {', '.join(tunable)} may "
