@@ -37,7 +37,7 @@ from midi_rae.labels import find_tasks, piece_crops
 from midi_rae.losses import info_nce
 from midi_rae.probes import L2_GRID, level_features, probe_task
 from midi_rae.runs import datasets, load_encoder
-from midi_rae.swin import lagged_autocorrelation
+from midi_rae.swin import lagged_autocorrelation, level_profiles
 
 
 class Side(nn.Module):
@@ -147,8 +147,7 @@ def main() -> None:
         for i in range(0, len(x), bs):
             xb, parts = x[i:i + bs, :enc.in_chans], []
             if args.inputs != "roll":
-                means = [lvl.column_means().float() for lvl in enc(xb).patches]  # [(b, c, D)]
-                parts.append(torch.cat([m.repeat_interleave(cols // m.shape[1], 1) for m in means], -1))
+                parts.append(level_profiles(enc(xb).patches).float())  # (b, cols, sum of the levels' dims)
             if args.inputs != "levels":  # (b, cols, C * steps a column): notes sounding / starting at each step
                 b, c, _, t = xb.shape
                 parts.append(xb.float().sum(2).reshape(b, c, cols, t // cols).permute(0, 2, 1, 3).reshape(b, cols, -1))
