@@ -16,6 +16,7 @@ from torch import nn
 from midi_rae import stages, trainer
 from midi_rae.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 from midi_rae.config import ConfigError, TrainConfig, load_config, resolve_config_path
+from midi_rae.distributed import Dist
 from midi_rae.evaluate import run_summary
 from midi_rae.engine import (NonFiniteLoss, evaluate_decoder, evaluate_pretrain, layer_decay_scales, lr_at, momentum_at,
                              param_groups, train_one_epoch)
@@ -500,3 +501,20 @@ def test_logged_values_never_replace_the_lines_own_fields(tmp_path: Path) -> Non
     log.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["time_stage"] == 0.5 and lines[0]["time"] > 1e9
+
+
+def test_loader_workers_give_the_same_batches(tiny_cache: Path, tmp_path: Path) -> None:
+    # Crops are drawn from (seed, epoch, index), not from a process's RNG: loading in worker
+    # processes (`data.num_workers`) changes no batch, so neither the losses nor an exact resume
+    # from a mid-epoch batch depend on it.
+    cfg = load_config(None, tiny(tiny_cache, tmp_path))
+    train_ds, _ = datasets(cfg, 0, False)
+    spe = trainer.steps_per_epoch(train_ds, cfg.train, Dist())
+
+    def batches(epoch: int, skip: int, workers: int) -> list[torch.Tensor]:
+        return [b["x"] for b in trainer.epoch_loader(train_ds, cfg.train, Dist(), epoch, skip, spe, workers)]
+
+    for epoch, skip in [(0, 0), (1, 2)]:
+        inline, forked = batches(epoch, skip, 0), batches(epoch, skip, 2)
+        assert len(inline) == len(forked) == spe - skip
+        assert all(torch.equal(a, b) for a, b in zip(inline, forked))
