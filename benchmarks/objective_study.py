@@ -35,10 +35,11 @@ SIMMIM = OFF + ["objective.recon_weight=1", "objective.mask_ratio=0.5"]
 COARSE_AE_M0 = SIMMIM + ["objective.recon_levels=2", "objective.recon_visible_weight=1", "objective.mask_ratio=0"]
 # the same with the descriptor head reading every level but the two coarsest
 COARSE_AE_M0_FINE = COARSE_AE_M0 + ["objective.descriptor_skip_levels=2"]
-# the same nested, through the mirrored decoder, 8 x 2 patches, light targets on every level
-P82_SWINDEC = COARSE_AE_M0 + ["objective.descriptor_weight=0.25", "objective.recon_nested=true", "model.patch_h=8",
-                              "model.patch_w=2", "objective.recon_decoder=swin"]
-# the same with SIGReg on the two coarsest levels (the `reference` preset's objective)
+# through the mirrored decoder, 8 x 2 patches, light targets on every level; then the same nested
+P82_SWINDEC_FLAT = COARSE_AE_M0 + ["objective.descriptor_weight=0.25", "model.patch_h=8", "model.patch_w=2",
+                                   "objective.recon_decoder=swin"]
+P82_SWINDEC = P82_SWINDEC_FLAT + ["objective.recon_nested=true"]
+# the same with SIGReg on the two coarsest levels (the `reference` preset's objective until the nineteenth pass)
 ISO005 = P82_SWINDEC + ["objective.isotropy_weight=0.005"]
 # the same with the onset channel folded into the frame (`ref_fold6k`)
 ISO005_FOLD = ISO005 + ["data.channels=2", "model.fold_onsets=true"]
@@ -88,6 +89,9 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_p82_swindec_nested": P82_SWINDEC,
     "coarse_ae_m0_desc25_p82_swindec_iso02_nested": P82_SWINDEC + ["objective.isotropy_weight=0.02"],
     "coarse_ae_m0_desc25_p82_swindec_iso005_nested": ISO005,
+    # the same without nested dropout: over the `reference` preset (folded onsets, time stage), its
+    # objective since the nineteenth pass (`ref_nn`)
+    "coarse_ae_m0_desc25_p82_swindec_iso005": P82_SWINDEC_FLAT + ["objective.isotropy_weight=0.005"],
     # the `reference` objective with windows of 4 x 16 tokens (pitch x time), long enough in time
     # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
     # frame, so that repeated notes stay apart (`ref_fold6k`)

@@ -399,6 +399,8 @@ def test_every_objective_study_row_is_a_valid_config() -> None:
             # a row that does not name it must not inherit the preset's (the reference skips 2)
             assert (cfg.objective.descriptor_skip_levels > 0) == ("_fine" in row), row
             assert (cfg.objective.isotropy_weight > 0) == ("_iso" in row), row
+    # the row the preset's comments cite as its objective is that objective, nothing more or less
+    assert load_config("reference", study.ROWS["coarse_ae_m0_desc25_p82_swindec_iso005"]) == load_config("reference", [])
 
 
 def test_descriptor_rhythm_skip_levels_hides_the_coarse_levels_from_the_rhythm_features_only(tiny_cache: Path) -> None:
