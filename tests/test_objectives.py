@@ -399,7 +399,7 @@ def test_every_objective_study_row_is_a_valid_config() -> None:
             # a row that does not name it must not inherit the preset's (the reference skips 2)
             assert (cfg.objective.descriptor_skip_levels > 0) == ("_fine" in row), row
             assert (cfg.objective.isotropy_weight > 0) == ("_iso" in row), row
-    # the row the preset's comments cite as its objective is that objective, nothing more or less
+    # the row the study names as the `reference` preset's objective is exactly that preset over itself
     assert load_config("reference", study.ROWS["coarse_ae_m0_desc25_p82_swindec_iso005"]) == load_config("reference", [])
 
 
