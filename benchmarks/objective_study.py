@@ -90,8 +90,12 @@ ROWS: dict[str, list[str]] = {
     "coarse_ae_m0_desc25_p82_swindec_iso02_nested": P82_SWINDEC + ["objective.isotropy_weight=0.02"],
     "coarse_ae_m0_desc25_p82_swindec_iso005_nested": ISO005,
     # the same without nested dropout: over the `reference` preset (folded onsets, time stage), its
-    # objective since the nineteenth pass (`ref_nn`)
+    # objective from the nineteenth to the twenty-first pass (`ref_nn`); then without the rhythm
+    # features among the levels' targets (the time stage keeps its own): its objective since the
+    # twenty-second pass (`ref_r0`)
     "coarse_ae_m0_desc25_p82_swindec_iso005": P82_SWINDEC_FLAT + ["objective.isotropy_weight=0.005"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005_r0": P82_SWINDEC_FLAT + ["objective.isotropy_weight=0.005",
+                                                                      "objective.descriptor_rhythm_weight=0"],
     # the `reference` objective with windows of 4 x 16 tokens (pitch x time), long enough in time
     # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
     # frame, so that repeated notes stay apart (`ref_fold6k`)

@@ -1,5 +1,6 @@
 """The global (piece-level) objectives, the coarse-only MAE decoder and the 'piece' views."""
 import copy
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -399,8 +400,20 @@ def test_every_objective_study_row_is_a_valid_config() -> None:
             # a row that does not name it must not inherit the preset's (the reference skips 2)
             assert (cfg.objective.descriptor_skip_levels > 0) == ("_fine" in row), row
             assert (cfg.objective.isotropy_weight > 0) == ("_iso" in row), row
+            assert (cfg.objective.descriptor_rhythm_weight == 0) == row.endswith("_r0"), row
     # the row the study names as the `reference` preset's objective is exactly that preset over itself
-    assert load_config("reference", study.ROWS["coarse_ae_m0_desc25_p82_swindec_iso005"]) == load_config("reference", [])
+    assert load_config("reference", study.ROWS["coarse_ae_m0_desc25_p82_swindec_iso005_r0"]) == load_config("reference", [])
+
+
+def test_vit_reference_trains_the_reference_objective() -> None:
+    """Swin against ViT (issue 10) compares encoders: `vit_reference` trains the `reference`
+    preset's objective, but for what only the Swin has (decoding from its two coarsest levels
+    through the mirrored Swin decoder)."""
+    swin, vit = load_config("reference", []).objective, load_config("vit_reference", []).objective
+    swin_only = {"recon_levels", "recon_decoder"}
+    for f in dataclasses.fields(swin):
+        if f.name not in swin_only:
+            assert getattr(vit, f.name) == getattr(swin, f.name), f.name
 
 
 def test_descriptor_rhythm_skip_levels_hides_the_coarse_levels_from_the_rhythm_features_only(tiny_cache: Path) -> None:
