@@ -41,6 +41,8 @@ P82_SWINDEC_FLAT = COARSE_AE_M0 + ["objective.descriptor_weight=0.25", "model.pa
 P82_SWINDEC = P82_SWINDEC_FLAT + ["objective.recon_nested=true"]
 # the same with SIGReg on the two coarsest levels (the `reference` preset's objective until the nineteenth pass)
 ISO005 = P82_SWINDEC + ["objective.isotropy_weight=0.005"]
+# the same without nested dropout
+ISO005_FLAT = P82_SWINDEC_FLAT + ["objective.isotropy_weight=0.005"]
 # the same with the onset channel folded into the frame (`ref_fold6k`)
 ISO005_FOLD = ISO005 + ["data.channels=2", "model.fold_onsets=true"]
 # the same with the rhythm descriptors asked of the three finer levels only (weight set per row)
@@ -93,9 +95,8 @@ ROWS: dict[str, list[str]] = {
     # objective from the nineteenth to the twenty-first pass (`ref_nn`); then without the rhythm
     # features among the levels' targets (the time stage keeps its own): its objective since the
     # twenty-second pass (`ref_r0`)
-    "coarse_ae_m0_desc25_p82_swindec_iso005": P82_SWINDEC_FLAT + ["objective.isotropy_weight=0.005"],
-    "coarse_ae_m0_desc25_p82_swindec_iso005_r0": P82_SWINDEC_FLAT + ["objective.isotropy_weight=0.005",
-                                                                      "objective.descriptor_rhythm_weight=0"],
+    "coarse_ae_m0_desc25_p82_swindec_iso005": ISO005_FLAT,
+    "coarse_ae_m0_desc25_p82_swindec_iso005_r0": ISO005_FLAT + ["objective.descriptor_rhythm_weight=0"],
     # the `reference` objective with windows of 4 x 16 tokens (pitch x time), long enough in time
     # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
     # frame, so that repeated notes stay apart (`ref_fold6k`)
