@@ -237,6 +237,9 @@ class ObjectiveConfig:
     global_loss: str = opt("infonce", "'infonce' (SimCLR) or 'lejepa' (invariance + SIGReg)")
     global_temperature: float = opt(0.1, "infonce")
     global_dim: int = opt(128, "projector output")
+    global_in_batch: bool = opt(False, "the second view is a training crop of every objective, not only of the "
+                                       "global one: each step reads batch_size pieces, two crops each (2 x batch_size "
+                                       "crops), and the global objective costs no extra forward")
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
@@ -463,11 +466,15 @@ class Config:
         _require(self.objective.lejepa_weight == 0 or d.view_mode == "shift",
                  "objective.lejepa_weight compares aligned positions of two shifted views; set data.view_mode=shift "
                  "(or use objective.global_weight with data.view_mode=piece)")
+        o = self.objective
+        _require(not o.global_in_batch or (o.global_weight > 0 and o.lejepa_weight == 0 and o.coarse_ae_weight == 0),
+                 "objective.global_in_batch puts both views of the global objective into one batch: it needs "
+                 "objective.global_weight > 0, and objective.lejepa_weight=0 and objective.coarse_ae_weight=0 (which "
+                 "read the views or the batch their own way)")
         levels = m.num_stages
         _require(self.finetune.level is None or self.finetune.level < levels, f"finetune.level={self.finetune.level} "
                  f"(--level) is out of range: this encoder has {levels} levels, 0 (coarsest) to {levels - 1} (finest); "
                  f"choose one of them, or null (--level all) for every level")
-        o = self.objective
         if o.coarse_ae_weight > 0:
             _require(m.encoder == "swin" and 1 <= o.coarse_ae_levels <= m.num_stages,
                      f"objective.coarse_ae_levels must be 1..{m.num_stages} (Swin levels), got {o.coarse_ae_levels} "

@@ -322,6 +322,8 @@ class Pretrainer(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         o, x = self.objective, batch["x"]
         parts: dict[str, Tensor] = {}
+        if o.global_in_batch:  # both views train every objective: (2B, C, H, W), the first views, then the second
+            x = torch.cat([x, batch["x2"]])
         if self.coarse_decoder is not None:
             # An autoencoder through the coarse levels on the second half of the batch: masking is
             # what empties the coarse levels (benchmarks/RESULTS.md), so this half sees all of
@@ -365,9 +367,12 @@ class Pretrainer(nn.Module):
         if self.projector is not None:
             # The masked student view (when one exists) against a second view masked alike: the
             # mask is one more augmentation, and no extra unmasked forward is paid for.
-            first = encoded()
-            second = self.encoder(batch["x2"], mask_ratio=o.mask_ratio if student is not None else 0.0)
-            z1, z2 = self.projector(first), self.projector(second)
+            if o.global_in_batch:
+                z1, z2 = self.projector(encoded()).chunk(2)  # (B, global_dim) each: the pairs' two halves
+            else:
+                first = encoded()
+                second = self.encoder(batch["x2"], mask_ratio=o.mask_ratio if student is not None else 0.0)
+                z1, z2 = self.projector(first), self.projector(second)
             parts["global"] = (info_nce(z1, z2, o.global_temperature) if o.global_loss == "infonce"
                                else lejepa_global(z1, z2, o.lejepa_lambda, o.sigreg_projections))
         if o.anchor_weight > 0:

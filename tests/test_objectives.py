@@ -162,6 +162,31 @@ def test_pretrainer_global_objective_trains_every_head(tiny_cache: Path, tmp_pat
         assert torch.isfinite(Pretrainer(cfg2)(batch)[0])
 
 
+def test_global_in_batch_trains_every_objective_on_both_views(tiny_cache: Path, monkeypatch) -> None:
+    """objective.global_in_batch: the two views are one batch of 2B crops, encoded once; the
+    reconstruction reads all 2B, InfoNCE pairs crop i with crop B + i."""
+    over = [f"data.cache_dir={tiny_cache}", *SMALL, "data.view_mode=piece", "objective.mask_ratio=0",
+            "objective.recon_visible_weight=1", "objective.recon_levels=2", "objective.global_weight=1"]
+    model = Pretrainer(load_config(None, [*over, "objective.global_in_batch=true"])).eval()
+    ds = PianoRollDataset(tiny_cache, crop_width=32, pair=True, view_mode="piece", channels=1)
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("x", "x2", "shift1", "shift2")}
+    calls = []
+    forward = model.encoder.forward
+    monkeypatch.setattr(model.encoder, "forward", lambda x, **kw: calls.append(len(x)) or forward(x, **kw))
+    loss, parts = model(batch)
+    assert calls == [8] and set(parts) == {"recon", "global"}
+    both = torch.cat([batch["x"], batch["x2"]])
+    out = forward(both)
+    assert torch.allclose(parts["recon"], recon_bce(model.mae_decoder(out), both, None), atol=1e-6)
+    z = model.projector(out)
+    assert torch.allclose(parts["global"], info_nce(z[:4], z[4:], 0.1), atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+    for bad in ("objective.global_weight=0", "objective.coarse_ae_weight=0.5"):
+        with pytest.raises(ConfigError, match="global_in_batch"):
+            load_config(None, [*over, "objective.global_in_batch=true", bad])
+
+
 def test_piece_views_come_from_other_passages(tiny_cache: Path) -> None:
     kw = dict(crop_width=16, pair=True, max_time_shift=0, max_pitch_shift=0, channels=1)
     same = PianoRollDataset(tiny_cache, **kw)
