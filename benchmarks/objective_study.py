@@ -97,6 +97,12 @@ ROWS: dict[str, list[str]] = {
     # twenty-second pass (`ref_r0`)
     "coarse_ae_m0_desc25_p82_swindec_iso005": ISO005_FLAT,
     "coarse_ae_m0_desc25_p82_swindec_iso005_r0": ISO005_FLAT + ["objective.descriptor_rhythm_weight=0"],
+    # the `reference` objective with a piece-level InfoNCE (weight 0.05) on two passages of each piece,
+    # both training crops of the batch (16 pieces x 2 crops: the step's crops and compute unchanged, a
+    # step 1.04x); it collapsed the coarse levels and cost collection and the source set (`gib0.05`)
+    "coarse_ae_m0_desc25_p82_swindec_iso005_gib05_r0": ISO005_FLAT + [
+        "objective.descriptor_rhythm_weight=0", "train.batch_size=16", "data.view_mode=piece",
+        "objective.global_weight=0.05", "objective.global_in_batch=true"],
     # the `reference` objective with windows of 4 x 16 tokens (pitch x time), long enough in time
     # at the finest stages to hold two bars (`ref_w416`); with the onset channel folded into the
     # frame, so that repeated notes stay apart (`ref_fold6k`)
