@@ -162,7 +162,7 @@ def test_pretrainer_global_objective_trains_every_head(tiny_cache: Path, tmp_pat
         assert torch.isfinite(Pretrainer(cfg2)(batch)[0])
 
 
-def test_global_in_batch_trains_every_objective_on_both_views(tiny_cache: Path, monkeypatch) -> None:
+def test_global_in_batch_trains_every_objective_on_both_views(tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """objective.global_in_batch: the two views are one batch of 2B crops, encoded once; the
     reconstruction reads all 2B, InfoNCE pairs crop i with crop B + i."""
     over = [f"data.cache_dir={tiny_cache}", *SMALL, "data.view_mode=piece", "objective.mask_ratio=0",
