@@ -273,6 +273,11 @@ class ObjectiveConfig:
                  f"got {self.global_loss!r}")
         _require(self.global_temperature > 0 and self.global_dim > 0,
                  "objective.global_temperature and objective.global_dim must be positive")
+        _require(not self.global_in_batch or (self.global_weight > 0 and self.lejepa_weight == 0
+                                              and self.coarse_ae_weight == 0),
+                 "objective.global_in_batch puts both views of the global objective into one batch: it needs "
+                 "objective.global_weight > 0, and objective.lejepa_weight=0 and objective.coarse_ae_weight=0 (which "
+                 "read the views or the batch their own way)")
         _require(self.recon_levels is None or self.recon_levels > 0,
                  f"objective.recon_levels must be positive or null (all), got {self.recon_levels}")
         _require(self.predictor_dim > 0 and self.predictor_depth > 0 and self.predictor_heads > 0,
@@ -466,15 +471,11 @@ class Config:
         _require(self.objective.lejepa_weight == 0 or d.view_mode == "shift",
                  "objective.lejepa_weight compares aligned positions of two shifted views; set data.view_mode=shift "
                  "(or use objective.global_weight with data.view_mode=piece)")
-        o = self.objective
-        _require(not o.global_in_batch or (o.global_weight > 0 and o.lejepa_weight == 0 and o.coarse_ae_weight == 0),
-                 "objective.global_in_batch puts both views of the global objective into one batch: it needs "
-                 "objective.global_weight > 0, and objective.lejepa_weight=0 and objective.coarse_ae_weight=0 (which "
-                 "read the views or the batch their own way)")
         levels = m.num_stages
         _require(self.finetune.level is None or self.finetune.level < levels, f"finetune.level={self.finetune.level} "
                  f"(--level) is out of range: this encoder has {levels} levels, 0 (coarsest) to {levels - 1} (finest); "
                  f"choose one of them, or null (--level all) for every level")
+        o = self.objective
         if o.coarse_ae_weight > 0:
             _require(m.encoder == "swin" and 1 <= o.coarse_ae_levels <= m.num_stages,
                      f"objective.coarse_ae_levels must be 1..{m.num_stages} (Swin levels), got {o.coarse_ae_levels} "
